@@ -1,0 +1,19 @@
+"""Loads the optional C++ extension fastddpm._C. A missing or broken build never
+breaks `import fastddpm`: the error is kept and reported by
+`fastddpm.ops.available_backends`."""
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
+_error = None
+try:
+    from fastddpm import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
+except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
+    _error = f"{type(e).__name__}: {e}"
+
+
+def has_extension() -> bool:
+    return _error is None
+
+
+def extension_error():
+    """Why fastddpm._C could not be loaded, or None when it is loaded."""
+    return _error

@@ -1,0 +1,99 @@
+"""The one dispatch point: which implementation runs an op on a device.
+
+Backends: "reference" (plain PyTorch, always there), "triton" (CUDA, or the CPU
+under TRITON_INTERPRET=1), "cpp" (fastddpm._C, CPU). "auto" picks the fastest
+usable one per op and device. A forced backend (FASTDDPM_BACKEND or
+`use_backend`) is used for every op that has it; an op without an
+implementation of that backend runs its reference. Forcing a backend that
+cannot run on the input's device raises, naming why.
+"""
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+
+_env = os.environ.get("FASTDDPM_BACKEND", "auto")
+if _env not in BACKENDS:
+    raise ValueError(f"FASTDDPM_BACKEND={_env!r} is not one of {BACKENDS}")
+_forced = contextvars.ContextVar("fastddpm_backend", default=_env)
+
+# op name -> {backend: callable}; filled by each op module at import.
+_impls: dict = {}
+# auto preference order per device type
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+
+
+def register(op: str, backend: str, fn) -> None:
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"unknown backend {backend!r}")
+    _impls.setdefault(op, {})[backend] = fn
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside the block: "reference", "triton", "cpp" or "auto"."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_backend() -> str:
+    return _forced.get()
+
+
+def _unavailable(backend: str, device: torch.device):
+    """None when `backend` can run on `device`, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        from fastddpm._ext import extension_error
+        if device.type != "cpu":
+            return f"the C++ extension has CPU kernels only, input is on {device}"
+        return extension_error() and f"fastddpm._C did not load ({extension_error()})"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return f"triton is not installed ({e})"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return "Triton runs on the CPU only under TRITON_INTERPRET=1"
+        return f"Triton does not run on {device.type}"
+    return f"unknown backend {backend!r}"
+
+
+def available_backends(device="cpu") -> dict:
+    """{backend: None if usable on `device`, else the reason it is not}."""
+    device = torch.device(device)
+    return {b: _unavailable(b, device) for b in BACKENDS if b != "auto"}
+
+
+def pick(op: str, device: torch.device):
+    """The implementation of `op` to run for inputs on `device`."""
+    impls = _impls[op]
+    forced = _forced.get()
+    if forced == "auto":
+        if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
+            order = ("triton", "cpp", "reference")
+        else:
+            order = _AUTO_ORDER.get(device.type, ("reference",))
+        for b in order:
+            if b in impls and _unavailable(b, device) is None:
+                return impls[b]
+        return impls["reference"]
+    if forced not in impls:
+        return impls["reference"]
+    why = _unavailable(forced, device)
+    if why is not None:
+        raise RuntimeError(f"backend {forced!r} was forced for {op} but cannot run: {why}")
+    return impls[forced]
