@@ -17,3 +17,11 @@ def has_extension() -> bool:
 def extension_error():
     """Why fastddpm._C could not be loaded, or None when it is loaded."""
     return _error
+
+
+if _error is None:
+    @torch.library.register_fake("fastddpm_cpp::q_sample")
+    def _q_sample_fake(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
+        torch._check(noise.shape == x0.shape, lambda: "q_sample: noise shape must equal x0 shape")
+        torch._check(t.dim() == 1 and t.shape[0] == x0.shape[0], lambda: "q_sample: t must be (B,)")
+        return torch.empty_like(x0, memory_format=torch.contiguous_format)

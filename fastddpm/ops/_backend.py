@@ -83,10 +83,8 @@ def pick(op: str, device: torch.device):
     impls = _impls[op]
     forced = _forced.get()
     if forced == "auto":
-        if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
-            order = ("triton", "cpp", "reference")
-        else:
-            order = _AUTO_ORDER.get(device.type, ("reference",))
+        # The Triton interpreter is for tests: auto never picks it on the CPU.
+        order = _AUTO_ORDER.get(device.type, ("reference",))
         for b in order:
             if b in impls and _unavailable(b, device) is None:
                 return impls[b]

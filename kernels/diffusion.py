@@ -1,0 +1,241 @@
+"""Diffusion elementwise kernels: q_sample, L_simple (+ its gradient), and the
+fused ancestral sampler step, with thin launchers.
+
+Per-sample coefficients are gathered inside the kernels: one program handles a
+block of one sample, loads t[b] once and the table entries once (tables are
+1-D of length T, any float dtype; float64 tables are loaded and converted to
+fp32, exactly as the reference's `table[t].to(float32)`). Tensors are viewed as
+(B, D) contiguous; the launchers make non-contiguous inputs contiguous once and
+return contiguous outputs. Timestep values are clamped to [0, T-1] inside the
+kernels so a bad t can never read out of bounds; range errors are the caller's
+to report (fastddpm.ops._checks.check_timesteps).
+
+Noise of the fused sampler step is either given or drawn by Philox inside the
+kernel from the key `seed` and the counter (element index, t[b], offset_lo,
+offset_hi): every (step t, element) gets its own normal, the same for a given
+seed on every run, with no generator state on the host (CUDA-graph safe).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.kernels import interpreting
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Test hook: when True, every buffer the launchers allocate is NaN-filled first.
+POISON = False
+# Largest grid dimension 1 (the batch axis of the 2-D launches).
+_MAX_GRID_1 = 65535
+# Elements per program of the elementwise kernels.
+BLOCK = 1024
+# Elements per program of the loss reduction (one fp32 partial each).
+LOSS_BLOCK = 4096
+
+
+def _empty(shape, dtype, device):
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _num_warps():
+    return 4
+
+
+@triton.jit
+def _gather_coef(Table, t):
+    """Table[t] as fp32 (Table: 1-D, any float dtype)."""
+    return tl.load(Table + t).to(tl.float32)
+
+
+@triton.jit
+def _q_sample_fwd_kernel(
+    X0,         # (B, D) contiguous, x0's dtype
+    Noise,      # (B, D) contiguous, x0's dtype
+    T,          # (B,) int64 timesteps
+    SqrtAbar,   # (num_steps,) sqrt(abar_t), any float dtype
+    SqrtOneMinusAbar,  # (num_steps,) sqrt(1 - abar_t), any float dtype
+    Out,        # (B, D) contiguous out, x0's dtype
+    D,          # elements per sample
+    num_steps,  # table length T
+    b_first,    # first sample of this launch (launches are chunked by 65535 samples)
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1) + b_first
+    t = tl.minimum(tl.maximum(tl.load(T + b), 0), num_steps - 1)
+    ca = _gather_coef(SqrtAbar, t)
+    cn = _gather_coef(SqrtOneMinusAbar, t)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    x0 = tl.load(X0 + base + offs, mask=mask, other=0.0).to(tl.float32)
+    nz = tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + base + offs, (ca * x0 + cn * nz).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _simple_loss_fwd_kernel(
+    EpsHat,     # (numel,) contiguous prediction
+    Noise,      # (numel,) contiguous target
+    Partial,    # (num_programs,) fp32 out: sum of squared errors of each block
+    Grad,       # (numel,) out, EpsHat's dtype: d loss / d eps_hat = 2 (eps_hat - noise) / numel
+    numel,      # total elements
+    grad_scale,  # 2 / numel
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    e = tl.load(EpsHat + offs, mask=mask, other=0.0).to(tl.float32)
+    n = tl.load(Noise + offs, mask=mask, other=0.0).to(tl.float32)
+    d = e - n
+    tl.store(Partial + pid, tl.sum(d * d))
+    if WRITE_GRAD:
+        tl.store(Grad + offs, (d * grad_scale).to(Grad.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _p_sample_step_fwd_kernel(
+    Xt,         # (B, D) contiguous x_t
+    Eps,        # (B, D) contiguous eps_hat, x_t's dtype
+    Noise,      # (B, D) contiguous z, x_t's dtype; unused unless HAS_NOISE
+    T,          # (B,) int64 timesteps
+    SqrtRecipAbar,    # (num_steps,) sqrt(1 / abar_t)
+    SqrtRecipm1Abar,  # (num_steps,) sqrt(1 / abar_t - 1)
+    Coef1,      # (num_steps,) posterior mean coefficient of x0_hat
+    Coef2,      # (num_steps,) posterior mean coefficient of x_t
+    LogVar,     # (num_steps,) log-variance of the step
+    Out,        # (B, D) contiguous out x_{t-1}, x_t's dtype
+    D,          # elements per sample
+    num_steps,  # table length T
+    b_first,    # first sample of this launch
+    seed,       # Philox key (int, 0 <= seed < 2^63); unused with HAS_NOISE
+    offset_lo,  # Philox counter word 2 (low 32 bits of the stream offset)
+    offset_hi,  # Philox counter word 3 (high 32 bits of the stream offset)
+    CLIP: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1) + b_first
+    t = tl.minimum(tl.maximum(tl.load(T + b), 0), num_steps - 1)
+    c_recip = _gather_coef(SqrtRecipAbar, t)
+    c_recipm1 = _gather_coef(SqrtRecipm1Abar, t)
+    c1 = _gather_coef(Coef1, t)
+    c2 = _gather_coef(Coef2, t)
+    std = tl.exp(0.5 * _gather_coef(LogVar, t))
+    std = tl.where(t > 0, std, 0.0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    x = tl.load(Xt + base + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(Eps + base + offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = c_recip * x - c_recipm1 * e
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    mean = c1 * x0 + c2 * x
+    if HAS_NOISE:
+        z = tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        elem = (base + offs).to(tl.uint32)   # launcher guarantees B * D < 2^32
+        zero = elem * 0
+        i1, i2, _, _ = tl.random.philox(seed, elem, zero + t.to(tl.uint32),
+                                        zero + offset_lo.to(tl.uint32), zero + offset_hi.to(tl.uint32))
+        u1 = tl.random.uint_to_uniform_float(i1)
+        u2 = tl.random.uint_to_uniform_float(i2)
+        z, _ = tl.random.pair_uniform_to_normal(u1, u2)
+    tl.store(Out + base + offs, (mean + std * z).to(Out.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check_kernel_dtype(name, x):
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: kernel dtypes are float16, bfloat16, float32; got {x.dtype}")
+    if x.device.type == "cpu" and not interpreting():
+        raise ValueError(f"{name}: CPU tensors need TRITON_INTERPRET=1")
+
+
+def _batched_launch(kernel, B, D, args, **meta):
+    """Launch a (blocks of D, B) grid in chunks of at most 65535 samples."""
+    for b0 in range(0, B, _MAX_GRID_1):
+        nb = min(_MAX_GRID_1, B - b0)
+        kernel[(triton.cdiv(D, BLOCK), nb)](*args(b0), BLOCK=BLOCK, num_warps=_num_warps(), **meta)
+
+
+def q_sample_fwd(x0, t, noise, sqrt_abar, sqrt_one_minus_abar, *, out=None):
+    """x_t = sqrt_abar[t] x0 + sqrt_one_minus_abar[t] noise per sample, in x0's dtype.
+    x0, noise: (B, ...) same shape and dtype; t: int64 (B,); tables 1-D (T,).
+    Returns a contiguous tensor (or writes `out`, which must be contiguous)."""
+    _check_kernel_dtype("q_sample", x0)
+    B = x0.shape[0]
+    D = x0[0].numel() if B else 0
+    x0c, nzc, tc = x0.contiguous(), noise.to(x0.dtype).contiguous(), t.contiguous()
+    y = _empty(x0.shape, x0.dtype, x0.device) if out is None else out
+    if y.shape != x0.shape or y.dtype != x0.dtype or not y.is_contiguous():
+        raise ValueError("q_sample_fwd: out must be contiguous with x0's shape and dtype")
+    if B == 0 or D == 0:
+        return y
+    tabs = (sqrt_abar.contiguous(), sqrt_one_minus_abar.contiguous())
+    num_steps = tabs[0].shape[0]
+    _batched_launch(_q_sample_fwd_kernel, B, D,
+                    lambda b0: (x0c, nzc, tc, *tabs, y, D, num_steps, b0))
+    return y
+
+
+def simple_loss_fwd(eps_hat, noise, compute_grad=True):
+    """L_simple = mean((noise - eps_hat)^2) as an fp32 0-dim tensor, and in the same
+    pass its gradient wrt eps_hat (2 (eps_hat - noise) / numel, eps_hat's dtype,
+    contiguous) when compute_grad, else an empty (0,) tensor. Deterministic:
+    one fp32 partial per block, then a sum (no atomics)."""
+    _check_kernel_dtype("simple_loss", eps_hat)
+    numel = eps_hat.numel()
+    if numel == 0:
+        raise ValueError("simple_loss: empty input")
+    e, n = eps_hat.contiguous().view(-1), noise.to(eps_hat.dtype).contiguous().view(-1)
+    grid = triton.cdiv(numel, LOSS_BLOCK)
+    partial = _empty((grid,), torch.float32, eps_hat.device)
+    grad = _empty(eps_hat.shape if compute_grad else (0,), eps_hat.dtype, eps_hat.device)
+    _simple_loss_fwd_kernel[(grid,)](
+        e, n, partial, grad if compute_grad else partial, numel, 2.0 / numel,
+        WRITE_GRAD=bool(compute_grad), BLOCK=LOSS_BLOCK, num_warps=8 if not interpreting() else 4,
+    )
+    return partial.sum() / numel, grad
+
+
+def p_sample_step_fwd(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
+                      noise=None, clip=True, seed=0, offset=0, *, out=None):
+    """One fused ancestral step: x_{t-1} = mean(x_t, eps) + [t > 0] exp(0.5 log_var[t]) z.
+
+    z is `noise` when given (same result as reference.p_sample_step_ref), else
+    Philox normals from key `seed` and counter (element, t[b], offset): distinct
+    for every (t, element), deterministic per seed. One read of x_t and eps,
+    one write. Returns a contiguous tensor (or writes `out`)."""
+    _check_kernel_dtype("p_sample_step", x_t)
+    B = x_t.shape[0]
+    D = x_t[0].numel() if B else 0
+    if noise is None:
+        if not (0 <= int(seed) < 2**63):
+            raise ValueError(f"p_sample_step: seed must lie in [0, 2^63), got {seed}")
+        if not (0 <= int(offset) < 2**64):
+            raise ValueError(f"p_sample_step: offset must lie in [0, 2^64), got {offset}")
+        if B * D >= 2**32:
+            raise ValueError(f"p_sample_step: in-kernel noise needs fewer than 2^32 elements, got {B * D}")
+    xc, ec, tc = x_t.contiguous(), eps.to(x_t.dtype).contiguous(), t.contiguous()
+    nz = noise.to(x_t.dtype).contiguous() if noise is not None else xc
+    y = _empty(x_t.shape, x_t.dtype, x_t.device) if out is None else out
+    if y.shape != x_t.shape or y.dtype != x_t.dtype or not y.is_contiguous():
+        raise ValueError("p_sample_step_fwd: out must be contiguous with x_t's shape and dtype")
+    if B == 0 or D == 0:
+        return y
+    tabs = tuple(tab.contiguous() for tab in (sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var))
+    num_steps = tabs[0].shape[0]
+    off = int(offset)
+    _batched_launch(_p_sample_step_fwd_kernel, B, D,
+                    lambda b0: (xc, ec, nz, tc, *tabs, y, D, num_steps, b0,
+                                int(seed), off & 0xFFFFFFFF, off >> 32),
+                    CLIP=bool(clip), HAS_NOISE=noise is not None)
+    return y

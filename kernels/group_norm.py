@@ -1,0 +1,436 @@
+"""GroupNorm (+ optional SiLU): Triton forward and backward kernels and thin launchers.
+
+Layout: x is viewed as (N, C, S) with S = prod(spatial) and explicit strides
+(stride_n, stride_c, stride_s). That covers contiguous NCHW (stride_s == 1) and
+channels_last (stride_c == 1) natively; any other layout whose spatial dims do
+not collapse into one stride is made contiguous once by the launcher.
+
+One program handles one (sample, group). A group is a (C/G, S) tile:
+  * ONE_PASS: the whole group is held on chip; mean, then the centred variance
+    from the registers (two-pass on chip, never E[x^2] - E[x]^2), then write.
+  * looped: tiles of (BLOCK_C, BLOCK_S); the statistics are combined tile by
+    tile with Chan's parallel formula (tile mean + tile centred M2), then a
+    second sweep normalises and writes.
+Statistics (mean, rstd) are fp32 and are returned for the backward, which
+recomputes x_hat and SiLU from them. dweight/dbias are per-(sample, channel)
+fp32 partials written without atomics and summed over the batch by the
+launcher (deterministic).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.kernels import interpreting
+
+# Largest group tile (elements) kept on chip in one pass; above it the kernels loop.
+ONE_PASS_MAX = 16384
+# Tile of the looped path.
+LOOP_TILE = 4096
+# Test hook: when True, every buffer the launchers allocate is filled with NaN
+# first, so a kernel that forgets to write an element is caught.
+POISON = False
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
+
+
+@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S"])
+@triton.jit
+def _group_norm_fwd_kernel(
+    X,          # (N, C, S) input, any float dtype, strides (stride_xn, stride_xc, stride_xs)
+    Y,          # (N, C, S) output, x's dtype, strides (stride_yn, stride_yc, stride_ys)
+    W,          # (C,) weight (any float dtype); unused unless HAS_WEIGHT
+    B,          # (C,) bias (any float dtype); unused unless HAS_BIAS
+    Mean,       # (N, G) fp32 out, contiguous
+    Rstd,       # (N, G) fp32 out, contiguous
+    stride_xn,  # elements between samples of X
+    stride_xc,  # elements between channels of X
+    stride_xs,  # elements between spatial positions of X
+    stride_yn,  # elements between samples of Y
+    stride_yc,  # elements between channels of Y
+    stride_ys,  # elements between spatial positions of Y
+    C_PER_G,    # channels per group
+    S,          # spatial positions per channel
+    G,          # number of groups
+    eps,        # variance epsilon
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    c_first = g * C_PER_G
+    x_base = X + n.to(tl.int64) * stride_xn + c_first.to(tl.int64) * stride_xc
+    y_base = Y + n.to(tl.int64) * stride_yn + c_first.to(tl.int64) * stride_yc
+    cs = tl.arange(0, BLOCK_C)[:, None]
+    ss = tl.arange(0, BLOCK_S)[None, :]
+    numel = (C_PER_G * S).to(tl.float32)
+
+    if ONE_PASS:
+        mask = (cs < C_PER_G) & (ss < S)
+        x = tl.load(x_base + cs * stride_xc + ss * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x) / numel
+        d = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(d * d) / numel
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = d * rstd
+        if HAS_WEIGHT:
+            w = tl.load(W + c_first + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
+            y = y * w
+        if HAS_BIAS:
+            b = tl.load(B + c_first + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
+            y = y + b
+        if ACT_SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_base + cs * stride_yc + ss * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # sweep 1: Chan's combination of per-tile (count, mean, centred M2)
+        mean = tl.full([], 0.0, tl.float32)
+        m2 = tl.full([], 0.0, tl.float32)
+        count = tl.full([], 0.0, tl.float32)
+        for c0 in range(0, C_PER_G, BLOCK_C):
+            for s0 in range(0, S, BLOCK_S):
+                mask = (c0 + cs < C_PER_G) & (s0 + ss < S)
+                x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
+                            mask=mask, other=0.0).to(tl.float32)
+                n_b = (tl.minimum(C_PER_G - c0, BLOCK_C) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
+                mean_b = tl.sum(x) / n_b
+                d = tl.where(mask, x - mean_b, 0.0)
+                m2_b = tl.sum(d * d)
+                total = count + n_b
+                delta = mean_b - mean
+                mean = mean + delta * (n_b / total)
+                m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+                count = total
+        rstd = 1.0 / tl.sqrt(m2 / numel + eps)
+        # sweep 2: normalise (+ affine, SiLU) and write
+        for c0 in range(0, C_PER_G, BLOCK_C):
+            cmask = c0 + cs < C_PER_G
+            if HAS_WEIGHT:
+                w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                mask = cmask & (s0 + ss < S)
+                x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
+                            mask=mask, other=0.0).to(tl.float32)
+                y = (x - mean) * rstd
+                if HAS_WEIGHT:
+                    y = y * w
+                if HAS_BIAS:
+                    y = y + b
+                if ACT_SILU:
+                    y = y * tl.sigmoid(y)
+                tl.store(y_base + (c0 + cs) * stride_yc + (s0 + ss) * stride_ys,
+                         y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + pid, mean)
+    tl.store(Rstd + pid, rstd)
+
+
+@triton.jit
+def _group_norm_bwd_tile(
+    x, dy, mask, mean, rstd, w, b,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_SILU: tl.constexpr,
+):
+    """(x_hat, dz, dx_hat) of one tile: dz = dL/d(affine output), dx_hat = dz * w."""
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    z = xhat
+    if HAS_WEIGHT:
+        z = z * w
+    if HAS_BIAS:
+        z = z + b
+    if ACT_SILU:
+        sig = tl.sigmoid(z)
+        dz = dy * (sig * (1.0 + z * (1.0 - sig)))
+    else:
+        dz = dy
+    dz = tl.where(mask, dz, 0.0)
+    if HAS_WEIGHT:
+        dxhat = dz * w
+    else:
+        dxhat = dz
+    return xhat, dz, dxhat
+
+
+@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S"])
+@triton.jit
+def _group_norm_bwd_kernel(
+    DY,         # (N, C, S) upstream gradient, strides (stride_dyn, stride_dyc, stride_dys)
+    X,          # (N, C, S) forward input, strides (stride_xn, stride_xc, stride_xs)
+    W,          # (C,) weight; unused unless HAS_WEIGHT
+    B,          # (C,) bias; unused unless HAS_BIAS (read only to recompute SiLU)
+    Mean,       # (N, G) fp32 saved mean, contiguous
+    Rstd,       # (N, G) fp32 saved 1/sqrt(var + eps), contiguous
+    DX,         # (N, C, S) out, x's dtype, strides (stride_dxn, stride_dxc, stride_dxs)
+    DWp,        # (N, C) fp32 out: per-sample partial of dweight; unused unless HAS_WEIGHT
+    DBp,        # (N, C) fp32 out: per-sample partial of dbias; unused unless WRITE_DB
+    stride_dyn,  # elements between samples of DY
+    stride_dyc,  # elements between channels of DY
+    stride_dys,  # elements between spatial positions of DY
+    stride_xn,   # elements between samples of X
+    stride_xc,   # elements between channels of X
+    stride_xs,   # elements between spatial positions of X
+    stride_dxn,  # elements between samples of DX
+    stride_dxc,  # elements between channels of DX
+    stride_dxs,  # elements between spatial positions of DX
+    C,          # channels (row length of DWp / DBp)
+    C_PER_G,    # channels per group
+    S,          # spatial positions per channel
+    G,          # number of groups
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    c_first = g * C_PER_G
+    x_base = X + n.to(tl.int64) * stride_xn + c_first.to(tl.int64) * stride_xc
+    dy_base = DY + n.to(tl.int64) * stride_dyn + c_first.to(tl.int64) * stride_dyc
+    dx_base = DX + n.to(tl.int64) * stride_dxn + c_first.to(tl.int64) * stride_dxc
+    part_base = n.to(tl.int64) * C + c_first
+    cs = tl.arange(0, BLOCK_C)[:, None]
+    ss = tl.arange(0, BLOCK_S)[None, :]
+    c1 = tl.arange(0, BLOCK_C)
+    numel = (C_PER_G * S).to(tl.float32)
+    mean = tl.load(Mean + pid)
+    rstd = tl.load(Rstd + pid)
+
+    if ONE_PASS:
+        cmask = cs < C_PER_G
+        mask = cmask & (ss < S)
+        x = tl.load(x_base + cs * stride_xc + ss * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + cs * stride_dyc + ss * stride_dys, mask=mask, other=0.0).to(tl.float32)
+        w = 1.0
+        b = 0.0
+        if HAS_WEIGHT:
+            w = tl.load(W + c_first + cs, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + c_first + cs, mask=cmask, other=0.0).to(tl.float32)
+        xhat, dz, dxhat = _group_norm_bwd_tile(x, dy, mask, mean, rstd, w, b, HAS_WEIGHT, HAS_BIAS, ACT_SILU)
+        if HAS_WEIGHT:
+            tl.store(DWp + part_base + c1, tl.sum(dz * xhat, axis=1), mask=c1 < C_PER_G)
+        if WRITE_DB:
+            tl.store(DBp + part_base + c1, tl.sum(dz, axis=1), mask=c1 < C_PER_G)
+        a = tl.sum(dxhat) / numel
+        bb = tl.sum(dxhat * xhat) / numel
+        dx = rstd * (dxhat - a - xhat * bb)
+        tl.store(dx_base + cs * stride_dxc + ss * stride_dxs, dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        # sweep 1: group sums of dx_hat and dx_hat * x_hat; per-channel dweight/dbias partials
+        sum_a = tl.full([], 0.0, tl.float32)
+        sum_b = tl.full([], 0.0, tl.float32)
+        for c0 in range(0, C_PER_G, BLOCK_C):
+            cmask = c0 + cs < C_PER_G
+            w = 1.0
+            b = 0.0
+            if HAS_WEIGHT:
+                w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            acc_dw = tl.zeros([BLOCK_C], tl.float32)
+            acc_db = tl.zeros([BLOCK_C], tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                mask = cmask & (s0 + ss < S)
+                x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
+                            mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_base + (c0 + cs) * stride_dyc + (s0 + ss) * stride_dys,
+                             mask=mask, other=0.0).to(tl.float32)
+                xhat, dz, dxhat = _group_norm_bwd_tile(x, dy, mask, mean, rstd, w, b,
+                                                       HAS_WEIGHT, HAS_BIAS, ACT_SILU)
+                acc_dw += tl.sum(dz * xhat, axis=1)
+                acc_db += tl.sum(dz, axis=1)
+                sum_a += tl.sum(dxhat)
+                sum_b += tl.sum(dxhat * xhat)
+            if HAS_WEIGHT:
+                tl.store(DWp + part_base + c0 + c1, acc_dw, mask=c0 + c1 < C_PER_G)
+            if WRITE_DB:
+                tl.store(DBp + part_base + c0 + c1, acc_db, mask=c0 + c1 < C_PER_G)
+        a = sum_a / numel
+        bb = sum_b / numel
+        # sweep 2: dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))
+        for c0 in range(0, C_PER_G, BLOCK_C):
+            cmask = c0 + cs < C_PER_G
+            w = 1.0
+            b = 0.0
+            if HAS_WEIGHT:
+                w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                mask = cmask & (s0 + ss < S)
+                x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
+                            mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_base + (c0 + cs) * stride_dyc + (s0 + ss) * stride_dys,
+                             mask=mask, other=0.0).to(tl.float32)
+                xhat, dz, dxhat = _group_norm_bwd_tile(x, dy, mask, mean, rstd, w, b,
+                                                       HAS_WEIGHT, HAS_BIAS, ACT_SILU)
+                dx = rstd * (dxhat - a - xhat * bb)
+                tl.store(dx_base + (c0 + cs) * stride_dxc + (s0 + ss) * stride_dxs,
+                         dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _empty(shape, dtype, device):
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def spatial_stride(x):
+    """The one stride of x's spatial dims when they collapse into a single
+    (S,) axis (contiguous NCHW, channels_last, ...), else None."""
+    dims = [(x.shape[i], x.stride(i)) for i in range(2, x.dim()) if x.shape[i] != 1]
+    if not dims:
+        return 1
+    for (_, st_outer), (sz_inner, st_inner) in zip(dims[:-1], dims[1:]):
+        if st_outer != st_inner * sz_inner:
+            return None
+    return dims[-1][1]
+
+
+def empty_output_like(x):
+    """The output buffer for x: x's layout when its spatial dims collapse into one
+    stride (contiguous, channels_last), else contiguous. Also what the fake
+    implementation returns, so real and fake strides agree."""
+    y = torch.empty_like(x)
+    if x.dim() > 2 and spatial_stride(y) is None:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if POISON:
+        y.fill_(float("nan"))
+    return y
+
+
+def _as_ncs(x):
+    """(x or a contiguous copy, (stride_n, stride_c, stride_s)) with collapsible spatial dims."""
+    st = spatial_stride(x)
+    if st is None:
+        x = x.contiguous()
+        st = spatial_stride(x)
+    return x, (x.stride(0), x.stride(1), st)
+
+
+def _blocks(c_per_g, s, max_tile):
+    """(ONE_PASS, BLOCK_C, BLOCK_S) for a (c_per_g, s) group."""
+    bc = triton.next_power_of_2(c_per_g)
+    bs = triton.next_power_of_2(s)
+    if bc * bs <= max_tile:
+        return True, bc, bs
+    tile = min(max_tile, LOOP_TILE)
+    bc = min(bc, max(1, tile // 16))
+    bs = max(1, min(bs, tile // bc))
+    return False, bc, bs
+
+
+def _check_launch(x, num_groups, act):
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"group_norm kernel: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm kernel: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    if x.shape[1] % num_groups != 0:
+        raise ValueError(f"group_norm kernel: channels {x.shape[1]} not divisible by groups {num_groups}")
+    if act not in (None, "silu"):
+        raise ValueError(f"group_norm kernel: act must be None or 'silu', got {act!r}")
+    if x.device.type == "cpu" and not interpreting():
+        raise ValueError("group_norm kernel: CPU tensors need TRITON_INTERPRET=1")
+
+
+def _span(x, strides):
+    c, s = x.shape[1], math.prod(x.shape[2:])
+    return (c - 1) * abs(strides[1]) + (s - 1) * abs(strides[2]) + 1
+
+
+def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *, out=None, max_tile=None):
+    """GroupNorm(+SiLU) forward. x: (N, C, *spatial) fp16/bf16/fp32 (contiguous or
+    channels_last natively, anything else copied once).
+
+    Returns (y, mean, rstd): y like x (or `out` when given), mean/rstd (N, G) fp32.
+    `max_tile` caps the elements of a group held on chip (tests use it to force
+    the looped path at small shapes).
+    """
+    _check_launch(x, num_groups, act)
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    G = num_groups
+    y = empty_output_like(x) if out is None else out
+    if y.shape != x.shape or y.dtype != x.dtype or spatial_stride(y) is None:
+        raise ValueError("group_norm_fwd: out must have x's shape and dtype and collapsible spatial dims")
+    mean = _empty((N, G), torch.float32, x.device)
+    rstd = _empty((N, G), torch.float32, x.device)
+    if x.numel() == 0:
+        return y, mean.fill_(0.0), rstd.fill_(0.0)
+    xc, (sxn, sxc, sxs) = _as_ncs(x)
+    syn, syc, sys_ = y.stride(0), y.stride(1), spatial_stride(y)
+    if max(_span(xc, (sxn, sxc, sxs)), _span(y, (syn, syc, sys_))) >= 2**31:
+        raise ValueError(f"group_norm kernel: one sample spans >= 2^31 elements ({tuple(x.shape)})")
+    one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX)
+    w = weight.contiguous() if weight is not None else xc
+    b = bias.contiguous() if bias is not None else xc
+    _group_norm_fwd_kernel[(N * G,)](
+        xc, y, w, b, mean, rstd,
+        sxn, sxc, sxs, syn, syc, sys_,
+        C // G, S, G, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT_SILU=act == "silu",
+        ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
+    )
+    return y, mean, rstd
+
+
+def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act=None, *, dbias_dtype=None,
+                   max_tile=None):
+    """GroupNorm(+SiLU) backward from the saved fp32 mean/rstd (x_hat and SiLU are
+    recomputed). Returns (dx, dweight, dbias): dweight is None without weight;
+    dbias is computed when bias is given or dbias_dtype is set (bias itself is
+    only needed to recompute SiLU), else None. dweight/dbias come from
+    per-(sample, channel) fp32 partials and a batch sum (deterministic, no atomics)."""
+    _check_launch(x, num_groups, act)
+    if dy.shape != x.shape:
+        raise ValueError(f"group_norm_bwd: dy has shape {tuple(dy.shape)}, x {tuple(x.shape)}")
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    G = num_groups
+    dx = empty_output_like(x)
+    has_w, has_b = weight is not None, bias is not None
+    if dbias_dtype is None and has_b:
+        dbias_dtype = bias.dtype
+    want_db = dbias_dtype is not None
+    dwp = _empty((N, C), torch.float32, x.device) if has_w else None
+    dbp = _empty((N, C), torch.float32, x.device) if want_db else None
+    if x.numel() > 0:
+        xc, (sxn, sxc, sxs) = _as_ncs(x)
+        dyc, (sdn, sdc, sds) = _as_ncs(dy.to(x.dtype))
+        if max(_span(xc, (sxn, sxc, sxs)), _span(dyc, (sdn, sdc, sds))) >= 2**31:
+            raise ValueError(f"group_norm kernel: one sample spans >= 2^31 elements ({tuple(x.shape)})")
+        one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX)
+        w = weight.contiguous() if has_w else xc
+        b = bias.contiguous() if has_b else xc
+        _group_norm_bwd_kernel[(N * G,)](
+            dyc, xc, w, b, mean.contiguous(), rstd.contiguous(), dx,
+            dwp if has_w else xc, dbp if want_db else xc,
+            sdn, sdc, sds, sxn, sxc, sxs, dx.stride(0), dx.stride(1), spatial_stride(dx),
+            C, C // G, S, G,
+            HAS_WEIGHT=has_w, HAS_BIAS=has_b, WRITE_DB=want_db, ACT_SILU=act == "silu",
+            ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
+        )
+    else:
+        for p in (dwp, dbp):
+            if p is not None:
+                p.zero_()
+    dweight = dwp.sum(0).to(weight.dtype) if has_w else None
+    dbias = dbp.sum(0).to(dbias_dtype) if want_db else None
+    return dx, dweight, dbias

@@ -1,0 +1,85 @@
+"""The UNet: parameter counts, shapes, config validation, reference behaviour."""
+import pytest
+import torch
+
+from fastddpm import UNet, UNetConfig
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_cifar10_has_the_papers_parameter_count():
+    cfg = UNetConfig.cifar10()
+    assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_resolutions, cfg.dropout, cfg.num_groups,
+            cfg.eps) == (128, (1, 2, 2, 2), 2, (16,), 0.1, 32, 1e-6)
+    with torch.device("meta"):
+        model = UNet(cfg)
+    assert n_params(model) == 35_746_307
+
+
+def test_tiny_is_small():
+    assert n_params(UNet(UNetConfig.tiny())) < 1_000_000
+
+
+@pytest.mark.parametrize("cfg", [
+    UNetConfig.tiny(),
+    UNetConfig.tiny(image_size=8, ch_mult=(1,), attn_resolutions=(8,)),
+    UNetConfig.tiny(in_channels=1, image_size=12, ch_mult=(1, 2), attn_resolutions=(6,), num_heads=2),
+    UNetConfig(image_size=16, ch=16, ch_mult=(1, 2, 3), num_res_blocks=2, attn_resolutions=(8, 4),
+               num_groups=4, dropout=0.1),
+])
+def test_output_shape_and_grad(cfg):
+    model = UNet(cfg)
+    B = 2
+    x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size)
+    t = torch.randint(0, 1000, (B,))
+    out = model(x, t)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_last_convs_start_at_zero_and_timestep_matters():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.tiny())
+    assert model.conv_out.weight.abs().max() == 0
+    assert model.mid[0].conv2.weight.abs().max() == 0
+    # make the output depend on the input, then check t changes it
+    for p in model.parameters():
+        if p.abs().max() == 0 and p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    model.eval()
+    x = torch.randn(1, 3, 16, 16)
+    a, b = model(x, torch.tensor([1])), model(x, torch.tensor([900]))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (dict(ch=30), "not divisible by num_groups"),
+    (dict(attn_resolutions=(4,)), "never occur"),
+    (dict(image_size=18, ch_mult=(1, 2, 2)), "divisible by 4"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(ch_mult=()), "ch_mult"),
+    (dict(num_res_blocks=-1), "num_res_blocks"),
+])
+def test_bad_config_is_refused(overrides, msg):
+    with pytest.raises(ValueError, match=msg):
+        UNetConfig.tiny(**overrides)
+
+
+def test_bad_input_is_refused():
+    model = UNet(UNetConfig.tiny())
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 16, 16\)"):
+        model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1]))
+
+
+def test_config_round_trip():
+    cfg = UNetConfig.tiny(attn_resolutions=(16, 8))
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown UNetConfig keys"):
+        UNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
