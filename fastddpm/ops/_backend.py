@@ -8,7 +8,7 @@ implementation of that backend runs its reference. Forcing a backend that
 cannot run on the input's device raises, naming why.
 """
 import contextlib
-import contextvars
+import importlib.util
 import os
 
 import torch
@@ -18,7 +18,10 @@ BACKENDS = ("auto", "reference", "triton", "cpp")
 _env = os.environ.get("FASTDDPM_BACKEND", "auto")
 if _env not in BACKENDS:
     raise ValueError(f"FASTDDPM_BACKEND={_env!r} is not one of {BACKENDS}")
-_forced = contextvars.ContextVar("fastddpm_backend", default=_env)
+# A plain module attribute, not a ContextVar: torch.compile (dynamo) traces
+# reads of module attributes but breaks the graph on ContextVar.get().
+_forced = _env
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # op name -> {backend: callable}; filled by each op module at import.
 _impls: dict = {}
@@ -37,15 +40,16 @@ def use_backend(name: str):
     """Force a backend inside the block: "reference", "triton", "cpp" or "auto"."""
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
-    token = _forced.set(name)
+    global _forced
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def current_backend() -> str:
-    return _forced.get()
+    return _forced
 
 
 def _unavailable(backend: str, device: torch.device):
@@ -58,10 +62,8 @@ def _unavailable(backend: str, device: torch.device):
             return f"the C++ extension has CPU kernels only, input is on {device}"
         return extension_error() and f"fastddpm._C did not load ({extension_error()})"
     if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return f"triton is not installed ({e})"
+        if not _HAS_TRITON:
+            return "triton is not installed"
         if device.type == "cuda":
             return None if torch.cuda.is_available() else "CUDA is not available"
         if device.type == "cpu":
@@ -81,7 +83,7 @@ def available_backends(device="cpu") -> dict:
 def pick(op: str, device: torch.device):
     """The implementation of `op` to run for inputs on `device`."""
     impls = _impls[op]
-    forced = _forced.get()
+    forced = _forced
     if forced == "auto":
         # The Triton interpreter is for tests: auto never picks it on the CPU.
         order = _AUTO_ORDER.get(device.type, ("reference",))
