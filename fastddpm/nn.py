@@ -100,7 +100,8 @@ class TimestepEmbedding(nn.Module):
         self.dense1 = _linear(emb_ch, emb_ch)
 
     def forward(self, t):
-        return self.dense1(F.silu(self.dense0(timestep_embedding(t, self.ch))))
+        emb = timestep_embedding(t, self.ch).to(self.dense0.weight.dtype)
+        return self.dense1(F.silu(self.dense0(emb)))
 
 
 class ResBlock(nn.Module):
