@@ -161,14 +161,14 @@ class GaussianDiffusion(nn.Module):
         return f"T={self.num_timesteps}, variance={self.variance!r}, {self._schedule_config}"
 
     # ---- checks -----------------------------------------------------------------
-    def _check(self, x, t, name="x"):
+    def _check(self, x, t, name="x", check_range=True):
         check_float(name, x)
         if x.dim() < 2:
             raise ValueError(f"{name} must be batched (B, ...), got shape {tuple(x.shape)}")
         if x.device != self.betas.device:
             raise ValueError(f"{name} is on {x.device} but the diffusion's buffers are on "
                              f"{self.betas.device}: call diffusion.to({x.device})")
-        check_timesteps(t, x.shape[0], self.num_timesteps, x.device)
+        check_timesteps(t, x.shape[0], self.num_timesteps, x.device, check_range)
 
     def _coef(self, name, t, x):
         return _bcast(getattr(self, name).index_select(0, t), x)
@@ -223,6 +223,11 @@ class GaussianDiffusion(nn.Module):
         check_same("eps", eps, "x_t", x_t)
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return self._p_sample_step(x_t, t, eps, noise, clip)
+
+    def _p_sample_step(self, x_t, t, eps, noise, clip=True):
+        """p_sample_step without the host-side range check of t (no device sync):
+        for callers that built t themselves, like the sampler loop."""
         return ops.p_sample_step(x_t, t, eps, self.sqrt_recip_alphas_cumprod,
                                  self.sqrt_recipm1_alphas_cumprod, self.posterior_mean_coef1,
                                  self.posterior_mean_coef2, self.model_log_variance, noise, clip)
@@ -232,11 +237,14 @@ class GaussianDiffusion(nn.Module):
         """L_simple (the paper's eq. 14): mean over all elements of
         (eps - model(x_t, t))^2 with t ~ U{0..T-1} and eps ~ N(0, I)."""
         check_float("x0", x0)
-        if t is None:
+        own_t = t is None
+        if own_t:  # drawn here, so in range: skip the range check and its device sync
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        self._check(x0, t, "x0", check_range=not own_t)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.q_sample(x0, t, noise)
+        check_same("noise", noise, "x0", x0)
+        x_t = ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
         eps_hat = model(x_t, t)
         if eps_hat.shape != x0.shape:
             raise ValueError(f"model output has shape {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")

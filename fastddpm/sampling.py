@@ -37,7 +37,7 @@ def sample_batch(model, diffusion, n, generator, device, precision="fp32", clip=
         with autocast(device, precision):
             eps = model(x, t)
         noise = torch.randn(shape, generator=generator, device=device)
-        x = diffusion.p_sample_step(x, t, eps.float(), noise, clip=clip)
+        x = diffusion._p_sample_step(x, t, eps.float(), noise, clip)  # t built here: no range check
     return x
 
 
