@@ -23,6 +23,8 @@ def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-6, act=None):
     cd = _compute_dtype(x.dtype)
     w = None if weight is None else weight.to(cd)
     b = None if bias is None else bias.to(cd)
+    if w is None and b is not None:  # F.group_norm's backward needs a weight when given a bias
+        w = torch.ones(x.shape[1], dtype=cd, device=x.device)
     y = F.group_norm(x.to(cd), num_groups, w, b, eps)
     if act == "silu":
         y = F.silu(y)

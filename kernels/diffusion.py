@@ -139,10 +139,12 @@ def _p_sample_step_fwd_kernel(
     if HAS_NOISE:
         z = tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        elem = (base + offs).to(tl.uint32)   # launcher guarantees B * D < 2^32
+        # counter (element, t, offset_lo, offset_hi), built in int64 so that scalar
+        # arguments specialised to constants still broadcast; launcher guarantees B * D < 2^32
+        elem = base + offs
         zero = elem * 0
-        i1, i2, _, _ = tl.random.philox(seed, elem, zero + t.to(tl.uint32),
-                                        zero + offset_lo.to(tl.uint32), zero + offset_hi.to(tl.uint32))
+        i1, i2, _, _ = tl.random.philox(seed, elem.to(tl.uint32), (zero + t).to(tl.uint32),
+                                        (zero + offset_lo).to(tl.uint32), (zero + offset_hi).to(tl.uint32))
         u1 = tl.random.uint_to_uniform_float(i1)
         u2 = tl.random.uint_to_uniform_float(i2)
         z, _ = tl.random.pair_uniform_to_normal(u1, u2)

@@ -57,6 +57,7 @@ def _group_norm_fwd_kernel(
     C_PER_G,    # channels per group
     S,          # spatial positions per channel
     G,          # number of groups
+    numel,      # C_PER_G * S as a float (elements per group)
     eps,        # variance epsilon
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -73,7 +74,6 @@ def _group_norm_fwd_kernel(
     y_base = Y + n.to(tl.int64) * stride_yn + c_first.to(tl.int64) * stride_yc
     cs = tl.arange(0, BLOCK_C)[:, None]
     ss = tl.arange(0, BLOCK_S)[None, :]
-    numel = (C_PER_G * S).to(tl.float32)
 
     if ONE_PASS:
         mask = (cs < C_PER_G) & (ss < S)
@@ -186,6 +186,7 @@ def _group_norm_bwd_kernel(
     C_PER_G,    # channels per group
     S,          # spatial positions per channel
     G,          # number of groups
+    numel,      # C_PER_G * S as a float (elements per group)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_DB: tl.constexpr,
@@ -205,7 +206,6 @@ def _group_norm_bwd_kernel(
     cs = tl.arange(0, BLOCK_C)[:, None]
     ss = tl.arange(0, BLOCK_S)[None, :]
     c1 = tl.arange(0, BLOCK_C)
-    numel = (C_PER_G * S).to(tl.float32)
     mean = tl.load(Mean + pid)
     rstd = tl.load(Rstd + pid)
 
@@ -385,7 +385,7 @@ def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *,
     _group_norm_fwd_kernel[(N * G,)](
         xc, y, w, b, mean, rstd,
         sxn, sxc, sxs, syn, syc, sys_,
-        C // G, S, G, float(eps),
+        C // G, S, G, float(C // G * S), float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT_SILU=act == "silu",
         ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
     )
@@ -423,7 +423,7 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act=None, *, dbi
             dyc, xc, w, b, mean.contiguous(), rstd.contiguous(), dx,
             dwp if has_w else xc, dbp if want_db else xc,
             sdn, sdc, sds, sxn, sxc, sxs, dx.stride(0), dx.stride(1), spatial_stride(dx),
-            C, C // G, S, G,
+            C, C // G, S, G, float(C // G * S),
             HAS_WEIGHT=has_w, HAS_BIAS=has_b, WRITE_DB=want_db, ACT_SILU=act == "silu",
             ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
         )

@@ -84,16 +84,14 @@ def group_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[t
     not computed comes back as an empty (0,) tensor (custom ops cannot return None)."""
     dx, dw, db = _kernels().group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act,
                                            dbias_dtype=dbias_dtype)
-    empty = x.new_empty((0,))
-    return dx, empty if dw is None else dw, empty if db is None else db
+    return dx, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
 
 
 @group_norm_backward_op.register_fake
 def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, act, dbias_dtype):
     torch._check(dy.shape == x.shape, lambda: "group_norm_backward: dy and x shapes differ")
-    empty = x.new_empty((0,))
-    dw = empty if weight is None else weight.new_empty(weight.shape)
-    db = empty if dbias_dtype is None else x.new_empty((x.shape[1],), dtype=dbias_dtype)
+    dw = x.new_empty((0,)) if weight is None else weight.new_empty(weight.shape)
+    db = x.new_empty((0,)) if dbias_dtype is None else x.new_empty((x.shape[1],), dtype=dbias_dtype)
     return _kernels().empty_output_like(x), dw, db
 
 

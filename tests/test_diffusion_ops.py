@@ -1,0 +1,481 @@
+"""Diffusion ops (q_sample, L_simple, the ancestral step): Triton custom ops
+against the float64 reference, Philox noise, and the seeded reference path.
+
+On the CPU the kernels run through TRITON_INTERPRET=1 at tiny shapes; the
+`gpu` tests run the real shapes and CUDA-graph capture.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastddpm.ops as ops
+from fastddpm import reference
+from fastddpm.kernels import diffusion as kd
+from tests._util import HAS_CUDA, assert_close_rel, rel_err
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+T_STEPS = 40
+# per-sample shapes: image, odd, 1-D, scalar-per-sample
+SHAPES = [(3, 2, 4, 4), (1, 3, 5, 5), (2, 7), (5,)]
+SHAPE_IDS = ["3x2x4x4", "1x3x5x5", "2x7", "5"]
+
+
+def _tables(dtype=torch.float64, device=DEV):
+    """A real linear schedule (T_STEPS steps): the five sampler tables and the q_sample pair."""
+    betas = torch.linspace(1e-4, 0.2, T_STEPS, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    tabs = {
+        "sqrt_abar": abar.sqrt(),
+        "sqrt_one_minus_abar": (1 - abar).sqrt(),
+        "sqrt_recip_abar": (1 / abar).sqrt(),
+        "sqrt_recipm1_abar": (1 / abar - 1).sqrt(),
+        "coef1": betas * abar_prev.sqrt() / (1 - abar),
+        "coef2": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+        "log_var": torch.log(torch.cat([post_var[1:2], betas[1:]])),
+    }
+    return {k: v.to(dtype=dtype, device=device) for k, v in tabs.items()}
+
+
+STEP_TABLES = ("sqrt_recip_abar", "sqrt_recipm1_abar", "coef1", "coef2", "log_var")
+
+
+def _step_tables(tabs):
+    return tuple(tabs[k] for k in STEP_TABLES)
+
+
+def _t(B, device=DEV, include=(0, T_STEPS - 1)):
+    t = torch.randint(0, T_STEPS, (B,), device=device)
+    for i, v in enumerate(include[:B]):
+        t[i] = v
+    return t
+
+
+def _rand(shape, dtype, device=DEV, scale=1.0):
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- q_sample
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_q_sample_matches_reference(backend, dtype, shape):
+    tabs = _tables()
+    x0, noise = _rand(shape, dtype), _rand(shape, dtype)
+    t = _t(shape[0])
+    with ops.use_backend(backend):
+        out = ops.q_sample(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    ref = reference.q_sample_ref(x0.double(), t, noise.double(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    assert out.dtype == dtype and out.shape == x0.shape
+    assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_q_sample_table_dtypes(table_dtype):
+    tabs = _tables(table_dtype)
+    x0, noise = _rand((3, 2, 3, 3), torch.float32), _rand((3, 2, 3, 3), torch.float32)
+    t = _t(3)
+    out = kd.q_sample_fwd(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    ref = reference.q_sample_ref(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_q_sample_gradients():
+    tabs = _tables()
+    x0, noise = _rand((3, 2, 3, 3), torch.float32), _rand((3, 2, 3, 3), torch.float32)
+    t = _t(3)
+    g = torch.randn_like(x0)
+    a = [x0.clone().requires_grad_(), noise.clone().requires_grad_()]
+    with ops.use_backend("triton"):
+        out = ops.q_sample(a[0], t, a[1], tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    grads = torch.autograd.grad(out, a, g)
+    r = [x0.double().requires_grad_(), noise.double().requires_grad_()]
+    ref = reference.q_sample_ref(r[0], t, r[1], tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    grads_ref = torch.autograd.grad(ref, r, g.double())
+    for gr, gr_ref in zip(grads, grads_ref):
+        assert_close_rel(gr, gr_ref, torch.float32)
+
+
+def test_q_sample_non_contiguous_and_poisoned(monkeypatch):
+    monkeypatch.setattr(kd, "POISON", True)
+    tabs = _tables()
+    x0 = _rand((3, 4, 5, 2), torch.float32).permute(0, 3, 1, 2)
+    noise = _rand((3, 2, 4, 5), torch.float32).to(memory_format=torch.channels_last)
+    t = _t(3)
+    out = kd.q_sample_fwd(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    assert torch.isfinite(out).all()
+    ref = reference.q_sample_ref(x0.double(), t, noise.double(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    assert_close_rel(out, ref, torch.float32)
+    buf = torch.full((3, 2, 4, 5), float("nan"))
+    assert kd.q_sample_fwd(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"], out=buf) is buf
+    assert torch.isfinite(buf).all()
+
+
+def test_q_sample_opcheck():
+    tabs = _tables()
+    x0 = _rand((2, 2, 3, 3), torch.float32).requires_grad_()
+    noise = _rand((2, 2, 3, 3), torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.fastddpm.q_sample.default,
+                          (x0, _t(2), noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"]))
+
+
+# ----------------------------------------------------------------------------- simple_loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4), (1, 3, 5, 5), (7,)], ids=["3x2x4x4", "1x3x5x5", "7"])
+def test_simple_loss_and_gradients(monkeypatch, backend, dtype, shape):
+    monkeypatch.setattr(kd, "LOSS_BLOCK", 16)       # several blocks, the last one partial
+    eps_hat, noise = _rand(shape, dtype), _rand(shape, dtype)
+    e, n = eps_hat.clone().requires_grad_(), noise.clone().requires_grad_()
+    with ops.use_backend(backend):
+        loss = ops.simple_loss(e, n)
+    upstream = torch.tensor(1.7)
+    grads = torch.autograd.grad(loss, (e, n), upstream)
+    er, nr = eps_hat.double().requires_grad_(), noise.double().requires_grad_()
+    ref = reference.simple_loss_ref(er, nr)
+    grads_ref = torch.autograd.grad(ref, (er, nr), upstream.double())
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close_rel(loss, ref, torch.float32, "loss", tol=1e-6)
+    for name, gr, gr_ref in zip(("d eps_hat", "d noise"), grads, grads_ref):
+        assert gr.dtype == dtype
+        assert_close_rel(gr, gr_ref, dtype, name)
+
+
+def test_simple_loss_deterministic_and_fully_written(monkeypatch):
+    monkeypatch.setattr(kd, "POISON", True)
+    monkeypatch.setattr(kd, "LOSS_BLOCK", 32)
+    eps_hat, noise = _rand((4, 3, 5, 5), torch.float32), _rand((4, 3, 5, 5), torch.float32)
+    a = kd.simple_loss_fwd(eps_hat, noise, True)
+    b = kd.simple_loss_fwd(eps_hat, noise, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.isfinite(a[0]) and torch.isfinite(a[1]).all()
+    loss, grad = kd.simple_loss_fwd(eps_hat, noise, False)
+    assert grad.numel() == 0 and torch.equal(loss, a[0])
+
+
+def test_simple_loss_no_grad_mode_skips_gradient():
+    e = _rand((2, 3, 4), torch.float32).requires_grad_()
+    n = _rand((2, 3, 4), torch.float32)
+    with torch.no_grad(), ops.use_backend("triton"):
+        loss = ops.simple_loss(e, n)
+    assert not loss.requires_grad
+    assert_close_rel(loss, reference.simple_loss_ref(e.double(), n.double()), torch.float32)
+
+
+def test_simple_loss_opcheck():
+    e = _rand((2, 3, 5), torch.float32).requires_grad_()
+    n = _rand((2, 3, 5), torch.float32)
+    torch.library.opcheck(torch.ops.fastddpm.simple_loss.default, (e, n, True))
+
+
+# ----------------------------------------------------------------------------- p_sample_step
+
+
+def _step(backend, x, t, eps, tabs, noise=None, clip=True, **kw):
+    with ops.use_backend(backend):
+        return ops.p_sample_step(x, t, eps, *_step_tables(tabs), noise, clip, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("clip", [True, False])
+def test_p_sample_step_explicit_noise(backend, dtype, shape, clip):
+    tabs = _tables()
+    x, eps, z = _rand(shape, dtype, scale=1.5), _rand(shape, dtype), _rand(shape, dtype)
+    t = _t(shape[0])
+    out = _step(backend, x, t, eps, tabs, z, clip)
+    ref = reference.p_sample_step_ref(x.double(), t, eps.double(), *_step_tables(tabs), z.double(), clip)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_rel(out, ref, dtype)
+
+
+def test_p_sample_step_fp32_matches_fp32_reference_closely():
+    """Explicit noise: the same fp32 arithmetic as reference.p_sample_step_ref."""
+    tabs = _tables()
+    x, eps, z = _rand((4, 2, 3, 3), torch.float32), _rand((4, 2, 3, 3), torch.float32), _rand((4, 2, 3, 3), torch.float32)
+    t = _t(4)
+    out = _step("triton", x, t, eps, tabs, z)
+    ref = reference.p_sample_step_ref(x, t, eps, *_step_tables(tabs), z)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_p_sample_step_poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(kd, "POISON", True)
+    tabs = _tables()
+    x, eps = _rand((3, 2, 5, 5), torch.float16), _rand((3, 2, 5, 5), torch.float16)
+    t = _t(3)
+    for noise in (_rand((3, 2, 5, 5), torch.float16), None):
+        out = kd.p_sample_step_fwd(x, t, eps, *_step_tables(tabs), noise, True, 7, 0)
+        assert torch.isfinite(out).all()
+
+
+def _seeded_noise_of(backend, x, t, eps, tabs, **kw):
+    """z recovered from a seeded step: (out - out with zero noise) / std, for t > 0 samples."""
+    out = _step(backend, x, t, eps, tabs, **kw)
+    mean = _step(backend, x, t, eps, tabs, torch.zeros_like(x))
+    std = torch.exp(0.5 * tabs["log_var"][t].float()).view(-1, *[1] * (x.dim() - 1))
+    return (out.float() - mean.float()) / std, out, mean
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_seeded_step_no_noise_at_t0(backend):
+    tabs = _tables()
+    x, eps = _rand((4, 2, 3, 3), torch.float32), _rand((4, 2, 3, 3), torch.float32)
+    t = torch.tensor([0, 5, 0, T_STEPS - 1], device=DEV)
+    z, out, mean = _seeded_noise_of(backend, x, t, eps, tabs, seed=11)
+    assert torch.equal(out[t == 0], mean[t == 0])
+    assert (z[t != 0].abs() > 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_seeded_step_determinism_and_distinct_streams(backend):
+    tabs = _tables()
+    x, eps = _rand((2, 3, 4, 4), torch.float32), _rand((2, 3, 4, 4), torch.float32)
+    t5, t6 = torch.full((2,), 5, device=DEV), torch.full((2,), 6, device=DEV)
+    z = lambda t, **kw: _seeded_noise_of(backend, x, t, eps, tabs, **kw)[0]   # noqa: E731
+    base = z(t5, seed=1)
+    assert torch.equal(base, z(t5, seed=1))                      # same seed: same noise
+    for other in (z(t5, seed=2), z(t6, seed=1), z(t5, seed=1, offset=1)):
+        assert (other - base).abs().mean() > 0.5                 # a different stream
+        assert abs(torch.corrcoef(torch.stack([other.flatten(), base.flatten()]))[0, 1]) < 0.3
+    # within one tensor, samples and elements get different normals
+    assert (base[0] - base[1]).abs().mean() > 0.5
+    assert base.flatten().unique().numel() == base.numel()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_seeded_noise_is_standard_normal(backend):
+    tabs = _tables()
+    shape = (8, 4, 16, 16)   # 8192 normals
+    x, eps = _rand(shape, torch.float32), _rand(shape, torch.float32)
+    t = torch.arange(1, 9, device=DEV)
+    z = _seeded_noise_of(backend, x, t, eps, tabs, seed=2024)[0].double().flatten()
+    assert abs(z.mean().item()) < 0.05          # ~4.5 standard errors
+    assert abs(z.std().item() - 1.0) < 0.04     # ~5 standard errors
+    assert abs((z ** 3).mean().item()) < 0.15   # symmetric
+    assert abs((z ** 4).mean().item() - 3.0) < 0.3
+    assert 0.64 < (z.abs() < 1).double().mean().item() < 0.72   # P(|z| < 1) = 0.683
+
+
+def test_seeded_step_triton_matches_explicit_noise_math():
+    """The seeded kernel is the explicit-noise kernel with Philox z: clip, mean and std agree."""
+    tabs = _tables()
+    x, eps = _rand((3, 2, 4, 4), torch.float32, scale=2.0), _rand((3, 2, 4, 4), torch.float32)
+    t = torch.tensor([0, 3, T_STEPS - 1], device=DEV)
+    z, out, _ = _seeded_noise_of("triton", x, t, eps, tabs, seed=5, offset=2**40 + 3)
+    ref = reference.p_sample_step_ref(x.double(), t, eps.double(), *_step_tables(tabs), z.double())
+    assert_close_rel(out, ref, torch.float32, tol=1e-5)
+
+
+def test_p_sample_step_opcheck():
+    tabs = _step_tables(_tables())
+    x, eps, z = (_rand((2, 2, 3, 3), torch.float32) for _ in range(3))
+    t = _t(2)
+    torch.library.opcheck(torch.ops.fastddpm.p_sample_step.default, (x, t, eps, *tabs, z, True, 0, 0))
+    torch.library.opcheck(torch.ops.fastddpm.p_sample_step.default, (x, t, eps, *tabs, None, False, 3, -5))
+
+
+def test_float64_runs_the_reference():
+    tabs = _tables()
+    x, eps, z = (_rand((2, 2, 3, 3), torch.float64) for _ in range(3))
+    t = _t(2)
+    out = _step("triton", x, t, eps, tabs, z)
+    assert torch.equal(out, reference.p_sample_step_ref(x, t, eps, *_step_tables(tabs), z))
+    with ops.use_backend("triton"):
+        q = ops.q_sample(x, t, z, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+        loss = ops.simple_loss(x, z)
+    assert torch.equal(q, reference.q_sample_ref(x, t, z, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"]))
+    assert loss.dtype == torch.float64
+
+
+def test_torch_compile_fullgraph():
+    """Training-loss and sampler-step paths under torch.compile(fullgraph=True)."""
+    tabs = _tables(torch.float32)
+
+    def loss_fn(x0, t, noise, w):
+        with ops.use_backend("triton"):
+            xt = ops.q_sample(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+            return ops.simple_loss(xt * w, noise)
+
+    def step_fn(x, t, eps):
+        with ops.use_backend("triton"):
+            return ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=9)
+
+    x0, noise = _rand((2, 2, 3, 3), torch.float32), _rand((2, 2, 3, 3), torch.float32)
+    t = _t(2)
+    w = torch.randn(2, 2, 3, 3, requires_grad=True)
+    loss = torch.compile(loss_fn, fullgraph=True)(x0, t, noise, w)
+    (gw,) = torch.autograd.grad(loss, w)
+    wr = w.detach().double().requires_grad_()
+    xt = reference.q_sample_ref(x0.double(), t, noise.double(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    loss_ref = reference.simple_loss_ref(xt * wr, noise.double())
+    (gw_ref,) = torch.autograd.grad(loss_ref, wr)
+    assert_close_rel(loss, loss_ref, torch.float32, tol=1e-5)
+    assert_close_rel(gw, gw_ref, torch.float32, tol=1e-5)
+    out = torch.compile(step_fn, fullgraph=True)(x0, t, noise)
+    assert torch.equal(out, step_fn(x0, t, noise))
+
+
+def test_bad_input_raises_clear_errors():
+    tabs = _tables()
+    st = _step_tables(tabs)
+    x = _rand((2, 3), torch.float32)
+    t = _t(2)
+    with pytest.raises(ValueError, match="seed"):
+        ops.p_sample_step(x, t, x, *st)                      # neither noise nor seed
+    with pytest.raises(ValueError, match="not both"):
+        ops.p_sample_step(x, t, x, *st, x, seed=1)
+    for bad in (-1, 2**63, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            ops.p_sample_step(x, t, x, *st, seed=bad)
+    with pytest.raises(ValueError, match="offset"):
+        ops.p_sample_step(x, t, x, *st, seed=1, offset=-1)
+    with pytest.raises(ValueError, match="shape"):
+        ops.p_sample_step(x, t, x[:, :2], *st, x)
+    with pytest.raises(ValueError, match="int64"):
+        ops.p_sample_step(x, t.int(), x, *st, seed=1)
+    with pytest.raises(ValueError, match="1-D"):
+        ops.p_sample_step(x, t, x, st[0].view(2, -1), *st[1:], seed=1)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.q_sample(x, t, x.half(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    with pytest.raises(ValueError, match="shape"):
+        ops.simple_loss(x, x[:1])
+    with pytest.raises(TypeError, match="kernel dtypes"):
+        kd.q_sample_fwd(x.double(), t, x.double(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    with pytest.raises(ValueError, match="seed"):
+        kd.p_sample_step_fwd(x, t, x, *st, None, True, -3, 0)
+
+
+_COMPILE_SCRIPT = """
+from fastddpm.kernels import compile_ptx, diffusion as k
+tab = "*fp64"
+sig = dict(X0="*bf16", Noise="*bf16", T="*i64", SqrtAbar=tab, SqrtOneMinusAbar=tab, Out="*bf16",
+           EpsHat="*bf16", Partial="*fp32", Grad="*bf16", grad_scale="fp32",
+           Xt="*fp32", Eps="*fp32", SqrtRecipAbar=tab, SqrtRecipm1Abar=tab, Coef1=tab, Coef2=tab, LogVar=tab,
+           seed="i64", offset_hi="i64")
+assert "ld.global" in compile_ptx(k._q_sample_fwd_kernel, sig, dict(BLOCK=1024, D=1))
+assert "ld.global" in compile_ptx(k._simple_loss_fwd_kernel, sig, dict(WRITE_GRAD=True, BLOCK=4096))
+for noise in (True, False):   # ints equal to 1 are specialised to constants by the JIT
+    c = dict(CLIP=True, HAS_NOISE=noise, BLOCK=1024, offset_lo=1, b_first=0, num_steps=1)
+    assert "ld.global" in compile_ptx(k._p_sample_step_fwd_kernel, sig, c)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter runs kernels as numpy; compile them for an H100 (sm_90, no GPU
+    needed) so that compiler-only errors show up on the CPU too."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip("no ptxas in this triton install")
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_q_sample_and_loss_real_shape(dtype):
+    tabs = _tables(device="cuda")
+    x0, noise, eps_hat = (_rand((128, 3, 32, 32), dtype, "cuda") for _ in range(3))
+    t = _t(128, "cuda")
+    out = ops.q_sample(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    ref = reference.q_sample_ref(x0.double(), t, noise.double(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    assert_close_rel(out, ref, dtype)
+    e = eps_hat.clone().requires_grad_()
+    with ops.use_backend("triton"):
+        loss = ops.simple_loss(e, noise)
+    (g,) = torch.autograd.grad(loss, e)
+    er = eps_hat.double().requires_grad_()
+    ref_loss = reference.simple_loss_ref(er, noise.double())
+    (g_ref,) = torch.autograd.grad(ref_loss, er)
+    assert_close_rel(loss, ref_loss, torch.float32, tol=1e-6)
+    assert_close_rel(g, g_ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_sampler_step_real_shape(dtype):
+    tabs = _tables(device="cuda")
+    x, eps, z = (_rand((1024, 3, 32, 32), dtype, "cuda") for _ in range(3))
+    t = _t(1024, "cuda")
+    out = _step("triton", x, t, eps, tabs, z)
+    ref = reference.p_sample_step_ref(x.double(), t, eps.double(), *_step_tables(tabs), z.double())
+    assert_close_rel(out, ref, dtype)
+    zs = _seeded_noise_of("triton", x.float(), t, eps.float(), tabs, seed=3)[0][t > 0].double()
+    assert abs(zs.mean().item()) < 0.01 and abs(zs.std().item() - 1) < 0.01
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_sampler_loop():
+    """A few seeded sampler steps captured in one CUDA graph, t updated in place on
+    the device: replays equal the eager loop, and each step draws new noise."""
+    tabs = _tables(torch.float32, device="cuda")
+    st = _step_tables(tabs)
+    B = 16
+    x_buf = torch.randn(B, 3, 8, 8, device="cuda")
+    eps_buf = torch.randn_like(x_buf)
+    t_buf = torch.full((B,), T_STEPS - 1, device="cuda")
+    start = x_buf.clone()
+
+    def run_steps(n):
+        x = x_buf
+        for _ in range(n):
+            with ops.use_backend("triton"):
+                x = ops.p_sample_step(x, t_buf, eps_buf, *st, seed=123)
+            t_buf.sub_(1)
+        return x
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run_steps(1)                         # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    t_buf.fill_(T_STEPS - 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_steps(3)
+    t_buf.fill_(T_STEPS - 1)
+    x_buf.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    assert int(t_buf[0]) == T_STEPS - 4
+    t_buf.fill_(T_STEPS - 1)
+    x_buf.copy_(start)
+    eager = run_steps(3)
+    assert torch.equal(replayed, eager)
+    # the training pieces (q_sample, loss) capture too
+    x0 = torch.randn_like(x_buf)
+
+    def train_pieces():
+        with ops.use_backend("triton"):
+            xt = ops.q_sample(x0, t_buf, eps_buf, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+            return ops.simple_loss(xt, eps_buf)
+
+    with torch.cuda.stream(s):
+        train_pieces()                       # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        loss = train_pieces()
+    g2.replay()
+    torch.cuda.synchronize()
+    ref = reference.simple_loss_ref(
+        reference.q_sample_ref(x0.double(), t_buf, eps_buf.double(), tabs["sqrt_abar"],
+                               tabs["sqrt_one_minus_abar"]), eps_buf.double())
+    assert rel_err(loss, ref) < 1e-5
