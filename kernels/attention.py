@@ -17,19 +17,21 @@ Precision: fp16/bf16 inputs run tl.dot on the tensor cores with fp32
 accumulation; P and dS are rounded to the input dtype before their matmuls (as
 in FlashAttention). Softmax statistics (running max, sum, lse, delta) are fp32.
 fp32 inputs use input_precision="ieee" by default (exact fp32 products, no
-TF32: slower on the GPU but within ~1e-7 of float64); pass
-input_precision="tf32" to the launchers to trade that for speed.
+TF32: within ~1e-7 of float64, as plain fp32 torch). That path is for
+exactness, not speed: on sm_90 it runs on FMA units and, at D = 256, spills
+heavily (ptxas: ~10 KB of stack per thread). Pass input_precision="tf32" to
+the launchers to trade exactness for speed; use bf16/fp16 for performance.
 
 Sizes: any L >= 1 (rows and key columns past L are masked), 1 <= D <= 512
 (the head dimension is padded to BLOCK_D = next power of two >= 16 with masked
 loads/stores). Larger D raises ValueError; fastddpm.ops.attention falls back
 to the reference for it.
 
-Launch policy: on the GPU each kernel is autotuned over a few tile configs
-(key: L, BLOCK_D and the dtypes; configs that cannot fit registers/shared
-memory for the head dimension are pruned). Under TRITON_INTERPRET=1 a single
-small config runs so that the CPU tests exercise several blocks and the
-masks. Autotuning benchmarks on the first call for a new key, so warm up
+Launch policy: on the GPU each kernel is autotuned over the few tiles listed
+for its padded head dimension (_FWD_TILES, _BWD_TILES; key: L, BLOCK_D and
+the dtypes; tiles over a rough register/shared-memory budget are pruned).
+Under TRITON_INTERPRET=1 a single small config runs so that the CPU tests
+exercise several blocks and the masks. Autotuning benchmarks on the first call for a new key, so warm up
 before capturing a CUDA graph.
 
 No autograd and no dispatch here: fastddpm.ops.attention wraps these
@@ -45,84 +47,80 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 512
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------
 # launch configs
 # ----------------------------------------------------------------------------
-def _fwd_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    out = []
-    for bm, bn, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 128, 8, 2),
-                         (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2),
-                         (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+# Candidate tiles per padded head dimension, (BLOCK_M, BLOCK_N, num_warps,
+# num_stages): a handful each, so that the first call at a new shape autotunes
+# in seconds. Large heads get small tiles (the fp32 accumulators live in
+# registers); the backward's dK/dV program keeps two (BLOCK_N, D) accumulators.
+# For D = 256 the lists mix tiles that compile (sm_90, bf16, ptxas) to wgmma
+# with some register spilling and tiles that do not spill but fall back to
+# mma.sync (the dot's M — BLOCK_M, or BLOCK_N in dK/dV — below 64); the
+# autotuner measures which wins.
+_FWD_TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    512: [(64, 32, 8, 2), (64, 16, 8, 1), (32, 32, 4, 2), (32, 16, 4, 1)],
+}
+_BWD_TILES = {
+    64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+    128: [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 1), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 1)],
+    512: [(32, 16, 4, 1), (64, 16, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+}
+_INTERPRET_TILE = (16, 16, 1, 1)
 
 
-def _bwd_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    out = []
-    for bm, bn, w, s in [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
-                         (64, 32, 8, 2), (32, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                         (32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+def _configs(tables):
+    """Every distinct tile of `tables` as a triton.Config; under the interpreter
+    the single small tile (several blocks even at the CPU tests' sizes)."""
+    tiles = [_INTERPRET_TILE] if _INTERPRET else sorted({t for ts in tables.values() for t in ts})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
+
+def _tile(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
 def _fits(c, block_d, elem, acc_rows, tiles_per_stage, resident_rows):
     """Rough register / shared-memory budget for one config on an H100."""
     threads = 32 * c.num_warps
-    # fp32 accumulators (acc_rows x D) plus the resident 16-bit tiles, per thread
+    # fp32 accumulators (acc_rows x D) plus the resident input tiles, per thread
     regs = (acc_rows * block_d * 4 + resident_rows * block_d * elem) / 4 / threads
     smem = c.num_stages * tiles_per_stage * block_d * elem
     return regs <= 192 and smem <= 200 * 1024
 
 
-def _args(nargs, kwargs):
-    return {**nargs, **kwargs}
+def _pruner(tables, budget):
+    """early_config_prune: the tiles listed for this BLOCK_D that fit the
+    budget and do not overshoot L; never empty (the smallest listed tile)."""
+    def prune(configs, nargs, **kwargs):
+        a = {**nargs, **kwargs}
+        d, elem, L = a["BLOCK_D"], a["Q"].element_size(), a["L"]
+        listed = [c for c in configs if _tile(c) in tables[max(64, d)]]
+        lpow = max(16, triton.next_power_of_2(L))
+        keep = [c for c in listed
+                if _fits(c, d, elem, *budget(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
+                and c.kwargs["BLOCK_M"] <= max(32, lpow) and c.kwargs["BLOCK_N"] <= lpow]
+        return keep or [min(listed or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune
 
 
-def _prune_fwd(configs, nargs, **kwargs):
-    a = _args(nargs, kwargs)
-    d, elem, L = a["BLOCK_D"], a["Q"].element_size(), a["L"]
-    keep = [c for c in configs
-            if _fits(c, d, elem, c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"])
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(L))
-            and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(L))]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-def _prune_dq(configs, nargs, **kwargs):
-    a = _args(nargs, kwargs)
-    d, elem, L = a["BLOCK_D"], a["Q"].element_size(), a["L"]
-    # dq acc (M x D); q, do resident (2M x D); k, v streamed (2N x D per stage)
-    keep = [c for c in configs
-            if _fits(c, d, elem, c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"])
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(L))
-            and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(L))]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-def _prune_dkdv(configs, nargs, **kwargs):
-    a = _args(nargs, kwargs)
-    d, elem, L = a["BLOCK_D"], a["Q"].element_size(), a["L"]
-    # dk, dv acc (2N x D); k, v resident (2N x D); q, do streamed (2M x D per stage)
-    keep = [c for c in configs
-            if _fits(c, d, elem, 2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"])
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(L))
-            and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(L))]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+# (acc_rows, streamed rows per stage, resident rows) of each kernel
+_prune_fwd = _pruner(_FWD_TILES, lambda m, n: (m, 2 * n, m))           # acc; k, v streamed; q
+_prune_dq = _pruner(_BWD_TILES, lambda m, n: (m, 2 * n, 3 * m))        # dq; k, v; q, do, o
+_prune_dkdv = _pruner(_BWD_TILES, lambda m, n: (2 * n, 2 * m, 2 * n))  # dk, dv; q, do; k, v
 
 
 # ----------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_fwd_configs(), key=["L", "BLOCK_D"],
+@triton.autotune(configs=_configs(_FWD_TILES), key=["L", "BLOCK_D"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attention_fwd_kernel(
@@ -194,7 +192,7 @@ def _attention_fwd_kernel(
 # ----------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_bwd_configs(), key=["L", "BLOCK_D"],
+@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "BLOCK_D"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _attention_bwd_dq_kernel(
@@ -268,7 +266,7 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "BLOCK_D"],
+@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "BLOCK_D"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _attention_bwd_dkdv_kernel(

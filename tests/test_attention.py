@@ -17,6 +17,13 @@ from tests._util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 
+
+def _tol(dtype, grad=False):
+    """REL_TOL, except fp32 gradients: dS = P * (dP - delta) cancels, and plain
+    fp32 torch autograd itself lands at 4-6e-7 from float64 at d = 512, too
+    near REL_TOL's 1e-6 for fresh random inputs; 3e-6 is still well under 1e-5."""
+    return 3e-6 if grad and dtype == torch.float32 else REL_TOL[dtype]
+
 # (B, heads, L, d) at small sizes: odd L that straddle the 16-row interpreter
 # blocks, L smaller than a block, non-power-of-two d, d < 16, the largest d.
 SMALL_SHAPES = [
@@ -54,7 +61,7 @@ def _nan_like(x, dtype=None):
     return torch.full_like(x, float("nan"), dtype=dtype)
 
 
-def _check_kernels(q, k, v, do, tol, seed, out_layout=None):
+def _check_kernels(q, k, v, do, seed, out_layout=None, tol=None):
     """Launch the kernels into NaN-poisoned buffers and compare everything
     (o, lse, dq, dk, dv and delta) with float64."""
     B, H, L, D = q.shape
@@ -77,7 +84,13 @@ def _check_kernels(q, k, v, do, tol, seed, out_layout=None):
         if L == 1 and name in ("dq", "dk"):  # one key: softmax is constant, dq = dk = 0
             assert out.abs().max() < 1e-6, f"{name} must vanish for L == 1, seed {seed}"
             continue
-        assert_close_rel(out, ref, q.dtype, f"{name} {tuple(q.shape)} seed {seed}", tol=tol)
+        if name == "lse":  # a row's lse may sit near 0: bound the error by tol * (1 + |lse|)
+            err = ((out.double() - ref).abs() / (1 + ref.abs())).max().item()
+            t = tol or REL_TOL[q.dtype]
+            assert err < t, f"lse {tuple(q.shape)} seed {seed}: error {err:.3e} >= {t:.1e}"
+            continue
+        t = tol or _tol(q.dtype, grad=name in ("dq", "dk", "dv"))
+        assert_close_rel(out, ref, q.dtype, f"{name} {tuple(q.shape)} seed {seed}", tol=t)
 
 
 # --------------------------------------------------------------------------
@@ -88,7 +101,7 @@ def test_kernels_fp32_match_float64(shape):
     seed = _seed()
     q, k, v = _inputs(shape, torch.float32)
     do = torch.randn(shape, device=DEV)
-    _check_kernels(q, k, v, do, REL_TOL[torch.float32], seed)
+    _check_kernels(q, k, v, do, seed)
 
 
 def test_kernels_noncontiguous_inputs_and_outputs():
@@ -104,7 +117,7 @@ def test_kernels_noncontiguous_inputs_and_outputs():
     def strided_out(t):  # every other row of a bigger buffer
         return torch.empty(B, H, 2 * L, d, device=DEV)[:, :, ::2]
 
-    _check_kernels(q, k, v, do, REL_TOL[torch.float32], seed, out_layout=strided_out)
+    _check_kernels(q, k, v, do, seed, out_layout=strided_out)
     # new outputs follow the inputs' layout, so (B, H, L, d) -> (B, C, L) is a view
     o, _ = attention_kernels.attention_fwd(q, k, v)
     assert o.stride(-2) == 1 and o.transpose(-1, -2).is_contiguous()
@@ -145,7 +158,8 @@ def test_op_forward_backward_fp32(shape):
     o.backward(do)
     o64, _, dq64, dk64, dv64 = _ref64(q, k, v, do)
     for name, out, ref in (("o", o, o64), ("dq", q.grad, dq64), ("dk", k.grad, dk64), ("dv", v.grad, dv64)):
-        assert_close_rel(out, ref, torch.float32, f"{name} {shape} seed {seed}")
+        assert_close_rel(out, ref, torch.float32, f"{name} {shape} seed {seed}",
+                         tol=_tol(torch.float32, grad=name != "o"))
 
 
 def test_op_matches_reference_backend():
@@ -196,18 +210,27 @@ def test_compile_fullgraph_triton_fn():
     ref.backward()
     assert_close_rel(loss, ref, torch.float32, f"loss seed {seed}")
     for name, g, r in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad)):
-        assert_close_rel(g, r, torch.float32, f"{name} seed {seed}")
+        assert_close_rel(g, r, torch.float32, f"{name} seed {seed}", tol=_tol(torch.float32, grad=True))
 
 
-@pytest.mark.xfail(reason="fastddpm.ops._backend.pick reads a ContextVar, which dynamo cannot trace "
-                          "(graph break); passes once the backend switch is a plain module attribute",
-                   strict=False)
 def test_compile_fullgraph_ops_attention():
-    q, k, v = _inputs((1, 1, 16, 16), torch.float32)
-    f = torch.compile(ops.attention, fullgraph=True, backend="eager")
+    """The public op, backend switch included, compiles to one graph and runs the kernel."""
+    seed = _seed()
+    q, k, v = _inputs((1, 1, 16, 16), torch.float32, requires_grad=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(ops.attention, fullgraph=True, backend=record)
     with ops.use_backend("triton"):
         o = f(q, k, v)
-    assert rel_err(o, reference.attention_ref(q, k, v)) < REL_TOL[torch.float32]
+    assert len(graphs) == 1 and "fastddpm.attention" in graphs[0].code
+    assert rel_err(o, reference.attention_ref(q, k, v)) < REL_TOL[torch.float32], f"seed {seed}"
+    (dq,) = torch.autograd.grad(o.square().sum(), q)
+    (ref,) = torch.autograd.grad(reference.attention_ref(q, k, v).square().sum(), q)
+    assert rel_err(dq, ref) < _tol(torch.float32, grad=True), f"seed {seed}"
 
 
 # --------------------------------------------------------------------------
@@ -274,7 +297,7 @@ def test_gpu_kernels_match_float64(shape, dtype):
     seed = _seed()
     q, k, v = _inputs(shape, dtype, "cuda")
     do = torch.randn(shape, device="cuda", dtype=dtype)
-    _check_kernels(q, k, v, do, REL_TOL[dtype], seed)
+    _check_kernels(q, k, v, do, seed)
 
 
 @pytest.mark.gpu
@@ -283,7 +306,7 @@ def test_gpu_kernels_fp32_ieee(shape):
     seed = _seed()
     q, k, v = _inputs(shape, torch.float32, "cuda")
     do = torch.randn(shape, device="cuda")
-    _check_kernels(q, k, v, do, 1e-5, seed)
+    _check_kernels(q, k, v, do, seed, tol=1e-5)
 
 
 @pytest.mark.gpu
@@ -339,8 +362,7 @@ def test_gpu_cuda_graph(dtype):
         torch.cuda.synchronize()
         refs = _ref64(q, k, v, do)
         for name, out, ref in zip(("o", "dq", "dk", "dv"), outs, (refs[0],) + refs[2:]):
-            assert_close_rel(out, ref, dtype, f"graph {name} seed {seed}", tol=REL_TOL[dtype] * 10
-                             if dtype == torch.float32 else None)
+            assert_close_rel(out, ref, dtype, f"graph {name} seed {seed}", tol=_tol(dtype, grad=name != "o"))
 
 
 @pytest.mark.gpu
@@ -380,3 +402,59 @@ def test_gpu_attention_block_uses_kernel():
         out = block(x)
     # compare the attention branch, not the residual x that dominates the sum
     assert_close_rel(out.float() - x, ref - x.double(), torch.bfloat16, f"block seed {seed}")
+
+
+# --------------------------------------------------------------------------
+# without a GPU: compile the kernels for an H100 (sm_90) ahead of time
+# --------------------------------------------------------------------------
+_SM90_SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastddpm.kernels import attention as ak
+
+PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
+        "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32"}
+out = {}
+for name, kernel, tile in (("fwd", ak._attention_fwd_kernel, (128, 32, 8, 2)),
+                           ("dq", ak._attention_bwd_dq_kernel, (64, 32, 8, 2)),
+                           ("dkdv", ak._attention_bwd_dkdv_kernel, (32, 64, 8, 2))):
+    fn = kernel.fn
+    consts = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=256, DOT_PRECISION="tf32")
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in PTRS:
+            sig[n] = PTRS[n]
+        elif n in ("qk_scale", "scale"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": tile[2], "num_stages": tile[3]})
+    out[name] = {"wgmma": "wgmma.mma_async" in k.asm["ptx"], "shared": k.metadata.shared}
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """bf16, d = 256: the three kernels compile for sm_90 through ptxas and use
+    wgmma (the tensor cores of an H100); catches GPU-only compile errors on a CPU box."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is not there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for name in ("fwd", "dq", "dkdv"):
+        assert res[name]["wgmma"], f"{name} kernel does not use wgmma on sm_90: {res}"
+        assert res[name]["shared"] <= 227 * 1024, res
