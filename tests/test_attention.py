@@ -13,7 +13,7 @@ import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import attention as attention_kernels
 from fastddpm.ops.attention import attention_triton
-from tests._util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err
+from _util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 

@@ -4,9 +4,6 @@ against the float64 reference, Philox noise, and the seeded reference path.
 On the CPU the kernels run through TRITON_INTERPRET=1 at tiny shapes; the
 `gpu` tests run the real shapes and CUDA-graph capture.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import diffusion as kd
-from tests._util import HAS_CUDA, assert_close_rel, rel_err
+from _util import HAS_CUDA, assert_close_rel, rel_err, run_sm90_compile_check
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -375,13 +372,7 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter runs kernels as numpy; compile them for an H100 (sm_90, no GPU
     needed) so that compiler-only errors show up on the CPU too."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
-        pytest.skip("no ptxas in this triton install")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    run_sm90_compile_check(_COMPILE_SCRIPT)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes

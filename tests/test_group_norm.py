@@ -3,9 +3,6 @@
 On the CPU the kernels run through TRITON_INTERPRET=1 (set by the root
 conftest) at tiny shapes; the `gpu` tests run the real UNet shapes.
 """
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -14,7 +11,7 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import group_norm as kgn
-from tests._util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err
+from _util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err, run_sm90_compile_check
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 
@@ -283,13 +280,7 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter runs kernels as numpy; compile them for an H100 (sm_90, no GPU
     needed) so that compiler-only errors show up on the CPU too."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
-        pytest.skip("no ptxas in this triton install")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    run_sm90_compile_check(_COMPILE_SCRIPT)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes

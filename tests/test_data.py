@@ -1,0 +1,203 @@
+"""fastddpm.data: every --data format loads; bad data fails with the file named;
+the batch order is a function of (seed, step) and shards by rank."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastddpm import data
+from fastddpm.data import DataError, ShardedBatchSampler, open_dataset
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---- the embedded dataset ---------------------------------------------------------------
+
+def test_embedded_dataset_ships_and_loads():
+    assert os.path.getsize(data.EMBEDDED) < 1_000_000
+    ds = open_dataset(None, 16)
+    assert len(ds) >= 1000 and ds.image_shape == (16, 16, 3)
+    batch = ds[[0, 5, 7]]
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 16, 16, 3)
+    assert torch.equal(batch[1], torch.from_numpy(ds.images[5]))
+    small = open_dataset(None, 8)
+    assert small.image_shape == (8, 8, 3) and len(small) == len(ds)
+
+
+def test_embedded_generator_is_deterministic():
+    from fastddpm.assets.make_embedded import make_images
+
+    shipped = np.load(data.EMBEDDED)
+    a, la = make_images(n=len(shipped["images"]), seed=0)
+    assert np.array_equal(shipped["images"], a) and np.array_equal(shipped["labels"], la)
+
+
+# ---- .npz -------------------------------------------------------------------------------
+
+def test_npz_loads(tmp_path):
+    imgs = _rng().integers(0, 256, size=(20, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    ds = open_dataset(str(tmp_path / "d.npz"), 12)
+    assert np.array_equal(ds.images, imgs)
+    assert open_dataset(str(tmp_path / "d.npz"), 8).image_shape == (8, 8, 3)
+    np.savez(tmp_path / "one.npz", whatever=imgs[..., :1])  # a single array, any name; grey
+    assert open_dataset(str(tmp_path / "one.npz"), 12).image_shape == (12, 12, 1)
+
+
+@pytest.mark.parametrize("arr, words", [
+    (np.zeros((4, 8, 8, 3), np.float32), ["uint8", "float32"]),
+    (np.zeros((4, 8, 8), np.uint8), ["shape", "(4, 8, 8)"]),
+    (np.zeros((4, 3, 8, 8), np.uint8), ["shape", "NHWC"]),
+    (np.zeros((0, 8, 8, 3), np.uint8), ["no images"]),
+])
+def test_npz_bad_arrays_name_the_file(tmp_path, arr, words):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=arr)
+    with pytest.raises(DataError) as e:
+        open_dataset(str(path), 8)
+    assert str(path) in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_corrupt_npz_names_the_file(tmp_path):
+    path = tmp_path / "corrupt.npz"
+    path.write_bytes(b"PK\x03\x04 this is not a zip file" * 10)
+    with pytest.raises(DataError, match="corrupt.npz"):
+        open_dataset(str(path), 8)
+
+
+def test_wrong_kind_of_path(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError, match="x.txt"):
+        open_dataset(str(tmp_path / "x.txt"), 8)
+    with pytest.raises(DataError, match="no such file"):
+        open_dataset(str(tmp_path / "missing"), 8)
+
+
+# ---- CIFAR-10 python version ------------------------------------------------------------
+
+def _write_cifar(folder, n=6):
+    folder.mkdir(exist_ok=True)
+    parts = []
+    for i in range(1, 6):
+        d = _rng(i).integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        parts.append(d)
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": d, b"labels": list(range(n))}, f)
+    return np.concatenate(parts)
+
+
+def test_cifar_folder_loads(tmp_path):
+    raw = _write_cifar(tmp_path / "cifar-10-batches-py")
+    ds = open_dataset(str(tmp_path / "cifar-10-batches-py"), 32)
+    assert ds.images.shape == (30, 32, 32, 3)
+    # CIFAR rows are 1024 red, 1024 green, 1024 blue values, row-major
+    assert ds.images[7, 0, 1, 0] == raw[7, 1] and ds.images[7, 2, 3, 2] == raw[7, 2048 + 2 * 32 + 3]
+    assert open_dataset(str(tmp_path / "cifar-10-batches-py"), 16).image_shape == (16, 16, 3)
+
+
+def test_cifar_folder_errors_name_the_file(tmp_path):
+    folder = tmp_path / "c"
+    _write_cifar(folder)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3.*missing"):
+        open_dataset(str(folder), 32)
+    (folder / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="data_batch_3"):
+        open_dataset(str(folder), 32)
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8)}, f)
+    with pytest.raises(DataError, match=r"data_batch_3.*\(N, 3072\)"):
+        open_dataset(str(folder), 32)
+
+
+# ---- image folders ----------------------------------------------------------------------
+
+def _write_images(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    rng = _rng(3)
+    Image.fromarray(rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "sub" / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(folder / "c.JPEG")
+    (folder / "notes.txt").write_text("ignored")
+
+
+def test_image_folder_loads_in_workers(tmp_path):
+    _write_images(tmp_path / "imgs")
+    ds = open_dataset(str(tmp_path / "imgs"), 8)
+    assert len(ds) == 3 and ds.image_shape == (8, 8, 3)
+    sampler = ShardedBatchSampler(len(ds), 3, seed=0, start=0, stop=2)
+    loader = data.make_loader(ds, sampler, workers=1, pin_memory=False)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0].shape == (3, 8, 8, 3) and batches[0].dtype == torch.uint8
+    # short side resized to 8, then the centre crop: a 12 wide x 20 high image keeps its middle rows
+    a = data._load_image(str(tmp_path / "imgs" / "a.png"), 8)
+    assert a.shape == (8, 8, 3)
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    with pytest.raises(DataError, match="empty.*no images"):
+        open_dataset(str(tmp_path / "empty"), 8)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    _write_images(tmp_path / "imgs")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(DataError, match="broken.png"):
+        open_dataset(str(tmp_path / "imgs"), 8)
+
+
+def test_truncated_image_fails_in_the_worker_naming_the_file(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "big.png")
+    raw = (folder / "big.png").read_bytes()
+    (folder / "big.png").write_bytes(raw[: len(raw) // 2])  # header fine, pixels cut off
+    ds = data.ImageFolderDataset(str(folder), 8, check=False)
+    loader = data.make_loader(ds, ShardedBatchSampler(1, 1, 0, 0, 1), workers=1, pin_memory=False)
+    with pytest.raises(Exception, match="big.png"):
+        list(loader)
+
+
+# ---- order ------------------------------------------------------------------------------
+
+def test_batch_order_depends_on_step_only_and_shards_by_rank():
+    n, B = 50, 8
+    one = list(ShardedBatchSampler(n, B, seed=3, start=0, stop=14))
+    assert all(len(b) == B for b in one)
+    # epochs: 6 full batches per epoch; each epoch is a permutation (no repeats inside it)
+    first_epoch = np.concatenate(one[:6])
+    assert len(set(first_epoch.tolist())) == 48
+    assert one[:6] != one[6:12]
+    # resuming at step 5 gives the same batches as running through
+    assert list(ShardedBatchSampler(n, B, seed=3, start=5, stop=14)) == one[5:]
+    # 2 or 4 ranks: the rank slices of each step concatenate to the global batch
+    for world in (2, 4):
+        shards = [list(ShardedBatchSampler(n, B, 3, 2, 14, rank=r, world=world)) for r in range(world)]
+        for i, g in enumerate(one[2:]):
+            assert sum((s[i] for s in shards), []) == g
+    assert list(ShardedBatchSampler(n, B, seed=4, start=0, stop=1))[0] != one[0]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        ShardedBatchSampler(50, 6, 0, 0, 1, rank=0, world=4)
+    with pytest.raises(DataError, match="fewer than the batch size"):
+        ShardedBatchSampler(5, 8, 0, 0, 1)
+
+
+def test_to_model_input_scales_and_flips():
+    u = torch.tensor([[[[0, 255, 0], [255, 0, 255]]]], dtype=torch.uint8)  # (1, 1, 2, 3) NHWC
+    x = data.to_model_input(u, "cpu")
+    assert x.shape == (1, 3, 1, 2) and x.min() == -1 and x.max() == 1
+    xf = data.to_model_input(u, "cpu", flip=torch.tensor([True]))
+    assert torch.equal(xf, x.flip(3))

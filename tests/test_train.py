@@ -1,0 +1,168 @@
+"""fastddpm.train on the CPU: --help, bit-identical resume, the metrics log and
+outputs, skipped non-finite steps (fp32 and fp16 with a real GradScaler),
+refused resumes. Tiny networks, a few steps each."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastddpm import checkpoint as C
+from fastddpm.checkpoint import CheckpointError
+from fastddpm.diffusion import GaussianDiffusion
+from fastddpm.train import Trainer, config_from_args, main
+
+TINY = ["--preset", "tiny", "--image-size", "8", "--ch", "16", "--ch-mult", "1", "--attn-resolutions", "8",
+        "--num-groups", "4", "--T", "20", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+        "--ema-decay", "0.9", "--workers", "0", "--no-progress", "--sample-n", "0", "--log-every", "2",
+        "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _equal_state(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def _equal_optimizer(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        _equal_state(a["state"][i], b["state"][i], f"optimizer state of parameter {i}")
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--data", "--out", "--steps", "--batch-size", "--lr", "--precision", "--device", "--seed",
+                 "--ckpt-every", "--sample-every", "--resume", "--max-nonfinite", "--keep", "presets", "tiny:"):
+        assert flag in out, flag
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """Stopped at step 3 and resumed to 7 == 7 straight, with dropout, flips and an epoch boundary."""
+    args = TINY + ["--dropout", "0.1", "--ckpt-every", "3"]
+    # 20 images / batch 8: a new epoch (permutation) every 2 steps
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=imgs)
+    args += ["--data", str(tmp_path / "d.npz")]
+    assert main(args + ["--out", str(tmp_path / "a"), "--steps", "7", "--workers", "1"]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--steps", "3"]) == 0
+    assert main(["--resume", str(tmp_path / "b"), "--steps", "7", "--no-progress"]) == 0
+    a, b = C.load(tmp_path / "a"), C.load(tmp_path / "b")
+    assert a["step"] == b["step"] == 7
+    _equal_state(a["model"], b["model"], "model")
+    _equal_state(a["ema"], b["ema"], "ema")
+    _equal_optimizer(a["train_state"]["optimizer"], b["train_state"]["optimizer"])
+    assert torch.equal(a["train_state"]["rng"][0]["torch"], b["train_state"]["rng"][0]["torch"])
+    assert a["train_state"]["data"] == b["train_state"]["data"]
+    assert any(not torch.equal(a["model"][k], C.load(tmp_path / "b" / C.checkpoint_name(3))["model"][k])
+               for k in a["model"])  # it did train
+    # the metrics log of the resumed run has one record per logged step, in order
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 7
+
+
+def test_metrics_config_samples_and_sampling_cli_reads_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--out", str(out), "--steps", "4", "--sample-every", "2", "--sample-n", "4",
+                        "--ckpt-every", "2", "--keep", "1"]) == 0
+    assert "done: step 4/4" in capsys.readouterr().out
+    recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        for k in ("step", "loss", "lr", "grad_norm", "images_per_s", "loss_scale", "skipped_steps"):
+            assert k in r, k
+        assert r["loss"] > 0 and r["images_per_s"] > 0 and r["skipped_steps"] == 0 and r["loss_scale"] == 1.0
+    assert recs[0]["lr"] == pytest.approx(1e-3 * 1 / 2)  # step index 1 of a 2-step warm-up
+    assert (out / "samples-00000002.png").exists() and (out / "samples-00000004.png").exists()
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["model"]["ch"] == 16 and cfg["diffusion"]["T"] == 20 and cfg["train"]["steps"] == 4
+    assert [s for s, _ in C.list_checkpoints(out)] == [4]  # --keep 1
+    model, diffusion, ckpt = C.load_for_sampling(out)
+    assert not model.training and diffusion.num_timesteps == 20
+    _equal_state(model.state_dict(), ckpt["ema"], "sampling model vs EMA")  # EMA by default
+    raw, _, _ = C.load_for_sampling(out, use_ema=False)
+    _equal_state(raw.state_dict(), ckpt["model"], "use_ema=False")
+
+
+def _poison(monkeypatch, bad_steps, value=float("nan")):
+    """Make training_loss non-finite on the given (0-based) steps of each Trainer call."""
+    orig = GaussianDiffusion.training_loss
+    calls = {"n": 0}
+
+    def loss(self, model, x0, t=None, noise=None, generator=None):
+        i = calls["n"]
+        calls["n"] += 1
+        out = orig(self, model, x0, t, noise, generator)
+        return out * value if bad_steps(i) else out
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", loss)
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, precision):
+    cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "r"), "--steps", "6", "--precision", precision])
+    tr = Trainer(cfg)
+    batch = torch.from_numpy(tr.dataset.images[:8])
+    _poison(monkeypatch, lambda i: i in (2, 3), float("inf") if precision == "fp16" else float("nan"))
+    snaps = []
+    for s in range(5):
+        t, noise, flip = tr.draw(s)
+        tr.train_step(batch, t, noise, flip, 1e-3)
+        snaps.append(([p.clone() for p in tr.params], [p.clone() for p in tr.ema_params]))
+    for k in (2, 3):  # skipped: weights and EMA untouched
+        assert all(torch.equal(a, b) for a, b in zip(snaps[k][0], snaps[1][0]))
+        assert all(torch.equal(a, b) for a, b in zip(snaps[k][1], snaps[1][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(snaps[4][0], snaps[3][0]))
+    assert all(torch.isfinite(p).all() for p in tr.params)
+    steps = {int(v["step"]) for v in tr.opt.state.values()}
+    assert steps == {3}  # Adam counted only the 3 good steps
+    stats = tr.read_window()
+    assert stats["skipped"] == 2 and stats["max_streak"] == 2 and stats["streak"] == 0
+    if precision == "fp16":
+        assert tr.scaler.get_scale() == 65536.0 / 4  # halved on each skipped step
+
+
+def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    _poison(monkeypatch, lambda i: i >= 4)
+    code = main(TINY + ["--out", str(out), "--steps", "20", "--ckpt-every", "2", "--log-every", "1",
+                        "--max-nonfinite", "3"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "3 consecutive steps" in err and "non-finite" in err and "checkpoint is intact" in err
+    ckpt = C.load(out)
+    assert ckpt["step"] <= 6
+    good = C.load(out / C.checkpoint_name(4))
+    _equal_state(ckpt["model"], good["model"], "weights after skipped steps")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert recs[-1]["skipped_steps"] == 3 and recs[-1]["step"] == 7
+
+
+def test_resume_with_another_config_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(TINY + ["--out", out, "--steps", "2"]) == 0
+    with pytest.raises(CheckpointError, match=r"ch: checkpoint 16, now 32"):
+        config_from_args(["--resume", out, "--ch", "32"])
+    assert main(["--resume", out, "--steps", "4", "--batch-size", "4"]) == 2
+    assert "batch_size: checkpoint 8, now 4" in capsys.readouterr().err
+    np.savez(tmp_path / "other.npz", images=np.zeros((16, 8, 8, 3), np.uint8))
+    assert main(["--resume", out, "--steps", "4", "--data", str(tmp_path / "other.npz")]) == 2
+    assert "other data" in capsys.readouterr().err
+    # a fresh run into a folder that holds a run is refused too
+    assert main(TINY + ["--out", out, "--steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # allowed overrides: more steps, another lr, log interval
+    assert main(["--resume", out, "--steps", "3", "--lr", "5e-4", "--log-every", "1", "--no-progress"]) == 0
+    assert C.load(out)["config"]["train"]["lr"] == 5e-4
