@@ -2,9 +2,13 @@
 
 A checkpoint is a dict saved with torch.save:
     format, version, step, config {"model": UNetConfig dict, "diffusion":
-    GaussianDiffusion.config, "train": trainer settings}, model (state_dict),
-    ema (state_dict or None), and the trainer's resume state (optimizer,
-    scaler, rng, data order) under "train_state".
+    GaussianDiffusion.config, "train": TrainConfig dict, "runtime": the device,
+    precision and world size it ran with}, model (state_dict), ema (state_dict
+    or None), and, written by fastddpm.train, "train_state": {optimizer, scaler
+    (GradScaler state, {} unless fp16), rng (one {python, numpy, torch, cuda}
+    per rank), data {seed, epoch, position, steps_per_epoch, global_batch, size,
+    image_shape, fingerprint, source}, counters {skipped, streak}, world_size,
+    param_digest_per_rank (sha1 of each rank's weights)}.
 Writes are atomic (temp file in the same folder, fsync, rename, fsync the
 folder), so a kill at any moment leaves the previous file intact.
 """

@@ -233,14 +233,16 @@ class GaussianDiffusion(nn.Module):
                                  self.posterior_mean_coef2, self.model_log_variance, noise, clip)
 
     # ---- training -------------------------------------------------------------
-    def training_loss(self, model, x0, t=None, noise=None, generator=None):
+    def training_loss(self, model, x0, t=None, noise=None, generator=None, *, check_t=True):
         """L_simple (the paper's eq. 14): mean over all elements of
-        (eps - model(x_t, t))^2 with t ~ U{0..T-1} and eps ~ N(0, I)."""
+        (eps - model(x_t, t))^2 with t ~ U{0..T-1} and eps ~ N(0, I).
+        check_t=False skips the range check of a given t (a host sync on a GPU),
+        for callers that drew t themselves; a t drawn here is never checked."""
         check_float("x0", x0)
         own_t = t is None
-        if own_t:  # drawn here, so in range: skip the range check and its device sync
+        if own_t:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        self._check(x0, t, "x0", check_range=not own_t)
+        self._check(x0, t, "x0", check_range=check_t and not own_t)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         check_same("noise", noise, "x0", x0)
@@ -248,7 +250,8 @@ class GaussianDiffusion(nn.Module):
         eps_hat = model(x_t, t)
         if eps_hat.shape != x0.shape:
             raise ValueError(f"model output has shape {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")
-        return ops.simple_loss(eps_hat, noise.to(eps_hat.dtype))
+        # fp32 loss from a half-precision (autocast) output, never a half-precision noise
+        return ops.simple_loss(eps_hat.float(), noise.float())
 
     # ---- likelihood -----------------------------------------------------------
     def prior_bpd(self, x0):

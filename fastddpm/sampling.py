@@ -18,10 +18,7 @@ def autocast(device, precision):
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    device = torch.device(device)
-    if device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("fp16 autocast is not supported on the CPU; use bf16 or fp32")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -1,0 +1,286 @@
+"""Training data: sources, the deterministic sharded batch order, the DataLoader.
+
+Sources (`open_dataset(spec, image_size)`):
+  None                    the embedded dataset (fastddpm/assets/shapes16.npz)
+  a CIFAR-10 folder       the "python version": data_batch_1 .. data_batch_5 pickles
+  a folder of images      *.png / *.jpg / *.jpeg (recursively), resized so the short
+                          side is image_size, then centre-cropped; decoded lazily in
+                          DataLoader workers
+  a file.npz              uint8 images (N, H, W, C), C in {1, 3}; key "images",
+                          "x" or "arr_0", or the only array in the file
+
+Array sources are held in memory as one uint8 (N, S, S, C) array (resized once,
+vectorised, if their size differs from image_size). Every dataset is indexed
+by a *list* of indices and returns a whole uint8 batch (B, S, S, C), so no
+Python runs per image for arrays or per pixel for anything; conversion to
+float in [-1, 1], NCHW and the random flips happen on the training device.
+
+Batch order: the permutation of epoch e is a function of (seed, e) only, and
+global batch j of the run takes positions [j*B, (j+1)*B) of the concatenated
+epochs (the tail of each epoch that does not fill a batch is dropped). Rank r
+of W takes the r-th slice of B/W of that global batch. So the order depends on
+the step alone: resuming means restarting at a step, with any number of ranks.
+"""
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes16.npz")
+CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file and the problem."""
+
+
+# ---- array sources ------------------------------------------------------------------
+
+def _check_images(arr, where):
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{where}: expected a numpy array of images, got {type(arr).__name__}")
+    if arr.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 (N, H, W, C), got dtype {arr.dtype}")
+    if arr.ndim != 4 or arr.shape[3] not in (1, 3):
+        raise DataError(f"{where}: images must have shape (N, H, W, C) with C in (1, 3) "
+                        f"(NHWC), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise DataError(f"{where}: contains no images (shape {arr.shape})")
+    return arr
+
+
+def load_npz(path):
+    """uint8 (N, H, W, C) images from an .npz file."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            key = next((k for k in ("images", "x", "arr_0") if k in keys), None)
+            if key is None:
+                if len(keys) != 1:
+                    raise DataError(f"{path}: no array named 'images', 'x' or 'arr_0' "
+                                    f"and more than one array in the file ({keys})")
+                key = keys[0]
+            arr = f[key]
+    except DataError:
+        raise
+    except Exception as e:  # OSError, zipfile.BadZipFile, ValueError (object arrays), EOFError
+        raise DataError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
+    return _check_images(arr, f"{path} (array '{key}')")
+
+
+def load_cifar10(folder):
+    """The 50,000 CIFAR-10 training images from the "python version" pickles."""
+    parts = []
+    for name in CIFAR_BATCHES:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise DataError(f"{path}: missing (a CIFAR-10 folder needs data_batch_1 .. data_batch_5)")
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            data = d[b"data"] if b"data" in d else d["data"]
+        except Exception as e:
+            raise DataError(f"{path}: not a readable CIFAR-10 batch pickle: {type(e).__name__}: {e}") from e
+        data = np.asarray(data)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        parts.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def resize_array(images, size):
+    """uint8 (N, H, W, C) -> (N, size, size, C): short side resized to `size`
+    (antialiased bilinear), then centre-cropped. Vectorised, in chunks."""
+    n, h, w, c = images.shape
+    if h == w == size:
+        return images
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = np.empty((n, size, size, c), dtype=np.uint8)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    for i in range(0, n, 4096):
+        x = torch.from_numpy(images[i:i + 4096]).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        x = x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+        out[i:i + 4096] = x.permute(0, 2, 3, 1).numpy()
+    return out
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """In-memory uint8 (N, S, S, C) images; dataset[list_of_indices] -> uint8 batch."""
+
+    def __init__(self, images, source):
+        self.images = images
+        self.source = source
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def image_shape(self):
+        return tuple(self.images.shape[1:])
+
+    def __getitem__(self, indices):
+        return torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])
+
+    def fingerprint(self):
+        """A short digest of the contents (a strided subset), to recognise the data on resume."""
+        h = hashlib.sha1()
+        h.update(str(self.images.shape).encode())
+        step = max(1, len(self.images) // 256)
+        h.update(np.ascontiguousarray(self.images[::step]).tobytes())
+        return h.hexdigest()[:16]
+
+
+# ---- image folders ------------------------------------------------------------------
+
+def _load_image(path, size):
+    """One image file -> uint8 (size, size, 3): short side resized, centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or corrupt image: {type(e).__name__}: {e}") from e
+    return arr
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """PNG/JPEG files under a folder, decoded on demand (in DataLoader workers)."""
+
+    def __init__(self, folder, size, check=True):
+        self.folder, self.size = folder, size
+        files = []
+        for root, dirs, names in os.walk(folder):
+            dirs.sort()
+            files += [os.path.join(root, n) for n in sorted(names)
+                      if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        if not files:
+            raise DataError(f"{folder}: no images (*.png, *.jpg, *.jpeg) found in this folder "
+                            "or below it, and it is not a CIFAR-10 folder (data_batch_1 .. 5)")
+        self.files = files
+        if check:
+            self._check_headers()
+
+    def _check_headers(self):
+        """Open every file's header (cheap) so a non-image fails before training starts."""
+        from PIL import Image
+
+        for path in self.files:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:
+                raise DataError(f"{path}: unreadable or corrupt image: {type(e).__name__}: {e}") from e
+
+    def __len__(self):
+        return len(self.files)
+
+    @property
+    def image_shape(self):
+        return (self.size, self.size, 3)
+
+    def __getitem__(self, indices):
+        return torch.from_numpy(np.stack([_load_image(self.files[i], self.size) for i in indices]))
+
+    def fingerprint(self):
+        h = hashlib.sha1()
+        for f in self.files:
+            h.update(os.path.relpath(f, self.folder).encode() + b"\0")
+        h.update(str(self.size).encode())
+        return h.hexdigest()[:16]
+
+
+# ---- the entry point ----------------------------------------------------------------
+
+def open_dataset(spec, image_size):
+    """A dataset for `--data spec` at image_size x image_size (see the module docstring)."""
+    if image_size is None or int(image_size) < 1:
+        raise DataError(f"image_size must be a positive int, got {image_size!r}")
+    if spec is None or spec in ("", "embedded"):
+        return ArrayDataset(resize_array(load_npz(EMBEDDED), image_size), "embedded:shapes16")
+    spec = os.fspath(spec)
+    if not os.path.exists(spec):
+        raise DataError(f"{spec}: no such file or folder")
+    if os.path.isdir(spec):
+        present = [n for n in CIFAR_BATCHES if os.path.exists(os.path.join(spec, n))]
+        if present:
+            return ArrayDataset(resize_array(load_cifar10(spec), image_size), f"cifar10:{spec}")
+        return ImageFolderDataset(spec, image_size)
+    if spec.lower().endswith(".npz"):
+        return ArrayDataset(resize_array(load_npz(spec), image_size), f"npz:{spec}")
+    raise DataError(f"{spec}: not a folder or an .npz file (--data takes a CIFAR-10 'python "
+                    "version' folder, a folder of PNG/JPEG images, or an .npz of uint8 NHWC images)")
+
+
+def epoch_permutation(n, seed, epoch):
+    """The order of epoch `epoch`: a permutation of range(n) from (seed, epoch) only."""
+    return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n)
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Yields, for steps start..stop-1, the indices rank `rank` of `world` uses:
+    the rank-th slice of global batch `step` (see the module docstring)."""
+
+    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1):
+        if global_batch % world:
+            raise ValueError(f"global batch size {global_batch} is not divisible by the "
+                             f"number of ranks {world}")
+        if n < global_batch:
+            raise DataError(f"the dataset has {n} images, fewer than the batch size {global_batch}")
+        self.n, self.B, self.seed = n, global_batch, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.steps_per_epoch = n // global_batch
+
+    def position(self, step):
+        """(epoch, batch index within the epoch) of global step `step`."""
+        return divmod(step, self.steps_per_epoch)
+
+    def global_batch(self, step):
+        epoch, j = self.position(step)
+        return epoch_permutation(self.n, self.seed, epoch)[j * self.B:(j + 1) * self.B]
+
+    def __len__(self):
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        b = self.B // self.world
+        perm_epoch, perm = None, None
+        for step in range(self.start, self.stop):
+            epoch, j = self.position(step)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, epoch_permutation(self.n, self.seed, epoch)
+            g = perm[j * self.B:(j + 1) * self.B]
+            yield g[self.rank * b:(self.rank + 1) * b].tolist()
+
+
+def make_loader(dataset, sampler, workers, pin_memory, seed=0):
+    """A DataLoader yielding one uint8 (b, S, S, C) batch per step. It has its own
+    generator, so creating it does not advance the global torch RNG (which
+    dropout uses and checkpoints restore)."""
+    kw = dict(prefetch_factor=4) if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                                       **kw)
+
+
+def to_model_input(batch_uint8, device, flip=None):
+    """uint8 (b, S, S, C) -> float32 (b, C, S, S) in [-1, 1] on device; flip: bool (b,)
+    mask of images to mirror left-right (on the device, no per-image Python)."""
+    x = batch_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if flip is not None:
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x.contiguous()

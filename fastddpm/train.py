@@ -1,0 +1,809 @@
+"""Train a DDPM: `python -m fastddpm.train --preset tiny` (CPU demo, minutes) or
+`--preset cifar10` (the paper), single process or under torchrun.
+
+    python -m fastddpm.train --preset tiny --out runs/tiny
+    python -m fastddpm.train --preset cifar10 --data cifar-10-batches-py --out runs/cifar10
+    python -m fastddpm.train --resume runs/cifar10                 # continue a run
+    torchrun --nproc_per_node=8 -m fastddpm.train --preset cifar10 --data ... --out ...
+
+Everything a run does is a function of its TrainConfig (saved as config.json
+beside the checkpoints and inside each checkpoint) and the step:
+  * the data order: epoch permutations from (seed, epoch), global batch j takes
+    positions [jB, (j+1)B), rank r of W its r-th slice (fastddpm.data);
+  * the timesteps, noise and flips of step s: drawn for the whole global batch
+    from a generator seeded with (seed, s), each rank keeping its slice;
+  * dropout: the global torch RNG, seeded per rank and saved in checkpoints.
+So a run stopped at step k and resumed is bit-identical on the CPU to one that
+never stopped, and it can resume on a different number of ranks.
+
+The training step is small and free of host synchronisation: non-finite
+gradients skip the optimizer step and the EMA update on the device (fused Adam
+reads a found_inf flag; fp16 uses torch.amp.GradScaler, which does the same),
+and the counters are read only every --log-every steps.
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastddpm import checkpoint as ckpt_io
+from fastddpm import data as data_mod
+from fastddpm.checkpoint import CheckpointError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- configuration -------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are the paper's CIFAR-10 run."""
+    preset: str = "cifar10"
+    data: Optional[str] = None
+    image_size: int = 32
+    out: Optional[str] = None
+    # the network (UNetConfig fields)
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+    # the diffusion
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "fixedlarge"
+    # optimisation
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    flip: bool = True
+    precision: Optional[str] = None
+    device: Optional[str] = None
+    tf32: bool = True
+    seed: int = 0
+    max_nonfinite: int = 50
+    # bookkeeping
+    ckpt_every: int = 10_000
+    keep: int = 3
+    sample_every: int = 50_000
+    sample_n: int = 64
+    sample_batch: int = 256
+    log_every: int = 100
+    workers: int = 4
+    threads: int = 0
+    progress: bool = True
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}")
+        d = dict(d)
+        for k in ("ch_mult", "attn_resolutions"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def model_config(self, in_channels=3):
+        from fastddpm.unet import UNetConfig
+
+        return UNetConfig(image_size=self.image_size, in_channels=in_channels, ch=self.ch,
+                          ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
+                          attn_resolutions=self.attn_resolutions, dropout=self.dropout,
+                          num_groups=self.num_groups)
+
+    def diffusion_config(self):
+        return {"schedule": "linear", "T": self.T, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "variance": self.variance}
+
+
+PRESETS = {
+    # Ho et al. 2020, CIFAR-10: the TrainConfig defaults.
+    "cifar10": {},
+    # 2 CPU cores, embedded 16x16 shapes, recognisable samples in under 10 minutes. One
+    # compute thread (the data worker has the other core): on a shared machine two OpenMP
+    # threads can run 10x slower; on an idle one --threads 2 is ~1.5x faster.
+    "tiny": dict(image_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(4,),
+                 dropout=0.0, num_groups=8, T=500, beta_start=2e-4, beta_end=0.04, steps=1500,
+                 batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=0, sample_n=36,
+                 sample_batch=36, log_every=25, workers=1, threads=1),
+}
+
+# Changing these on resume would make a different run: refused.
+RUN_IDENTITY = ("image_size", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
+                "num_groups", "T", "beta_start", "beta_end", "batch_size", "seed")
+
+
+def preset_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return TrainConfig(preset=name, **PRESETS[name])
+
+
+def _ints(s):
+    s = s.strip()
+    return tuple(int(v) for v in s.replace(" ", "").split(",") if v) if s else ()
+
+
+def _positive(kind):
+    def parse(s):
+        v = kind(s)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    return parse
+
+
+def _nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+# (flag, field, type, help). Defaults come from the preset (shown in --help).
+_FLAGS = [
+    ("--data", "data", str, "training images: a CIFAR-10 'python version' folder (data_batch_1..5), "
+     "a folder of PNG/JPEG images (resized + centre-cropped to --image-size), or an .npz of uint8 "
+     "NHWC images; default: the embedded 16x16 shapes dataset"),
+    ("--out", "out", str, "run folder for checkpoints, config.json, metrics.jsonl and sample grids "
+     "(default runs/<preset>; with --resume, the resumed folder)"),
+    ("--image-size", "image_size", _positive(int), "training resolution; data of another size is resized"),
+    ("--ch", "ch", _positive(int), "UNet base channels"),
+    ("--ch-mult", "ch_mult", _ints, "UNet channel multipliers per resolution, comma separated"),
+    ("--num-res-blocks", "num_res_blocks", _nonneg_int, "residual blocks per resolution"),
+    ("--attn-resolutions", "attn_resolutions", _ints, "resolutions with self-attention, comma separated ('' for none)"),
+    ("--dropout", "dropout", float, "dropout rate in the residual blocks"),
+    ("--num-groups", "num_groups", _positive(int), "GroupNorm groups"),
+    ("--T", "T", _positive(int), "diffusion steps (linear betas)"),
+    ("--beta-start", "beta_start", float, "first beta of the linear schedule"),
+    ("--beta-end", "beta_end", float, "last beta of the linear schedule"),
+    ("--variance", "variance", str, "sampling variance: fixedlarge (beta_t) or fixedsmall (posterior)"),
+    ("--steps", "steps", _positive(int), "total optimizer steps of the run (on resume: the new total)"),
+    ("--batch-size", "batch_size", _positive(int), "global batch size, split evenly over the ranks"),
+    ("--lr", "lr", _positive(float), "Adam learning rate after warm-up"),
+    ("--warmup", "warmup", _nonneg_int, "linear learning-rate warm-up steps (lr * min(step/warmup, 1))"),
+    ("--grad-clip", "grad_clip", _positive(float), "clip the global gradient norm to this value"),
+    ("--ema-decay", "ema_decay", float, "EMA decay of the weights used for sampling"),
+    ("--precision", "precision", str, "fp32 | bf16 | fp16 (autocast; fp16 with dynamic loss scaling); "
+     "default bf16 on a GPU that supports it, else fp32"),
+    ("--device", "device", str, "cpu, cuda or cuda:N (default: cuda if available; under torchrun "
+     "each rank uses cuda:LOCAL_RANK)"),
+    ("--seed", "seed", int, "seed of the weights, data order, noise and dropout"),
+    ("--max-nonfinite", "max_nonfinite", _positive(int), "stop after this many consecutive steps "
+     "with a non-finite loss or gradient (each is skipped and counted)"),
+    ("--ckpt-every", "ckpt_every", _nonneg_int, "checkpoint every N steps (0: only at the end and on "
+     "SIGINT/SIGTERM)"),
+    ("--keep", "keep", _positive(int), "keep the last K checkpoints"),
+    ("--sample-every", "sample_every", _nonneg_int, "write a PNG grid of EMA samples every N steps "
+     "(0: only at the end)"),
+    ("--sample-n", "sample_n", _nonneg_int, "images in each sample grid (0: no grids)"),
+    ("--sample-batch", "sample_batch", _positive(int), "batch size when sampling"),
+    ("--log-every", "log_every", _positive(int), "log (tqdm, metrics.jsonl) every N steps; counters "
+     "are read from the device only then"),
+    ("--workers", "workers", _nonneg_int, "DataLoader worker processes"),
+    ("--threads", "threads", _nonneg_int, "CPU threads for torch ops (0: torch's default); 1 is "
+     "faster on a busy machine"),
+]
+
+
+def build_parser():
+    epilog = "presets (a flag overrides its preset value):\n" + "\n".join(
+        f"  {name}: " + (", ".join(f"{k}={v}" for k, v in over.items()) or "the paper's CIFAR-10 run "
+                         "(the defaults shown above)")
+        for name, over in PRESETS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m fastddpm.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        argument_default=argparse.SUPPRESS)
+    base = TrainConfig()
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="starting configuration: cifar10 (the paper, default) or tiny (CPU demo)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR (its newest checkpoint; a file also works) with its "
+                   "saved config; flags given now override it, except ones that would change the run "
+                   "(model, diffusion, data, batch size, seed), which are refused")
+    for flag, name, typ, text in _FLAGS:
+        default = getattr(base, name)
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        p.add_argument(flag, dest=name, type=typ, metavar=name.upper(),
+                       help=f"{text} (cifar10: {default})")
+    p.add_argument("--flip", dest="flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips (cifar10: on)")
+    p.add_argument("--tf32", dest="tf32", action=argparse.BooleanOptionalAction,
+                   help="allow TF32 matmuls/convolutions for fp32 on CUDA (default on)")
+    p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction,
+                   help="show the tqdm progress bar (default on)")
+    return p
+
+
+def config_from_args(argv=None):
+    """(TrainConfig, resume checkpoint dict or None, resume path or None) from the command line."""
+    given = vars(build_parser().parse_args(argv))
+    resume = given.pop("resume", None)
+    preset = given.pop("preset", None)
+    if resume is None:
+        cfg = dataclasses.replace(preset_config(preset or "cifar10"), **given)
+        if cfg.out is None:
+            cfg.out = os.path.join("runs", cfg.preset)
+        if cfg.data:
+            cfg.data = os.path.abspath(cfg.data)
+        if ckpt_io.list_checkpoints(cfg.out):
+            raise CheckpointError(f"{cfg.out} already holds checkpoints of a run: continue it with "
+                                  f"--resume {cfg.out}, or choose another --out folder")
+        return _validated(cfg), None, None
+    path = ckpt_io.resolve(resume)
+    ckpt = ckpt_io.load(path)
+    saved_train = (ckpt.get("config") or {}).get("train")
+    if saved_train is None or "train_state" not in ckpt:
+        raise CheckpointError(f"{path} holds no training state (not written by fastddpm.train); "
+                              "it can be sampled from but not resumed")
+    saved = TrainConfig.from_dict(saved_train)
+    base = preset_config(preset) if preset is not None and preset != saved.preset else saved
+    if preset is not None and preset != saved.preset:
+        base = dataclasses.replace(base, out=saved.out, data=saved.data)
+    cfg = dataclasses.replace(base, **given)
+    if "data" in given and cfg.data:
+        cfg.data = os.path.abspath(cfg.data)
+    if "out" not in given:
+        cfg.out = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(path))
+    check_resumable(saved, cfg, path)
+    return _validated(cfg), ckpt, path
+
+
+def check_resumable(saved: TrainConfig, cfg: TrainConfig, path):
+    diff = [f"{k}: checkpoint {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
+            for k in RUN_IDENTITY if getattr(saved, k) != getattr(cfg, k)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: it was written by a different "
+                              "configuration (" + "; ".join(diff) + "). Start a new run in another "
+                              "--out folder, or drop the flags that change it.")
+
+
+def _validated(cfg: TrainConfig):
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.variance not in ("fixedlarge", "fixedsmall"):
+        raise ValueError(f"--variance must be fixedlarge or fixedsmall, got {cfg.variance!r}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 < cfg.beta_start <= cfg.beta_end < 1:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    cfg.model_config()  # UNetConfig validates the network fields
+    return cfg
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+def _mix(seed, step, stream):
+    """A 63-bit seed for (seed, step, stream)."""
+    h = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rngs(seed, rank):
+    s = _mix(seed, rank, "process")
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
+
+
+def lr_at(cfg, step):
+    """The paper's warm-up: lr * min(step / warmup, 1), step = updates done so far."""
+    return cfg.lr * (min(step / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0)
+
+
+def params_digest(model):
+    h = hashlib.sha1()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Stopped(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum, step, path):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {path}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+# ---- the trainer ---------------------------------------------------------------------
+
+class Trainer:
+    """UNet + GaussianDiffusion + data + Adam + EMA, one process of a (possibly
+    distributed) run. `resume`: a loaded checkpoint dict to continue from."""
+
+    def __init__(self, cfg: TrainConfig, resume=None, rank=0, world=1, log=print):
+        from fastddpm.diffusion import GaussianDiffusion
+        from fastddpm.unet import UNet
+
+        self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
+        self.device = self._pick_device(cfg.device)
+        self.precision = cfg.precision or self._default_precision(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if self.device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+
+        self.dataset = data_mod.open_dataset(cfg.data, cfg.image_size)
+        self.in_channels = self.dataset.image_shape[2]
+        self.fingerprint = self.dataset.fingerprint()
+        if len(self.dataset) < cfg.batch_size:
+            raise data_mod.DataError(f"{cfg.data or 'embedded dataset'}: {len(self.dataset)} images, "
+                                     f"fewer than the batch size {cfg.batch_size}")
+        self.model_config = cfg.model_config(self.in_channels)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = UNet(self.model_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion_config()).to(self.device)
+        self.params = [p for p in self.model.parameters()]
+        self.ema_params = [p for p in self.ema.parameters()]
+        self.opt = torch.optim.Adam(self.params, lr=lr_at(cfg, 0), fused=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+        self._counters = torch.zeros(3, dtype=torch.int64, device=self.device)  # skipped, streak, max streak
+        self._window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, gnorm sum, finite n
+        self._gen = torch.Generator(device=self.device)
+        seed_rngs(cfg.seed, rank)
+        if resume is not None:
+            self._load(resume)
+        self.net = self.model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.signal = None  # set by SIGINT/SIGTERM handlers
+
+    # -- setup --
+    def _pick_device(self, name):
+        if name is None:
+            if torch.cuda.is_available():
+                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {name}: CUDA is not available in this torch/machine")
+            if dev.index is None:
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return dev
+
+    @staticmethod
+    def _default_precision(device):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- the step --
+    def draw(self, step):
+        """Timesteps, noise and flips of global step `step` for this rank's slice."""
+        B, b = self.cfg.batch_size, self.cfg.batch_size // self.world
+        S, C = self.cfg.image_size, self.in_channels
+        g = self._gen.manual_seed(_mix(self.cfg.seed, step, "batch"))
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g, device=self.device)
+        noise = torch.randn((B, C, S, S), generator=g, device=self.device)
+        flip = torch.rand((B,), generator=g, device=self.device) < 0.5
+        sl = slice(self.rank * b, (self.rank + 1) * b)
+        return t[sl], noise[sl], flip[sl]
+
+    def train_step(self, batch_uint8, t, noise, flip, lr):
+        """One optimizer step on this rank's uint8 batch; no host synchronisation."""
+        x0 = data_mod.to_model_input(batch_uint8, self.device, flip if self.cfg.flip else None)
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.diffusion.training_loss(self.net, x0, t, noise, check_t=False)  # t drawn in range
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+        finite = torch.isfinite(gnorm)  # grads are all-reduced: the same on every rank
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)  # skips on the device when the grads were not finite
+            self.scaler.update()
+        else:
+            self.opt.found_inf = (~finite).float()  # fused Adam: no update where found_inf == 1
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        self._ema_update(finite)
+        nf = (~finite).long()
+        c = self._counters
+        c[0] += nf
+        c[1] = (c[1] + 1) * nf
+        c[2] = torch.maximum(c[2], c[1])
+        loss = loss.detach().double()
+        lossf = torch.isfinite(loss)
+        self._window += torch.stack([torch.where(lossf, loss, 0.0), torch.where(finite, gnorm.double(), 0.0),
+                                     (lossf & finite).double()])
+
+    @torch.no_grad()
+    def _ema_update(self, finite):
+        """ema -= (1 - decay) * (ema - w), as tf.train.ExponentialMovingAverage; skipped steps keep it."""
+        rate = torch.where(finite, 1.0 - self.cfg.ema_decay, 0.0).float()
+        diff = torch._foreach_sub(self.ema_params, self.params)
+        torch._foreach_mul_(diff, rate)
+        torch._foreach_sub_(self.ema_params, diff)
+
+    # -- state --
+    def state_dict(self):
+        """The checkpoint dict (see fastddpm.checkpoint); call on every rank (gathers RNG states)."""
+        rng = rng_state()
+        digest = params_digest(self.model)
+        if self.world > 1:
+            rngs, digests = [None] * self.world, [None] * self.world
+            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(digests, digest)
+        else:
+            rngs, digests = [rng], [digest]
+        sampler = data_mod.ShardedBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
+                                               self.step, self.step)
+        epoch, position = sampler.position(self.step)
+        counters = self._counters.tolist()
+        return {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": self.step,
+            "config": self.config_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "train_state": {
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rngs,
+                "data": {"seed": self.cfg.seed, "epoch": epoch, "position": position,
+                         "steps_per_epoch": sampler.steps_per_epoch, "global_batch": self.cfg.batch_size,
+                         "size": len(self.dataset), "image_shape": list(self.dataset.image_shape),
+                         "fingerprint": self.fingerprint, "source": self.dataset.source},
+                "counters": {"skipped": counters[0], "streak": counters[1]},
+                "world_size": self.world,
+                "param_digest_per_rank": digests,
+            },
+        }
+
+    def config_dict(self):
+        """The effective config: network, diffusion, the TrainConfig (device and precision as
+        given, None meaning automatic) and what they resolved to in this run."""
+        return {"model": self.model_config.to_dict(), "diffusion": self.diffusion.config,
+                "train": self.cfg.to_dict(),
+                "runtime": {"device": str(self.device), "precision": self.precision,
+                            "world_size": self.world, "torch": torch.__version__}}
+
+    def _load(self, ckpt):
+        where = f"checkpoint at step {ckpt.get('step')}"
+        cfg = ckpt.get("config") or {}
+        if cfg.get("model") != self.model_config.to_dict():
+            raise CheckpointError(f"{where}: its network {cfg.get('model')} differs from this run's "
+                                  f"{self.model_config.to_dict()}")
+        ts = ckpt["train_state"]
+        d = ts["data"]
+        if (d["size"], list(d["image_shape"]), d["fingerprint"]) != (
+                len(self.dataset), list(self.dataset.image_shape), self.fingerprint):
+            raise CheckpointError(f"{where}: it was trained on other data ({d['source']}: {d['size']} "
+                                  f"images {d['image_shape']}, fingerprint {d['fingerprint']}); now "
+                                  f"{self.dataset.source}: {len(self.dataset)} images "
+                                  f"{list(self.dataset.image_shape)}, fingerprint {self.fingerprint}")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ts["optimizer"])
+        if self.scaler.is_enabled() and ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        self.step = int(ckpt["step"])
+        self._counters = torch.tensor([ts["counters"]["skipped"], ts["counters"]["streak"],
+                                       ts["counters"]["streak"]], dtype=torch.int64, device=self.device)
+        rngs = ts["rng"]
+        if self.rank < len(rngs):
+            set_rng_state(rngs[self.rank])
+        else:  # more ranks than the run that wrote it: fresh streams for the new ranks
+            seed_rngs(_mix(self.cfg.seed, self.step, "resume"), self.rank)
+
+    # -- reading the counters (every log_every steps) --
+    def read_window(self):
+        """Host copy of the window stats (summed over ranks) and counters; resets the window."""
+        w = self._window.clone()
+        if self.world > 1:
+            dist.all_reduce(w)
+        loss_sum, gn_sum, n = w.tolist()
+        skipped, streak, max_streak = self._counters.tolist()
+        self._window.zero_()
+        n_local = n / self.world
+        return {"loss": loss_sum / n if n else float("nan"), "grad_norm": gn_sum / self.world / n_local
+                if n_local else float("nan"), "skipped": int(skipped), "streak": int(streak),
+                "max_streak": int(max_streak)}
+
+    def check_finite_streak(self, stats=None):
+        """Raise TrainingDiverged after --max-nonfinite consecutive skipped steps."""
+        if stats is None:
+            skipped, streak, max_streak = self._counters.tolist()
+            stats = {"skipped": skipped, "streak": streak, "max_streak": max_streak}
+        if stats["max_streak"] >= self.cfg.max_nonfinite:
+            raise TrainingDiverged(
+                f"training stopped at step {self.step}: {stats['max_streak']} consecutive steps had a "
+                f"non-finite loss or gradient (--max-nonfinite {self.cfg.max_nonfinite}; {stats['skipped']} "
+                f"skipped in all; precision {self.precision}"
+                + (f", loss scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "")
+                + "). Skipped steps do not change the weights; the last checkpoint is intact. "
+                "Try a lower --lr, --precision bf16/fp32, or a larger --grad-clip warm-up.")
+
+    def stop_requested(self, sync):
+        """Whether a SIGINT/SIGTERM arrived (on any rank: agreed at sync points under torchrun)."""
+        if self.world == 1:
+            return self.signal is not None
+        if not sync:
+            return False
+        flag = torch.tensor([0 if self.signal is None else int(self.signal)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal is None:
+            self.signal = int(flag.item())
+        return bool(flag.item())
+
+    # -- the loop --
+    def save(self):
+        """Checkpoint (all ranks take part, rank 0 writes); returns the path."""
+        state = self.state_dict()
+        path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
+        if self.rank == 0:
+            ckpt_io.atomic_save(state, path)
+            for _, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def write_samples(self):
+        """A PNG grid of EMA samples (rank 0); returns the path or None."""
+        if self.rank != 0 or self.cfg.sample_n <= 0:
+            return None
+        from fastddpm.images import save_grid, to_uint8
+        from fastddpm.sampling import sample
+
+        prec = self.precision if not (self.device.type == "cpu" and self.precision == "fp16") else "fp32"
+        x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
+                   seed=self.cfg.seed, device=self.device, precision=prec, progress=False)
+        path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
+        save_grid(to_uint8(x), path)
+        return path
+
+    def _prepare_out(self):
+        cfg = self.cfg
+        if self.rank != 0:
+            return
+        os.makedirs(cfg.out, exist_ok=True)
+        for n in os.listdir(cfg.out):  # temp files of writes killed half-way
+            if n.startswith(".tmp-") and n.endswith(".pt"):
+                try:
+                    os.unlink(os.path.join(cfg.out, n))
+                except FileNotFoundError:
+                    pass
+        tmp = os.path.join(cfg.out, ".config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.config_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, os.path.join(cfg.out, "config.json"))
+        metrics = os.path.join(cfg.out, "metrics.jsonl")
+        if os.path.exists(metrics):  # drop records past the step we resume from
+            with open(metrics) as f:
+                lines = [ln for ln in f if ln.strip() and _record_step(ln) <= self.step]
+            with open(metrics, "w") as f:
+                f.writelines(lines)
+
+    def train(self):
+        """Run to cfg.steps. Returns a summary dict; raises TrainingDiverged or Stopped."""
+        from tqdm.auto import tqdm
+
+        cfg, rank = self.cfg, self.rank
+        self._prepare_out()
+        if self.world > 1:
+            dist.barrier()
+        sampler = data_mod.ShardedBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
+                                               self.step, cfg.steps, rank, self.world)
+        loader = data_mod.make_loader(self.dataset, sampler, cfg.workers, self.device.type == "cuda",
+                                       seed=cfg.seed)
+        start_step, t_start = self.step, time.perf_counter()
+        train_time, window_steps, last_ckpt, last_samples = 0.0, 0, None, None
+        metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=rank != 0 or not cfg.progress,
+                   desc="train", unit="step", dynamic_ncols=True, smoothing=0.05)
+        stats = {"loss": float("nan"), "skipped": int(self._counters[0])}
+        it = iter(loader)
+        t0, paused = time.perf_counter(), 0.0
+        try:
+            while self.step < cfg.steps:
+                try:
+                    batch = next(it)
+                except (RuntimeError, StopIteration):
+                    if self.signal is not None:  # a Ctrl-C also reached the workers
+                        break
+                    raise
+                t, noise, flip = self.draw(self.step)
+                self.train_step(batch, t, noise, flip, lr_at(cfg, self.step))
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if at_log:
+                    stats = self.read_window()  # synchronises
+                    dt = time.perf_counter() - t0 - paused
+                    t0, paused = time.perf_counter(), 0.0
+                    train_time += dt
+                    ips = window_steps * cfg.batch_size / dt if dt > 0 else float("nan")
+                    rec = {"step": self.step, "epoch": sampler.position(self.step - 1)[0],
+                           "loss": stats["loss"], "lr": lr_at(cfg, self.step - 1),
+                           "grad_norm": stats["grad_norm"], "images_per_s": ips,
+                           "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                           "skipped_steps": stats["skipped"], "nonfinite_streak": stats["streak"],
+                           "elapsed_s": time.perf_counter() - t_start}
+                    if metrics:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{ips:.0f}",
+                                    skipped=stats["skipped"], refresh=False)
+                    window_steps = 0
+                    self.check_finite_streak(stats)
+                if self.stop_requested(sync=at_log):
+                    path = self.save()
+                    bar.close()
+                    raise Stopped(self.signal, self.step, path)
+                pause = time.perf_counter()
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                    self.check_finite_streak()  # never checkpoint past a divergence
+                    last_ckpt = (self.step, self.save())
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    last_samples = (self.step, self.write_samples())
+                paused += time.perf_counter() - pause
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+            del it
+        if self.signal is not None and self.step < cfg.steps:
+            path = self.save()
+            raise Stopped(self.signal, self.step, path)
+        if last_ckpt is None or last_ckpt[0] != self.step:
+            last_ckpt = (self.step, self.save())
+        if cfg.sample_n and (last_samples is None or last_samples[0] != self.step):
+            last_samples = (self.step, self.write_samples())
+        steps_done = self.step - start_step
+        return {"step": self.step, "steps": steps_done, "seconds": time.perf_counter() - t_start,
+                "train_seconds": train_time,
+                "images_per_s": steps_done * cfg.batch_size / train_time if train_time > 0 else float("nan"),
+                "loss": stats["loss"], "skipped": stats["skipped"], "checkpoint": last_ckpt[1],
+                "samples": last_samples[1] if last_samples else None}
+
+
+def _record_step(line):
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+# ---- main ----------------------------------------------------------------------------
+
+def _init_distributed():
+    """(rank, world) from torchrun's environment; initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    rank = int(os.environ["RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return rank, world
+
+
+def main(argv=None):
+    """The CLI. Returns the exit status: 0 done, 3 diverged, 128+signal when stopped."""
+    rank, world = _init_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    handlers = {}
+    try:
+        try:
+            cfg, resume, resume_path = config_from_args(argv)
+            trainer = Trainer(cfg, resume=resume, rank=rank, world=world, log=say)
+        except (CheckpointError, data_mod.DataError, ValueError) as e:
+            print(f"fastddpm.train: error: {e}", file=sys.stderr)
+            return 2
+
+        def on_signal(signum, frame):
+            if trainer.signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: give up at once
+            trainer.signal = signum
+
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handlers[s] = signal.signal(s, on_signal)
+        if trainer.step >= cfg.steps:
+            say(f"fastddpm.train: {resume_path} is at step {trainer.step} >= --steps {cfg.steps}; "
+                "nothing to do (pass a larger --steps to train on)")
+            return 0
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        say(f"fastddpm.train: {cfg.preset} preset, {n_params:,} parameters, {len(trainer.dataset):,} "
+            f"images ({trainer.dataset.source}) at {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}"
+            f" on {world} x {trainer.device}, {trainer.precision}; "
+            + (f"resuming {resume_path} at step {trainer.step}; " if resume is not None else "")
+            + f"writing {cfg.out}")
+        try:
+            summary = trainer.train()
+        except TrainingDiverged as e:
+            print(f"fastddpm.train: {e}", file=sys.stderr)
+            return 3
+        except Stopped as e:
+            name = signal.Signals(e.signum).name if e.signum else "signal"
+            say(f"fastddpm.train: {name} at step {e.step}: checkpoint {e.path} written; continue "
+                f"with: python -m fastddpm.train --resume {cfg.out}")
+            return 128 + int(e.signum)
+        say(f"done: step {summary['step']}/{cfg.steps}, {summary['steps']} steps in {summary['seconds']:.1f} s "
+            f"({summary['images_per_s']:.1f} img/s training), loss {summary['loss']:.4f}, "
+            f"{summary['skipped']} skipped; checkpoint {summary['checkpoint']}"
+            + (f"; samples {summary['samples']}" if summary["samples"] else ""))
+        return 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
