@@ -100,10 +100,10 @@ def _poison(monkeypatch, bad_steps, value=float("nan")):
     orig = GaussianDiffusion.training_loss
     calls = {"n": 0}
 
-    def loss(self, model, x0, t=None, noise=None, generator=None):
+    def loss(self, model, x0, t=None, noise=None, generator=None, **kw):
         i = calls["n"]
         calls["n"] += 1
-        out = orig(self, model, x0, t, noise, generator)
+        out = orig(self, model, x0, t, noise, generator, **kw)
         return out * value if bad_steps(i) else out
     monkeypatch.setattr(GaussianDiffusion, "training_loss", loss)
     return calls
