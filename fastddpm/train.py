@@ -614,9 +614,8 @@ class Trainer:
         from fastddpm.images import save_grid, to_uint8
         from fastddpm.sampling import sample
 
-        prec = self.precision if not (self.device.type == "cpu" and self.precision == "fp16") else "fp32"
         x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
-                   seed=self.cfg.seed, device=self.device, precision=prec, progress=False)
+                   seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         save_grid(to_uint8(x), path)
         return path
