@@ -13,7 +13,7 @@ import torch
 
 from fastddpm import checkpoint
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import PRECISIONS, sample
+from fastddpm.sampling import PRECISIONS, default_precision, sample
 
 
 def parse_args(argv=None):
@@ -37,12 +37,6 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
-
-
-def default_precision(device: torch.device) -> str:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def main(argv=None):

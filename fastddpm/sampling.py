@@ -11,6 +11,12 @@ from tqdm.auto import tqdm
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def default_precision(device) -> str:
+    """bf16 on a GPU that supports it, else fp32."""
+    device = torch.device(device)
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def autocast(device, precision):
     """Autocast context for a precision name; fp32 means none."""
     if precision not in PRECISIONS:

@@ -41,8 +41,7 @@ import torch.distributed as dist
 from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import CheckpointError
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from fastddpm.sampling import PRECISIONS, autocast, default_precision
 
 
 # ---- configuration -------------------------------------------------------------------
@@ -364,7 +363,7 @@ class Trainer:
 
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
         self.device = self._pick_device(cfg.device)
-        self.precision = cfg.precision or self._default_precision(self.device)
+        self.precision = cfg.precision or default_precision(self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cuda" and cfg.tf32:
@@ -416,17 +415,8 @@ class Trainer:
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return dev
 
-    @staticmethod
-    def _default_precision(device):
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
-
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     # -- the step --
     def draw(self, step):
