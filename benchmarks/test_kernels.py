@@ -116,6 +116,70 @@ def test_group_norm_silu_fwd_bwd(benchmark, gpu_bench, provider, layout, shape):
               op="group_norm_silu_fwd_bwd", shape=list(shape), dtype="bf16", layout=layout)
 
 
+# ----------------------------------------------------------------------------- ResBlock tail
+# dropout(SiLU(GroupNorm(h + temb[:, :, None, None]))): the fusion ablation of the
+# ResBlock's second norm. "fused" is one op (add on load, Philox dropout mask
+# regenerated in the backward); "gn-only" fuses GroupNorm+SiLU alone with the
+# add and F.dropout as separate PyTorch ops; "reference" and "compiled" are the
+# plain tail and torch.compile of it.
+
+TAIL_PROVIDERS = ["fused", "gn-only", "reference", "compiled"]
+
+
+def _tail(provider, p):
+    def plain(h, temb, w, b):
+        y = reference.group_norm_ref(h + temb[:, :, None, None], 32, w, b, 1e-6, "silu")
+        return torch.nn.functional.dropout(y, p, training=p > 0)
+
+    if provider == "fused":
+        def run(h, temb, w, b):
+            with ops.use_backend("triton"):
+                return ops.group_norm(h, 32, w, b, 1e-6, "silu", add=temb, dropout=p)
+        return run
+    if provider == "gn-only":
+        def run(h, temb, w, b):
+            with ops.use_backend("triton"):
+                y = ops.group_norm(h + temb[:, :, None, None], 32, w, b, 1e-6, "silu")
+            return torch.nn.functional.dropout(y, p, training=p > 0)
+        return run
+    return plain if provider == "reference" else torch.compile(plain)
+
+
+@pytest.mark.parametrize("provider", TAIL_PROVIDERS)
+@pytest.mark.parametrize("mode", ["eval-fwd", "train-fwd+bwd"])
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=GN_IDS)
+def test_resblock_tail(benchmark, gpu_bench, provider, mode, shape):
+    dtype = torch.bfloat16
+    h, w, b = _gn_inputs(shape, dtype, "nchw")
+    temb = torch.randn(shape[:2], device="cuda", dtype=dtype)
+    train = mode != "eval-fwd"
+    leaves = (h, temb, w, b)
+    if train:
+        for t in leaves:
+            t.requires_grad_()
+    dy = torch.randn_like(h)
+    # equality without dropout, against float64
+    y0 = _tail(provider, 0.0)(*leaves)
+    ld = [t.detach().double() for t in leaves]
+    ref = reference.group_norm_ref(ld[0] + ld[1][:, :, None, None], 32, ld[2], ld[3], 1e-6, "silu")
+    _assert_close(y0, ref, dtype, "y")
+    fn = _tail(provider, 0.1 if train else 0.0)
+    if train:
+        y = fn(*leaves)
+        keep = (y != 0).float().mean().item()
+        assert abs(keep - 0.9) < 0.01, f"keep rate {keep}"
+
+        def step():
+            y = fn(*leaves)
+            return (y, *torch.autograd.grad(y, leaves, dy))
+    else:
+        def step():
+            return fn(*leaves)
+    gpu_bench(benchmark, step, group=f"resblock tail {mode} {GN_IDS[GN_SHAPES.index(shape)]} bf16",
+              provider=provider, bytes_moved=(5 if train else 2) * h.numel() * h.element_size(),
+              op=f"resblock_tail_{mode}", shape=list(shape), dtype="bf16")
+
+
 # ----------------------------------------------------------------------------- q_sample
 
 

@@ -18,8 +18,11 @@ class GroupNorm(nn.GroupNorm):
 
     act = None
 
-    def forward(self, x):
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.act)
+    def forward(self, x, add=None, dropout=0.0):
+        """add: optional (N, C) term added to x before normalising; dropout: the
+        probability applied after the activation (the caller passes 0 in eval)."""
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.act,
+                              add=add, dropout=dropout)
 
 
 class GroupNormSiLU(GroupNorm):
@@ -120,8 +123,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.conv1(self.norm1(x))
-        h = h + self.temb_proj(emb).to(h.dtype)[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
+        # the timestep term, norm2, SiLU and dropout are one fused op
+        p = self.dropout.p if self.training else 0.0
+        h = self.conv2(self.norm2(h, add=self.temb_proj(emb), dropout=p))
         return self.skip(x) + h
 
 
@@ -141,12 +145,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        nh = self.num_heads
-        # (B, 3, heads, d, L) -> q, k, v as (B, heads, L, d) views (no copies)
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, C // nh, H * W).transpose(-1, -2)
-        h = ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj(h)
+        # the packed op views q, k, v (B, heads, L, d) out of the (B, 3C, L) conv
+        # output (no copies) and its backward writes one (B, 3C, L) gradient
+        h = ops.attention_packed(self.qkv(self.norm(x)).reshape(B, 3 * C, H * W), self.num_heads)
+        return x + self.proj(h.reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):

@@ -15,19 +15,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-6, act=None):
-    """GroupNorm over (C/G, *spatial) per sample and group, then optional SiLU.
+def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
+    """GroupNorm over (C/G, *spatial) per sample and group of x + add, then
+    optional SiLU, then dropout (training-mode F.dropout, torch's RNG) when
+    dropout > 0.
 
-    x: (N, C, *spatial); weight, bias: (C,) or None. act: None or "silu".
+    x: (N, C, *spatial); weight, bias: (C,) or None; add: (N, C) or None (the
+    timestep-embedding term of a ResBlock). act: None or "silu".
     """
     cd = _compute_dtype(x.dtype)
     w = None if weight is None else weight.to(cd)
     b = None if bias is None else bias.to(cd)
     if w is None and b is not None:  # F.group_norm's backward needs a weight when given a bias
         w = torch.ones(x.shape[1], dtype=cd, device=x.device)
-    y = F.group_norm(x.to(cd), num_groups, w, b, eps)
+    h = x.to(cd)
+    if add is not None:
+        h = h + add.to(cd).reshape(*add.shape, *([1] * (x.dim() - 2)))
+    y = F.group_norm(h, num_groups, w, b, eps)
     if act == "silu":
         y = F.silu(y)
+    if dropout > 0:
+        y = F.dropout(y, dropout, training=True)
     return y.to(x.dtype)
 
 

@@ -12,7 +12,17 @@ One program handles one (sample, group). A group is a (C/G, S) tile:
     tile with Chan's parallel formula (tile mean + tile centred M2), then a
     second sweep normalises and writes.
 Statistics (mean, rstd) are fp32 and are returned for the backward, which
-recomputes x_hat and SiLU from them. dweight/dbias are per-(sample, channel)
+recomputes x_hat and SiLU from them.
+
+Two neighbours of the UNet ResBlock's second GroupNorm are fused (optional):
+  * add: a per-(sample, channel) term (the timestep embedding) added to x on
+    load, before the statistics; its gradient is the per-channel sum of dx,
+    reduced in the backward kernel.
+  * dropout after the activation: keep element (n, c, s) iff
+    uniform(Philox(key=seed, counter=(s // 4, n * C + c, 0, 0))[s % 4]) >= p,
+    kept values scaled by 1 / (1 - p). The mask depends only on the logical
+    index (same for NCHW and channels_last) and is regenerated in the backward
+    from the seed instead of being stored. `dropout_keep_mask` returns it. dweight/dbias are per-(sample, channel)
 fp32 partials written without atomics and summed over the batch by the
 launcher (deterministic).
 """
@@ -39,7 +49,32 @@ def _configs():
     return [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
 
 
-@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S"])
+@triton.jit
+def _dropout_keep(seed, row, s0, p, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(BLOCK_C, BLOCK_S) keep mask of rows `row` ((BLOCK_C, 1): n * C + c) and
+    positions s0 .. s0 + BLOCK_S (s0 a multiple of 4). One Philox call gives the
+    four positions 4q .. 4q + 3 of a row: a quarter of the random-number work."""
+    q = s0 // 4 + tl.arange(0, BLOCK_S // 4)[None, :]
+    c0 = (q + row * 0).to(tl.uint32)
+    c1 = (row + q * 0).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, zero, zero)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_C, BLOCK_S])
+    return tl.random.uint_to_uniform_float(r) >= p
+
+
+@triton.jit
+def _dropout_mask_kernel(Seed, Keep, S, p, BLOCK_S: tl.constexpr):
+    """Keep mask (rows, S) as uint8: what the fused kernels apply (tests, debugging)."""
+    row = tl.program_id(0)
+    seed = tl.load(Seed)
+    for s0 in range(0, S, BLOCK_S):
+        keep = _dropout_keep(seed, tl.full([1, 1], 0, tl.int64) + row, s0, p, 1, BLOCK_S)
+        offs = s0 + tl.arange(0, BLOCK_S)[None, :]
+        tl.store(Keep + row.to(tl.int64) * S + offs, keep.to(tl.uint8), mask=offs < S)
+
+
+@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_ADD", "DROPOUT"])
 @triton.jit
 def _group_norm_fwd_kernel(
     X,          # (N, C, S) input, any float dtype, strides (stride_xn, stride_xc, stride_xs)
@@ -48,6 +83,8 @@ def _group_norm_fwd_kernel(
     B,          # (C,) bias (any float dtype); unused unless HAS_BIAS
     Mean,       # (N, G) fp32 out, contiguous
     Rstd,       # (N, G) fp32 out, contiguous
+    Add,        # (N, C) contiguous, any float dtype, added to x before the statistics; unused unless HAS_ADD
+    Seed,       # (1,) int64 Philox key of the dropout mask; unused unless DROPOUT
     stride_xn,  # elements between samples of X
     stride_xc,  # elements between channels of X
     stride_xs,  # elements between spatial positions of X
@@ -59,9 +96,12 @@ def _group_norm_fwd_kernel(
     G,          # number of groups
     numel,      # C_PER_G * S as a float (elements per group)
     eps,        # variance epsilon
+    p,          # dropout probability; unused unless DROPOUT
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ONE_PASS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -72,12 +112,21 @@ def _group_norm_fwd_kernel(
     c_first = g * C_PER_G
     x_base = X + n.to(tl.int64) * stride_xn + c_first.to(tl.int64) * stride_xc
     y_base = Y + n.to(tl.int64) * stride_yn + c_first.to(tl.int64) * stride_yc
+    row0 = n.to(tl.int64) * (G * C_PER_G) + c_first  # n * C + first channel of the group
     cs = tl.arange(0, BLOCK_C)[:, None]
     ss = tl.arange(0, BLOCK_S)[None, :]
+    seed = 0
+    scale = 1.0
+    if DROPOUT:
+        seed = tl.load(Seed)
+        scale = 1.0 / (1.0 - p)
 
     if ONE_PASS:
         mask = (cs < C_PER_G) & (ss < S)
         x = tl.load(x_base + cs * stride_xc + ss * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            a = tl.load(Add + row0 + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
+            x = tl.where(mask, x + a, 0.0)
         mean = tl.sum(x) / numel
         d = tl.where(mask, x - mean, 0.0)
         var = tl.sum(d * d) / numel
@@ -91,6 +140,8 @@ def _group_norm_fwd_kernel(
             y = y + b
         if ACT_SILU:
             y = y * tl.sigmoid(y)
+        if DROPOUT:
+            y = tl.where(_dropout_keep(seed, row0 + cs, 0, p, BLOCK_C, BLOCK_S), y * scale, 0.0)
         tl.store(y_base + cs * stride_yc + ss * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # sweep 1: Chan's combination of per-tile (count, mean, centred M2)
@@ -98,10 +149,14 @@ def _group_norm_fwd_kernel(
         m2 = tl.full([], 0.0, tl.float32)
         count = tl.full([], 0.0, tl.float32)
         for c0 in range(0, C_PER_G, BLOCK_C):
+            if HAS_ADD:
+                a = tl.load(Add + row0 + c0 + cs, mask=c0 + cs < C_PER_G, other=0.0).to(tl.float32)
             for s0 in range(0, S, BLOCK_S):
                 mask = (c0 + cs < C_PER_G) & (s0 + ss < S)
                 x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
                             mask=mask, other=0.0).to(tl.float32)
+                if HAS_ADD:
+                    x = tl.where(mask, x + a, 0.0)
                 n_b = (tl.minimum(C_PER_G - c0, BLOCK_C) * tl.minimum(S - s0, BLOCK_S)).to(tl.float32)
                 mean_b = tl.sum(x) / n_b
                 d = tl.where(mask, x - mean_b, 0.0)
@@ -119,10 +174,14 @@ def _group_norm_fwd_kernel(
                 w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                a = tl.load(Add + row0 + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
             for s0 in range(0, S, BLOCK_S):
                 mask = cmask & (s0 + ss < S)
                 x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
                             mask=mask, other=0.0).to(tl.float32)
+                if HAS_ADD:
+                    x = x + a
                 y = (x - mean) * rstd
                 if HAS_WEIGHT:
                     y = y * w
@@ -130,6 +189,9 @@ def _group_norm_fwd_kernel(
                     y = y + b
                 if ACT_SILU:
                     y = y * tl.sigmoid(y)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, row0 + c0 + cs, s0, p, BLOCK_C, BLOCK_S)
+                    y = tl.where(keep, y * scale, 0.0)
                 tl.store(y_base + (c0 + cs) * stride_yc + (s0 + ss) * stride_ys,
                          y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + pid, mean)
@@ -161,7 +223,7 @@ def _group_norm_bwd_tile(
     return xhat, dz, dxhat
 
 
-@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S"])
+@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_ADD", "DROPOUT"])
 @triton.jit
 def _group_norm_bwd_kernel(
     DY,         # (N, C, S) upstream gradient, strides (stride_dyn, stride_dyc, stride_dys)
@@ -173,6 +235,9 @@ def _group_norm_bwd_kernel(
     DX,         # (N, C, S) out, x's dtype, strides (stride_dxn, stride_dxc, stride_dxs)
     DWp,        # (N, C) fp32 out: per-sample partial of dweight; unused unless HAS_WEIGHT
     DBp,        # (N, C) fp32 out: per-sample partial of dbias; unused unless WRITE_DB
+    Add,        # (N, C) contiguous forward add term; unused unless HAS_ADD
+    DAdd,       # (N, C) fp32 out: gradient of Add (per-channel sum of dx); unused unless HAS_ADD
+    Seed,       # (1,) int64 Philox key of the forward's dropout mask; unused unless DROPOUT
     stride_dyn,  # elements between samples of DY
     stride_dyc,  # elements between channels of DY
     stride_dys,  # elements between spatial positions of DY
@@ -187,10 +252,13 @@ def _group_norm_bwd_kernel(
     S,          # spatial positions per channel
     G,          # number of groups
     numel,      # C_PER_G * S as a float (elements per group)
+    p,          # dropout probability; unused unless DROPOUT
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_DB: tl.constexpr,
     ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ONE_PASS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -202,18 +270,27 @@ def _group_norm_bwd_kernel(
     x_base = X + n.to(tl.int64) * stride_xn + c_first.to(tl.int64) * stride_xc
     dy_base = DY + n.to(tl.int64) * stride_dyn + c_first.to(tl.int64) * stride_dyc
     dx_base = DX + n.to(tl.int64) * stride_dxn + c_first.to(tl.int64) * stride_dxc
-    part_base = n.to(tl.int64) * C + c_first
+    part_base = n.to(tl.int64) * C + c_first  # also n * C + first channel: the Philox row
     cs = tl.arange(0, BLOCK_C)[:, None]
     ss = tl.arange(0, BLOCK_S)[None, :]
     c1 = tl.arange(0, BLOCK_C)
     mean = tl.load(Mean + pid)
     rstd = tl.load(Rstd + pid)
+    seed = 0
+    scale = 1.0
+    if DROPOUT:
+        seed = tl.load(Seed)
+        scale = 1.0 / (1.0 - p)
 
     if ONE_PASS:
         cmask = cs < C_PER_G
         mask = cmask & (ss < S)
         x = tl.load(x_base + cs * stride_xc + ss * stride_xs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + cs * stride_dyc + ss * stride_dys, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            x = x + tl.load(Add + part_base + cs, mask=cmask, other=0.0).to(tl.float32)
+        if DROPOUT:
+            dy = tl.where(_dropout_keep(seed, part_base + cs, 0, p, BLOCK_C, BLOCK_S), dy * scale, 0.0)
         w = 1.0
         b = 0.0
         if HAS_WEIGHT:
@@ -229,6 +306,8 @@ def _group_norm_bwd_kernel(
         bb = tl.sum(dxhat * xhat) / numel
         dx = rstd * (dxhat - a - xhat * bb)
         tl.store(dx_base + cs * stride_dxc + ss * stride_dxs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_ADD:
+            tl.store(DAdd + part_base + c1, tl.sum(tl.where(mask, dx, 0.0), axis=1), mask=c1 < C_PER_G)
     else:
         # sweep 1: group sums of dx_hat and dx_hat * x_hat; per-channel dweight/dbias partials
         sum_a = tl.full([], 0.0, tl.float32)
@@ -241,6 +320,8 @@ def _group_norm_bwd_kernel(
                 w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                a_c = tl.load(Add + part_base + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
             acc_dw = tl.zeros([BLOCK_C], tl.float32)
             acc_db = tl.zeros([BLOCK_C], tl.float32)
             for s0 in range(0, S, BLOCK_S):
@@ -249,6 +330,11 @@ def _group_norm_bwd_kernel(
                             mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_base + (c0 + cs) * stride_dyc + (s0 + ss) * stride_dys,
                              mask=mask, other=0.0).to(tl.float32)
+                if HAS_ADD:
+                    x = x + a_c
+                if DROPOUT:
+                    keep = _dropout_keep(seed, part_base + c0 + cs, s0, p, BLOCK_C, BLOCK_S)
+                    dy = tl.where(keep, dy * scale, 0.0)
                 xhat, dz, dxhat = _group_norm_bwd_tile(x, dy, mask, mean, rstd, w, b,
                                                        HAS_WEIGHT, HAS_BIAS, ACT_SILU)
                 acc_dw += tl.sum(dz * xhat, axis=1)
@@ -270,17 +356,29 @@ def _group_norm_bwd_kernel(
                 w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                a_c = tl.load(Add + part_base + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+            acc_dadd = tl.zeros([BLOCK_C], tl.float32)
             for s0 in range(0, S, BLOCK_S):
                 mask = cmask & (s0 + ss < S)
                 x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
                             mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_base + (c0 + cs) * stride_dyc + (s0 + ss) * stride_dys,
                              mask=mask, other=0.0).to(tl.float32)
+                if HAS_ADD:
+                    x = x + a_c
+                if DROPOUT:
+                    keep = _dropout_keep(seed, part_base + c0 + cs, s0, p, BLOCK_C, BLOCK_S)
+                    dy = tl.where(keep, dy * scale, 0.0)
                 xhat, dz, dxhat = _group_norm_bwd_tile(x, dy, mask, mean, rstd, w, b,
                                                        HAS_WEIGHT, HAS_BIAS, ACT_SILU)
                 dx = rstd * (dxhat - a - xhat * bb)
                 tl.store(dx_base + (c0 + cs) * stride_dxc + (s0 + ss) * stride_dxs,
                          dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_ADD:
+                    acc_dadd += tl.sum(tl.where(mask, dx, 0.0), axis=1)
+            if HAS_ADD:
+                tl.store(DAdd + part_base + c0 + c1, acc_dadd, mask=c0 + c1 < C_PER_G)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -327,19 +425,20 @@ def _as_ncs(x):
     return x, (x.stride(0), x.stride(1), st)
 
 
-def _blocks(c_per_g, s, max_tile):
-    """(ONE_PASS, BLOCK_C, BLOCK_S) for a (c_per_g, s) group."""
+def _blocks(c_per_g, s, max_tile, dropout=False):
+    """(ONE_PASS, BLOCK_C, BLOCK_S) for a (c_per_g, s) group. With dropout,
+    BLOCK_S >= 4 (the mask is drawn four positions per Philox call)."""
     bc = triton.next_power_of_2(c_per_g)
-    bs = triton.next_power_of_2(s)
+    bs = max(triton.next_power_of_2(s), 4 if dropout else 1)
     if bc * bs <= max_tile:
         return True, bc, bs
     tile = min(max_tile, LOOP_TILE)
     bc = min(bc, max(1, tile // 16))
-    bs = max(1, min(bs, tile // bc))
+    bs = max(1, min(bs, tile // bc), 4 if dropout else 1)
     return False, bc, bs
 
 
-def _check_launch(x, num_groups, act):
+def _check_launch(x, num_groups, act, add=None, seed=None, p=0.0):
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"group_norm kernel: x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 2:
@@ -350,6 +449,17 @@ def _check_launch(x, num_groups, act):
         raise ValueError(f"group_norm kernel: act must be None or 'silu', got {act!r}")
     if x.device.type == "cpu" and not interpreting():
         raise ValueError("group_norm kernel: CPU tensors need TRITON_INTERPRET=1")
+    if add is not None and (add.shape != x.shape[:2] or add.device != x.device
+                            or add.dtype not in KERNEL_DTYPES):
+        raise ValueError(f"group_norm kernel: add must be a float (N, C) = {tuple(x.shape[:2])} tensor on "
+                         f"{x.device}, got {add.dtype} {tuple(add.shape)} on {add.device}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"group_norm kernel: dropout p must lie in [0, 1), got {p}")
+    if p > 0.0:
+        if seed is None or seed.shape != (1,) or seed.dtype != torch.int64 or seed.device != x.device:
+            raise ValueError("group_norm kernel: dropout needs seed, a (1,) int64 tensor on x's device")
+        if x.shape[0] * x.shape[1] >= 2**32 or math.prod(x.shape[2:]) >= 2**34:
+            raise ValueError(f"group_norm kernel: dropout Philox counters overflow for shape {tuple(x.shape)}")
 
 
 def _span(x, strides):
@@ -357,15 +467,18 @@ def _span(x, strides):
     return (c - 1) * abs(strides[1]) + (s - 1) * abs(strides[2]) + 1
 
 
-def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *, out=None, max_tile=None):
-    """GroupNorm(+SiLU) forward. x: (N, C, *spatial) fp16/bf16/fp32 (contiguous or
-    channels_last natively, anything else copied once).
+def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *, add=None, seed=None,
+                   p=0.0, out=None, max_tile=None):
+    """GroupNorm(+SiLU)(+dropout) forward of x (+ add[:, :, None, ...]).
+    x: (N, C, *spatial) fp16/bf16/fp32 (contiguous or channels_last natively,
+    anything else copied once); add: (N, C) or None; p > 0 applies dropout with
+    the mask of `seed` ((1,) int64 tensor on x's device; see dropout_keep_mask).
 
-    Returns (y, mean, rstd): y like x (or `out` when given), mean/rstd (N, G) fp32.
-    `max_tile` caps the elements of a group held on chip (tests use it to force
-    the looped path at small shapes).
+    Returns (y, mean, rstd): y like x (or `out` when given), mean/rstd (N, G) fp32
+    statistics of x + add. `max_tile` caps the elements of a group held on chip
+    (tests use it to force the looped path at small shapes).
     """
-    _check_launch(x, num_groups, act)
+    _check_launch(x, num_groups, act, add, seed, p)
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     G = num_groups
     y = empty_output_like(x) if out is None else out
@@ -379,27 +492,30 @@ def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *,
     syn, syc, sys_ = y.stride(0), y.stride(1), spatial_stride(y)
     if max(_span(xc, (sxn, sxc, sxs)), _span(y, (syn, syc, sys_))) >= 2**31:
         raise ValueError(f"group_norm kernel: one sample spans >= 2^31 elements ({tuple(x.shape)})")
-    one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX)
+    one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX, dropout=p > 0)
     w = weight.contiguous() if weight is not None else xc
     b = bias.contiguous() if bias is not None else xc
     _group_norm_fwd_kernel[(N * G,)](
         xc, y, w, b, mean, rstd,
+        add.contiguous() if add is not None else xc, seed if p > 0 else mean,
         sxn, sxc, sxs, syn, syc, sys_,
-        C // G, S, G, float(C // G * S), float(eps),
+        C // G, S, G, float(C // G * S), float(eps), float(p),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT_SILU=act == "silu",
-        ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
+        HAS_ADD=add is not None, DROPOUT=p > 0, ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
     )
     return y, mean, rstd
 
 
-def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act=None, *, dbias_dtype=None,
-                   max_tile=None):
-    """GroupNorm(+SiLU) backward from the saved fp32 mean/rstd (x_hat and SiLU are
-    recomputed). Returns (dx, dweight, dbias): dweight is None without weight;
-    dbias is computed when bias is given or dbias_dtype is set (bias itself is
-    only needed to recompute SiLU), else None. dweight/dbias come from
-    per-(sample, channel) fp32 partials and a batch sum (deterministic, no atomics)."""
-    _check_launch(x, num_groups, act)
+def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act=None, *, add=None, seed=None, p=0.0,
+                   dbias_dtype=None, max_tile=None):
+    """GroupNorm(+SiLU)(+dropout) backward from the saved fp32 mean/rstd (x_hat,
+    SiLU and the dropout mask are recomputed; add, seed and p as in the forward).
+    Returns (dx, dweight, dbias, dadd): dweight is None without weight; dbias is
+    computed when bias is given or dbias_dtype is set (bias itself is only needed
+    to recompute SiLU), else None; dadd (add's dtype; the per-channel sum of dx)
+    is None without add. dweight/dbias come from per-(sample, channel) fp32
+    partials and a batch sum (deterministic, no atomics)."""
+    _check_launch(x, num_groups, act, add, seed, p)
     if dy.shape != x.shape:
         raise ValueError(f"group_norm_bwd: dy has shape {tuple(dy.shape)}, x {tuple(x.shape)}")
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
@@ -411,26 +527,48 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act=None, *, dbi
     want_db = dbias_dtype is not None
     dwp = _empty((N, C), torch.float32, x.device) if has_w else None
     dbp = _empty((N, C), torch.float32, x.device) if want_db else None
+    dadd = _empty((N, C), torch.float32, x.device) if add is not None else None
     if x.numel() > 0:
         xc, (sxn, sxc, sxs) = _as_ncs(x)
         dyc, (sdn, sdc, sds) = _as_ncs(dy.to(x.dtype))
         if max(_span(xc, (sxn, sxc, sxs)), _span(dyc, (sdn, sdc, sds))) >= 2**31:
             raise ValueError(f"group_norm kernel: one sample spans >= 2^31 elements ({tuple(x.shape)})")
-        one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX)
+        one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX, dropout=p > 0)
         w = weight.contiguous() if has_w else xc
         b = bias.contiguous() if has_b else xc
         _group_norm_bwd_kernel[(N * G,)](
             dyc, xc, w, b, mean.contiguous(), rstd.contiguous(), dx,
             dwp if has_w else xc, dbp if want_db else xc,
+            add.contiguous() if add is not None else xc, dadd if add is not None else xc,
+            seed if p > 0 else mean,
             sdn, sdc, sds, sxn, sxc, sxs, dx.stride(0), dx.stride(1), spatial_stride(dx),
-            C, C // G, S, G, float(C // G * S),
+            C, C // G, S, G, float(C // G * S), float(p),
             HAS_WEIGHT=has_w, HAS_BIAS=has_b, WRITE_DB=want_db, ACT_SILU=act == "silu",
-            ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
+            HAS_ADD=add is not None, DROPOUT=p > 0, ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
         )
     else:
-        for p in (dwp, dbp):
-            if p is not None:
-                p.zero_()
+        for part in (dwp, dbp, dadd):
+            if part is not None:
+                part.zero_()
     dweight = dwp.sum(0).to(weight.dtype) if has_w else None
     dbias = dbp.sum(0).to(dbias_dtype) if want_db else None
-    return dx, dweight, dbias
+    return dx, dweight, dbias, None if add is None else dadd.to(add.dtype)
+
+
+def new_seed(device):
+    """A fresh dropout seed: a (1,) int64 tensor drawn from torch's generator of
+    `device` on the device itself (no host sync; inside a CUDA graph each replay
+    draws a new one), so torch.manual_seed makes runs repeatable."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed, shape, p):
+    """The keep mask (bool, `shape` = (N, C, *spatial), logical NCHW order) the
+    fused kernels apply for `seed` and probability p."""
+    N, C, S = shape[0], shape[1], math.prod(shape[2:])
+    if not 0.0 < p < 1.0 or seed.shape != (1,) or seed.dtype != torch.int64:
+        raise ValueError("dropout_keep_mask: needs 0 < p < 1 and seed a (1,) int64 tensor")
+    keep = torch.empty((N * C, S), dtype=torch.uint8, device=seed.device)
+    if keep.numel():
+        _dropout_mask_kernel[(N * C,)](seed, keep, S, float(p), BLOCK_S=max(4, min(1024, triton.next_power_of_2(S))))
+    return keep.view(shape).bool()

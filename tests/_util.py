@@ -35,3 +35,21 @@ def run_sm90_compile_check(script):
     if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
         pytest.skip("no ptxas in this triton install")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def capture_cuda_graph(step, warmup=2):
+    """Run `step` `warmup` times on a side stream (Triton compilation and
+    autotuning must happen outside a capture), then capture one call in a CUDA
+    graph. Returns (graph, what the captured call returned)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

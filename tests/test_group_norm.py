@@ -11,7 +11,7 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import group_norm as kgn
-from _util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err, run_sm90_compile_check
+from _util import HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, rel_err, run_sm90_compile_check
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 
@@ -147,7 +147,7 @@ def test_outputs_are_fully_written(monkeypatch):
         x, w, b = _inputs((2, 6, 5, 3), torch.float32, channels_last=True)
         y, mean, rstd = kgn.group_norm_fwd(x, 3, w, b, 1e-6, "silu", max_tile=max_tile)
         dy = torch.randn_like(y)
-        dx, dw, db = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 3, "silu", max_tile=max_tile)
+        dx, dw, db, _ = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 3, "silu", max_tile=max_tile)
         for t in (y, mean, rstd, dx, dw, db):
             assert torch.isfinite(t).all()
         ref = reference.group_norm_ref(x.double(), 3, w.double(), b.double(), 1e-6, "silu")
@@ -168,7 +168,7 @@ def test_backward_is_deterministic():
     dy = torch.randn_like(y)
     first = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
     second = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
-    for a, c in zip(first, second):
+    for a, c in zip(first[:3], second[:3]):
         assert torch.equal(a, c)
 
 
@@ -264,15 +264,17 @@ def test_bad_input_raises_clear_errors():
 _COMPILE_SCRIPT = """
 from fastddpm.kernels import compile_ptx, group_norm as k
 sig = dict(X="*bf16", Y="*bf16", W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32", eps="fp32", numel="fp32",
-           DY="*bf16", DX="*bf16", DWp="*fp32", DBp="*fp32")
+           DY="*bf16", DX="*bf16", DWp="*fp32", DBp="*fp32", Add="*bf16", DAdd="*fp32", Seed="*i64", p="fp32",
+           Keep="*u8")
 for one in (True, False):
-    for cpg in (1, 4):   # ints equal to 1 are specialised to constants by the JIT
-        c = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACT_SILU=True, ONE_PASS=one, BLOCK_C=4, BLOCK_S=256,
-                 C_PER_G=cpg, S=1, stride_xs=1, stride_ys=1)
+    for cpg, fused in ((1, False), (4, False), (4, True)):   # ints equal to 1 are specialised to constants
+        c = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACT_SILU=True, HAS_ADD=fused, DROPOUT=fused, ONE_PASS=one,
+                 BLOCK_C=4, BLOCK_S=256, C_PER_G=cpg, S=1, stride_xs=1, stride_ys=1)
         assert "ld.global" in compile_ptx(k._group_norm_fwd_kernel, sig, c)
-        c = dict(HAS_WEIGHT=True, HAS_BIAS=cpg == 1, WRITE_DB=True, ACT_SILU=True, ONE_PASS=one, BLOCK_C=4,
-                 BLOCK_S=256, C_PER_G=cpg, S=1, stride_xs=1, stride_dxs=1, stride_dys=1)
+        c = dict(HAS_WEIGHT=True, HAS_BIAS=cpg == 1, WRITE_DB=True, ACT_SILU=True, HAS_ADD=fused, DROPOUT=fused,
+                 ONE_PASS=one, BLOCK_C=4, BLOCK_S=256, C_PER_G=cpg, S=1, stride_xs=1, stride_dxs=1, stride_dys=1)
         assert "ld.global" in compile_ptx(k._group_norm_bwd_kernel, sig, c)
+assert "st.global" in compile_ptx(k._dropout_mask_kernel, sig, dict(BLOCK_S=256))
 print("compiled")
 """
 
@@ -281,6 +283,187 @@ def test_kernels_compile_for_sm90():
     """The interpreter runs kernels as numpy; compile them for an H100 (sm_90, no GPU
     needed) so that compiler-only errors show up on the CPU too."""
     run_sm90_compile_check(_COMPILE_SCRIPT)
+
+
+# ----------------------------------------------------------------------------- fused add / dropout
+# The ResBlock's second GroupNorm: dropout(SiLU(GroupNorm(x + add[:, :, None, None]))).
+
+
+def _fused_ref(x, g, w, b, add, keep, p, dy):
+    """float64 reference of the fused op with a given keep mask, and its gradients
+    wrt (x, w, b, add)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, add)]
+    y = reference.group_norm_ref(leaves[0], g, leaves[1], leaves[2], 1e-6, "silu", add=leaves[3])
+    if keep is not None:
+        y = y * keep.double() / (1.0 - p)
+    return y, torch.autograd.grad(y, leaves, dy.double())
+
+
+def _fused_triton(x, g, w, b, add, seed, p, dy):
+    """The custom op with an explicit seed: forward and gradients wrt (x, w, b, add)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, add)]
+    y = torch.ops.fastddpm.group_norm(leaves[0], g, leaves[1], leaves[2], 1e-6, "silu", leaves[3], seed, p)[0]
+    return y, torch.autograd.grad(y, leaves, dy)
+
+
+FUSED_CASES = [((2, 8, 5, 3), 4, False), ((2, 6, 7, 7), 3, True), ((3, 4, 1, 1), 1, False), ((2, 4, 6), 2, False)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["add", "add+dropout"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,g,cl", FUSED_CASES, ids=lambda v: str(v))
+def test_fused_add_dropout_matches_reference(shape, g, cl, dtype, p):
+    x, w, b = _inputs(shape, dtype, cl)
+    add = torch.randn(shape[:2], device=DEV).to(dtype)
+    seed = kgn.new_seed(DEV)
+    keep = kgn.dropout_keep_mask(seed, shape, p) if p else None
+    dy = torch.randn(shape, device=DEV).to(dtype)
+    y, grads = _fused_triton(x, g, w, b, add, seed if p else None, p, dy)
+    y_ref, grads_ref = _fused_ref(x, g, w, b, add, keep, p, dy)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close_rel(y, y_ref, dtype, "y")
+    if keep is not None:   # dropped elements are exact zeros, kept ones are not
+        assert torch.equal(y == 0, ~keep)
+    for name, gr, gr_ref in zip(("dx", "dweight", "dbias", "dadd"), grads, grads_ref):
+        assert gr.dtype == dtype, name
+        assert_close_rel(gr, gr_ref, dtype, name)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_fused_looped_path_matches_reference(monkeypatch, cl):
+    monkeypatch.setattr(kgn, "ONE_PASS_MAX", 16)
+    monkeypatch.setattr(kgn, "LOOP_TILE", 16)
+    monkeypatch.setattr(kgn, "POISON", True)
+    shape, p = (2, 10, 3, 5), 0.25                       # 5 channels x 15 positions per group
+    x, w, b = _inputs(shape, torch.float32, cl)
+    add = torch.randn(shape[:2], device=DEV)
+    seed = kgn.new_seed(DEV)
+    dy = torch.randn(shape, device=DEV)
+    y, grads = _fused_triton(x, 2, w, b, add, seed, p, dy)
+    y_ref, grads_ref = _fused_ref(x, 2, w, b, add, kgn.dropout_keep_mask(seed, shape, p), p, dy)
+    assert_close_rel(y, y_ref, torch.float32, "y")
+    for name, gr, gr_ref in zip(("dx", "dweight", "dbias", "dadd"), grads, grads_ref):
+        assert_close_rel(gr, gr_ref, torch.float32, name)
+
+
+def test_dropout_mask_statistics_and_determinism():
+    """Keep rate 1 - p at every position (including the four positions that share a
+    Philox call), a fresh mask per call, repeatable under torch.manual_seed, the
+    same mask for NCHW and channels_last."""
+    shape, p = (4, 16, 15, 15), 0.2
+    x, w, b = _inputs(shape, torch.float32)
+    add = torch.randn(shape[:2], device=DEV)
+    with ops.use_backend("triton"):
+        torch.manual_seed(5)
+        y1 = ops.group_norm(x, 4, w, b, act="silu", add=add, dropout=p)
+        y2 = ops.group_norm(x, 4, w, b, act="silu", add=add, dropout=p)
+        torch.manual_seed(5)
+        y3 = ops.group_norm(x.to(memory_format=torch.channels_last), 4, w, b, act="silu", add=add, dropout=p)
+    keep1, keep2 = y1 != 0, y2 != 0
+    assert not torch.equal(keep1, keep2)
+    assert torch.equal(y1, y3)
+    n = keep1.numel()
+    for keep in (keep1, keep2):
+        rate = keep.double().mean().item()
+        assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+        flat = keep.reshape(-1, shape[2] * shape[3])
+        for r in range(4):     # positions s % 4 == r come from Philox output r
+            sub = flat[:, r::4].double()
+            assert abs(sub.mean().item() - (1 - p)) < 5 * (p * (1 - p) / sub.numel()) ** 0.5
+    # neighbours that share a Philox call are not copies of each other
+    assert (flat[:, 0::4][:, :3] != flat[:, 1::4][:, :3]).any()
+    # the reference backend: F.dropout, same keep rate, same kept values
+    with ops.use_backend("reference"):
+        yr = ops.group_norm(x, 4, w, b, act="silu", add=add, dropout=p)
+        y0 = ops.group_norm(x, 4, w, b, act="silu", add=add)
+    assert abs((yr != 0).double().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    assert_close_rel(y1, torch.where(keep1, y0.double() / (1 - p), 0.0), torch.float32)
+
+
+def test_fused_public_op_reference_and_triton_agree_without_dropout():
+    x, w, b = _inputs((2, 8, 4, 4), torch.bfloat16, channels_last=True)
+    add = torch.randn(2, 8, device=DEV).to(torch.bfloat16)
+    dy = torch.randn(x.shape, device=DEV).to(torch.bfloat16)
+    outs = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+        with ops.use_backend(backend):
+            y = ops.group_norm(leaves[0], 4, leaves[1], leaves[2], act="silu", add=leaves[3])
+        outs[backend] = (y, *torch.autograd.grad(y, leaves, dy))
+    y_ref, grads_ref = _fused_ref(x, 4, w, b, add, None, 0.0, dy)
+    for backend, (y, *grads) in outs.items():
+        assert_close_rel(y, y_ref, torch.bfloat16, backend)
+        for gr, gr_ref in zip(grads, grads_ref):
+            assert_close_rel(gr, gr_ref, torch.bfloat16, backend)
+
+
+def test_fused_opcheck():
+    x, w, b = _inputs((2, 4, 3, 3), torch.float32)
+    add = torch.randn(2, 4, device=DEV)
+    seed = kgn.new_seed(DEV)
+    args = (x.requires_grad_(), 2, w.requires_grad_(), b.requires_grad_(), 1e-6, "silu",
+            add.requires_grad_(), seed, 0.3)
+    torch.library.opcheck(torch.ops.fastddpm.group_norm.default, args)
+    x, w, b, add = (t.detach() for t in (x, w, b, add))
+    y, mean, rstd = torch.ops.fastddpm.group_norm(x, 2, w, b, 1e-6, "silu", add, seed, 0.3)
+    torch.library.opcheck(torch.ops.fastddpm.group_norm_backward.default,
+                          (torch.randn_like(y), x, w, b, mean, rstd, 2, "silu", b.dtype, add, seed, 0.3))
+
+
+def test_fused_torch_compile_fullgraph():
+    def f(x, w, b, add):
+        return ops.group_norm(x, 2, w, b, 1e-6, "silu", add=add, dropout=0.5)
+
+    x, w, b = _inputs((2, 4, 3, 3), torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, torch.randn(2, 4, device=DEV))]
+    with warnings.catch_warnings(), ops.use_backend("triton"):
+        warnings.simplefilter("ignore")
+        y = torch.compile(f, fullgraph=True)(*leaves)
+        y.sum().backward()
+    keep = y != 0
+    assert 0 < keep.sum() < keep.numel()
+    y_ref = reference.group_norm_ref(x.double(), 2, w.double(), b.double(), 1e-6, "silu", add=leaves[3].double())
+    assert_close_rel(y, torch.where(keep, y_ref * 2.0, 0.0), torch.float32)
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_fused_bad_input():
+    x = torch.randn(2, 6, 3, 3, device=DEV)
+    with pytest.raises(ValueError, match="add must have shape"):
+        ops.group_norm(x, 3, add=torch.randn(2, 6, 1, 1, device=DEV))
+    with pytest.raises(TypeError, match="float"):
+        ops.group_norm(x, 3, add=torch.ones(2, 6, dtype=torch.int64, device=DEV))
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="dropout"):
+            ops.group_norm(x, 3, dropout=bad)
+    with pytest.raises(ValueError, match="seed"):
+        kgn.group_norm_fwd(x, 3, p=0.1)
+    with pytest.raises(ValueError, match="dropout p"):
+        kgn.group_norm_fwd(x, 3, p=1.0)
+
+
+def test_resblock_uses_the_fused_op_and_matches_reference():
+    """ResBlock (eval: no dropout) on the triton backend equals the reference
+    backend; in training its dropout follows torch.manual_seed."""
+    from fastddpm.nn import ResBlock
+    torch.manual_seed(0)
+    blk = ResBlock(8, 8, 16, 0.3, 4, 1e-6).to(DEV)
+    with torch.no_grad():
+        blk.conv2.weight.normal_(0, 0.1)
+    x, emb = torch.randn(2, 8, 6, 6, device=DEV), torch.randn(2, 16, device=DEV)
+    blk.eval()
+    with ops.use_backend("reference"):
+        ref = blk(x, emb)
+    with ops.use_backend("triton"):
+        out = blk(x, emb)
+        blk.train()
+        torch.manual_seed(3)
+        a = blk(x, emb)
+        torch.manual_seed(3)
+        c = blk(x, emb)
+        d = blk(x, emb)
+    assert_close_rel(out, ref.double(), torch.float32)
+    assert torch.equal(a, c) and not torch.equal(a, d)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
@@ -327,15 +510,7 @@ def test_gpu_cuda_graph_capture():
             y = ops.group_norm(xs, 16, ws, bs, 1e-6, "silu")
         return (y, *torch.autograd.grad(y, (xs, ws, bs), dy))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):          # autotune and warm up outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step, warmup=3)
     new_x = torch.randn_like(x)
     with torch.no_grad():
         xs.copy_(new_x)
@@ -355,8 +530,44 @@ def test_gpu_backward_deterministic_real_shape():
     dy = torch.randn_like(y)
     a = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 32, "silu")
     c = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 32, "silu")
-    for p, q in zip(a, c):
+    for p, q in zip(a[:3], c[:3]):
         assert torch.equal(p, q)
 
 
 assert set(REL_TOL) >= set(DTYPES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,g", REAL, ids=["128x128x32x32", "128x256x16x16"])
+def test_gpu_fused_add_dropout_real_shapes(shape, g):
+    x, w, b = _inputs(shape, torch.bfloat16, device="cuda")
+    add = torch.randn(shape[:2], device="cuda").to(torch.bfloat16)
+    seed = kgn.new_seed("cuda")
+    dy = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    y, grads = _fused_triton(x, g, w, b, add, seed, 0.1, dy)
+    y_ref, grads_ref = _fused_ref(x, g, w, b, add, kgn.dropout_keep_mask(seed, shape, 0.1), 0.1, dy)
+    assert_close_rel(y, y_ref, torch.bfloat16, "y")
+    for name, gr, gr_ref in zip(("dx", "dweight", "dbias", "dadd"), grads, grads_ref):
+        assert_close_rel(gr, gr_ref, torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_dropout_in_cuda_graph_draws_fresh_masks():
+    """The seed comes from torch's CUDA generator on the device: each replay of a
+    captured graph draws a new mask (no host sync, no frozen mask)."""
+    x, w, b = _inputs((8, 64, 16, 16), torch.bfloat16, device="cuda")
+    add = torch.randn(8, 64, device="cuda").to(torch.bfloat16)
+
+    def step():
+        with ops.use_backend("triton"):
+            return ops.group_norm(x, 16, w, b, act="silu", add=add, dropout=0.3)
+
+    graph, out = capture_cuda_graph(step, warmup=3)
+    graph.replay()
+    first = (out != 0).clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    second = out != 0
+    assert not torch.equal(first, second)
+    for keep in (first, second):
+        assert abs(keep.float().mean().item() - 0.7) < 0.01
