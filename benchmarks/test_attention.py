@@ -2,7 +2,11 @@
 F.scaled_dot_product_attention and the plain-PyTorch reference, for the
 attention core (B=128, C=256 as one head of d=256, 16x16 = L 256, bf16) and
 for the whole AttentionBlock (GroupNorm -> q/k/v 1x1 conv -> attention ->
-1x1 proj -> residual). Forward and forward+backward. Every provider's output
+1x1 proj -> residual). Forward and forward+backward. Block providers:
+"fastddpm" is the block itself (ops.attention_packed on the (B, 3C, L) conv
+output: its backward writes one d qkv buffer), "fastddpm_views" the same
+parameters through ops.attention on the three q, k, v views (autograd then
+zero-fills three (B, 3C, L) gradients and sums them), "sdpa" and "reference". Every provider's output
 (and gradients) is first checked against a float64 reference; GPU time comes
 from CUDA-graph replay (benchmarks/conftest.py: gpu_bench).
 
@@ -24,7 +28,7 @@ L = HW * HW
 DTYPE = torch.bfloat16
 TOL = 1e-2
 CORE_PROVIDERS = ["fastddpm", "sdpa", "reference"]
-BLOCK_PROVIDERS = ["fastddpm", "sdpa", "reference"]
+BLOCK_PROVIDERS = ["fastddpm", "fastddpm_views", "sdpa", "reference"]
 MODES = ["fwd", "fwd_bwd"]
 
 
@@ -122,9 +126,24 @@ def _sdpa_block(block, x):
     return x + F.conv2d(a.transpose(-1, -2).reshape(Bx, Cx, H, W), block.proj.weight, block.proj.bias)
 
 
+def _views_block(block, x):
+    """The block before the packed op: fastddpm's GroupNorm and ops.attention
+    on the q, k, v views of the qkv conv output (three gradients for autograd
+    to zero-fill and sum)."""
+    Bx, Cx, H, W = x.shape
+    qkv = block.qkv(block.norm(x)).reshape(Bx, 3, 1, Cx, H * W).transpose(-1, -2)
+    a = ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
+    return x + block.proj(a.transpose(-1, -2).reshape(Bx, Cx, H, W))
+
+
 def _block_fn(provider, block):
     if provider == "sdpa":
         return lambda x: _sdpa_block(block, x)
+    if provider == "fastddpm_views":
+        def run_views(x):
+            with ops.use_backend("triton"):
+                return _views_block(block, x)
+        return run_views
     backend = "triton" if provider == "fastddpm" else "reference"
 
     def run(x):
@@ -155,6 +174,16 @@ def test_attention_block(benchmark, gpu_bench, provider, mode):
     out = fn(x)
     # the residual x dominates the output: check the attention branch itself
     _assert_close(out.float() - x.float(), ref - x.double(), f"{provider} block out")
+    if provider.startswith("fastddpm") and mode == "fwd_bwd":
+        names, stack, seen = set(), [out.grad_fn], set()
+        while stack:  # the autograd graph: which attention op ran
+            f = stack.pop()
+            if f is not None and f not in seen:
+                seen.add(f)
+                names.add(type(f).__name__)
+                stack.extend(g for g, _ in f.next_functions)
+        want = "fastddpm_attention_packed" if provider == "fastddpm" else "fastddpm_attention_default"
+        assert any(want in n for n in names), f"{provider}: {want} did not run ({sorted(names)})"
     if mode == "fwd":
         def run():
             with torch.no_grad():

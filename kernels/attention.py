@@ -35,7 +35,10 @@ exercise several blocks and the masks. Autotuning benchmarks on the first call f
 before capturing a CUDA graph.
 
 No autograd and no dispatch here: fastddpm.ops.attention wraps these
-launchers in the torch.library op `fastddpm::attention`.
+launchers in the torch.library ops `fastddpm::attention` (separate q, k, v) and
+`fastddpm::attention_packed` (q, k, v viewed out of one (B, 3C, L) tensor, one
+(B, 3C, L) gradient buffer written by the backward through the dq/dk/dv
+arguments). Test hook: POISON = True NaN-fills every buffer allocated here.
 """
 import math
 import os
@@ -46,6 +49,10 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 512
+# Test hook: when True, every buffer allocated here (new_empty, new_empty_like,
+# and so every output and scratch buffer the launchers create) is NaN-filled
+# first, so that an element no kernel writes shows up as NaN.
+POISON = False
 _LOG2E = 1.4426950408889634
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -382,6 +389,21 @@ def _precision(dtype, input_precision):
     return input_precision
 
 
+def new_empty(shape, dtype, device):
+    """torch.empty, or a NaN-filled tensor under POISON (the test hook)."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_empty_like(x):
+    """torch.empty_like(x) (x's strides when x is dense, as torch keeps them),
+    or NaN-filled under POISON."""
+    if POISON:
+        return torch.full_like(x, float("nan"))
+    return torch.empty_like(x)
+
+
 def empty_like_layout(x):
     """An uninitialised (B, H, L, D) tensor like x whose layout follows x's:
     L-contiguous (a transposed (B, H, D, L) buffer) when x is, as for q, k, v
@@ -389,15 +411,15 @@ def empty_like_layout(x):
     back to (B, C, L) is free; row-major (B, H, L, D) otherwise."""
     B, H, L, D = x.shape
     if x.stride(-2) == 1 and x.stride(-1) != 1:
-        return torch.empty((B, H, D, L), dtype=x.dtype, device=x.device).transpose(-1, -2)
-    return torch.empty((B, H, L, D), dtype=x.dtype, device=x.device)
+        return new_empty((B, H, D, L), x.dtype, x.device).transpose(-1, -2)
+    return new_empty((B, H, L, D), x.dtype, x.device)
 
 
 def _new_or_check(t, name, shape, dtype, device, like=None):
     if t is None:
         if like is not None:
             return empty_like_layout(like)
-        return torch.empty(shape, dtype=dtype, device=device)
+        return new_empty(shape, dtype, device)
     if t.shape != shape or t.dtype != dtype or t.device != device:
         raise ValueError(f"attention: {name} must be {tuple(shape)} {dtype} on {device}, "
                          f"got {tuple(t.shape)} {t.dtype} on {t.device}")

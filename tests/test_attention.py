@@ -12,8 +12,8 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import attention as attention_kernels
-from fastddpm.ops.attention import attention_triton
-from _util import HAS_CUDA, REL_TOL, assert_close_rel, rel_err
+from fastddpm.ops.attention import attention_packed_ref, attention_triton
+from _util import HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, rel_err
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 
@@ -275,6 +275,287 @@ def test_bad_input_errors():
 
 
 # --------------------------------------------------------------------------
+# the packed op: ops.attention_packed(qkv (B, 3C, L), heads) -> (B, C, L)
+# --------------------------------------------------------------------------
+def _packed_ref64(qkv, num_heads, dout):
+    """Float64 out (B, C, L), lse (B, heads, L) and d qkv for the grad `dout`
+    of out, written independently of the op's own head split."""
+    x = qkv.detach().double().requires_grad_()
+    B, C3, L = x.shape
+    C = C3 // 3
+    d = C // num_heads
+    q, k, v = x.reshape(B, 3, num_heads, d, L).unbind(1)            # (B, heads, d, L)
+    s = (q.transpose(-1, -2) @ k) / math.sqrt(d)                      # (B, heads, Lq, Lk)
+    o = (v @ torch.softmax(s, dim=-1).transpose(-1, -2)).reshape(B, C, L)
+    (g,) = torch.autograd.grad(o, x, dout.double())
+    return o.detach(), torch.logsumexp(s, dim=-1).detach(), g
+
+
+def _backward_nodes(t):
+    """Names of every autograd node behind t."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _check_packed(qkv, num_heads, seed, dout=None):
+    """ops.attention_packed on the triton backend: the op runs, out and d qkv
+    match float64; returns (out, dqkv)."""
+    qkv = qkv.detach().requires_grad_()
+    with ops.use_backend("triton"):
+        out = ops.attention_packed(qkv, num_heads)
+    assert "fastddpm_attention_packed" in type(out.grad_fn).__name__, "the triton backend did not run the kernel"
+    B, C3, L = qkv.shape
+    assert out.shape == (B, C3 // 3, L)
+    dout = torch.randn_like(out) if dout is None else dout
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    o64, _, g64 = _packed_ref64(qkv, num_heads, dout)
+    assert_close_rel(out, o64, qkv.dtype, f"out {tuple(qkv.shape)} heads {num_heads} seed {seed}")
+    assert_close_rel(g, g64, qkv.dtype, f"dqkv {tuple(qkv.shape)} heads {num_heads} seed {seed}",
+                     tol=_tol(qkv.dtype, grad=True))
+    return out, g
+
+
+# (B, heads, d, L): odd L over several 16-row interpreter blocks, multi-head, L < one block
+PACKED_SHAPES = [(2, 1, 16, 49), (1, 3, 8, 20), (2, 2, 24, 7)]
+
+
+@pytest.mark.parametrize("shape", PACKED_SHAPES, ids=lambda s: "B{}h{}d{}L{}".format(*s))
+def test_packed_op_forward_backward_fp32(shape):
+    seed = _seed()
+    B, nh, d, L = shape
+    qkv = torch.randn(B, 3 * nh * d, L, device=DEV)
+    out, g = _check_packed(qkv, nh, seed)
+    # channel-major output (the proj conv's reshape to (B, C, H, W) is a view), one
+    # gradient buffer laid out like qkv
+    assert out.is_contiguous() and g.is_contiguous()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided_L", "channel_slice"])
+def test_packed_op_noncontiguous_qkv(layout):
+    """qkv as a channels_last conv output ((B, L, 3C) memory), every other
+    position of a longer buffer, and every other channel of a wider one."""
+    seed = _seed()
+    B, nh, d, L = 2, 2, 8, 19
+    C3 = 3 * nh * d
+    if layout == "channels_last":
+        qkv = torch.randn(B, L, C3, device=DEV).transpose(1, 2)
+    elif layout == "strided_L":
+        qkv = torch.randn(B, C3, 2 * L, device=DEV)[:, :, ::2]
+    else:
+        qkv = torch.randn(B, 2 * C3, L, device=DEV)[:, ::2]
+    assert not qkv.is_contiguous()
+    out, g = _check_packed(qkv, nh, seed, dout=torch.randn(B, L, C3 // 3, device=DEV).transpose(1, 2))
+    if layout == "channels_last":  # the output and the gradient keep the channel-fastest layout
+        assert out.stride() == (L * C3 // 3, 1, C3 // 3) and g.stride() == qkv.stride()
+    else:
+        assert out.is_contiguous()
+
+
+def test_packed_op_matches_unpacked_op():
+    """Same kernels, same strides: the packed op equals ops.attention on the q,
+    k, v views of qkv (and autograd's sum of their three gradients) exactly."""
+    _seed()
+    B, nh, d, L = 1, 2, 16, 21
+    qkv = torch.randn(B, 3 * nh * d, L, device=DEV, requires_grad=True)
+    dout = torch.randn(B, nh * d, L, device=DEV)
+    with ops.use_backend("triton"):
+        out = ops.attention_packed(qkv, nh)
+        q, k, v = qkv.reshape(B, 3, nh, d, L).transpose(-1, -2).unbind(1)
+        o = ops.attention(q, k, v).transpose(-1, -2).reshape(B, nh * d, L)
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    (g_views,) = torch.autograd.grad(o, qkv, dout)
+    assert torch.equal(out, o) and torch.equal(g, g_views)
+
+
+def test_packed_op_one_poisoned_gradient_buffer(monkeypatch):
+    """Under the kernels' POISON hook every buffer (out, lse, delta and the one
+    dqkv) starts as NaN: all must come back finite. The backward hands the three
+    views of ONE NaN-filled (B, 3C, L) buffer to attention_bwd as dq, dk, dv."""
+    monkeypatch.setattr(attention_kernels, "POISON", True)
+    seed = _seed()
+    B, nh, d, L = 2, 2, 8, 33
+    qkv = torch.randn(B, 3 * nh * d, L, device=DEV)
+    calls = []
+    real_bwd = attention_kernels.attention_bwd
+
+    def spy(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, **kw):
+        calls.append({"nan_before": all(torch.isnan(t).all().item() for t in (dq, dk, dv)),
+                      "storages": {t.untyped_storage().data_ptr() for t in (dq, dk, dv)},
+                      "ptrs": [t.data_ptr() for t in (dq, dk, dv)]})
+        return real_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv, **kw)
+
+    monkeypatch.setattr(attention_kernels, "attention_bwd", spy)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = torch.ops.fastddpm.attention_packed(qkv, nh, scale)
+    dout = torch.randn_like(out)
+    dqkv = torch.ops.fastddpm.attention_packed_backward(dout, qkv, out, lse, nh, scale)
+    assert len(calls) == 1 and calls[0]["nan_before"], "dq, dk, dv were not NaN-poisoned before the kernels"
+    assert calls[0]["storages"] == {dqkv.untyped_storage().data_ptr()}, "dq, dk, dv are not views of one buffer"
+    C = nh * d
+    assert calls[0]["ptrs"] == [dqkv.data_ptr() + i * C * dqkv.stride(1) * dqkv.element_size() for i in range(3)]
+    assert dqkv.shape == qkv.shape and dqkv.stride() == qkv.stride()
+    o64, lse64, g64 = _packed_ref64(qkv, nh, dout)
+    for name, t in (("out", out), ("lse", lse), ("dqkv", dqkv)):
+        assert torch.isfinite(t).all(), f"{name}: unwritten (NaN) elements, seed {seed}"
+    assert_close_rel(out, o64, torch.float32, f"out seed {seed}")
+    assert_close_rel(lse, lse64, torch.float32, f"lse seed {seed}")
+    assert_close_rel(dqkv, g64, torch.float32, f"dqkv seed {seed}", tol=_tol(torch.float32, grad=True))
+
+
+def test_packed_op_lse_is_not_differentiable():
+    qkv = torch.randn(1, 3 * 16, 8, device=DEV, requires_grad=True)
+    out, lse = torch.ops.fastddpm.attention_packed(qkv, 1, 0.25)
+    assert out.requires_grad and not lse.requires_grad
+    assert lse.shape == (1, 1, 8) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_packed_opcheck(layout):
+    _seed()
+    B, nh, d, L = 1, 2, 8, 12
+    if layout == "contiguous":
+        qkv = torch.randn(B, 3 * nh * d, L, device=DEV)
+    else:
+        qkv = torch.randn(B, L, 3 * nh * d, device=DEV).transpose(1, 2)
+    qkv.requires_grad_()
+    torch.library.opcheck(torch.ops.fastddpm.attention_packed.default, (qkv, nh, 0.3))
+    out, lse = torch.ops.fastddpm.attention_packed(qkv, nh, 0.3)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastddpm.attention_packed_backward.default,
+                          (dout, qkv.detach(), out.detach(), lse, nh, 0.3))
+
+
+def test_packed_compile_fullgraph():
+    """ops.attention_packed, backend switch and input checks included, traces
+    into one graph with the custom op in it; forward and backward through AOT
+    autograd (aot_eager: the fakes of both ops) match float64."""
+    seed = _seed()
+    B, nh, d, L = 2, 2, 8, 10
+    qkv = torch.randn(B, 3 * nh * d, L, device=DEV, requires_grad=True)
+    w = torch.randn(B, nh * d, L, device=DEV)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def f(qkv):
+        with ops.use_backend("triton"):
+            return (ops.attention_packed(qkv * 1.5, nh) * w).sum()
+
+    loss = torch.compile(f, fullgraph=True, backend=record)(qkv)
+    loss.backward()
+    assert len(graphs) == 1 and "fastddpm.attention_packed" in graphs[0].code
+    x = qkv.detach().double().requires_grad_()
+    ref = (attention_packed_ref(x * 1.5, nh) * w.double()).sum()
+    ref.backward()
+    assert_close_rel(loss, ref, torch.float32, f"loss seed {seed}")
+    assert_close_rel(qkv.grad, x.grad, torch.float32, f"dqkv seed {seed}", tol=_tol(torch.float32, grad=True))
+
+
+@pytest.mark.parametrize("case", ["float64", "d_over_512", "empty_batch", "empty_L"]
+                         + ([] if HAS_CUDA else ["bf16_on_cpu"]))
+def test_packed_triton_backend_falls_back_to_reference(case):
+    (B, C3, L), nh, dtype = {"float64": ((1, 48, 9), 1, torch.float64),
+                             "d_over_512": ((1, 3 * 520, 3), 1, torch.float32),
+                             "empty_batch": ((0, 48, 9), 2, torch.float32),
+                             "empty_L": ((2, 48, 0), 2, torch.float32),
+                             "bf16_on_cpu": ((1, 48, 9), 1, torch.bfloat16)}[case]
+    qkv = torch.randn(B, C3, L, dtype=dtype, device=DEV, requires_grad=True)
+    with ops.use_backend("triton"):
+        out = ops.attention_packed(qkv, nh)
+    assert "fastddpm_attention_packed" not in " ".join(_backward_nodes(out))
+    assert out.shape == (B, C3 // 3, L)
+    assert torch.equal(out, attention_packed_ref(qkv, nh))
+
+
+def test_packed_reference_backend():
+    """The reference backend is attention_ref on the q, k, v views."""
+    seed = _seed()
+    qkv = torch.randn(2, 3 * 12, 11, dtype=torch.float64, device=DEV)
+    with ops.use_backend("reference"):
+        out = ops.attention_packed(qkv, 3)
+    o64, _, _ = _packed_ref64(qkv, 3, torch.zeros(2, 12, 11))
+    assert_close_rel(out, o64, torch.float64, f"seed {seed}")
+
+
+def test_packed_bad_input_errors():
+    qkv = torch.randn(1, 48, 8, device=DEV)
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend):
+            with pytest.raises(ValueError, match=r"\(B, 3\*C, L\)"):
+                ops.attention_packed(qkv[0], 1)
+            with pytest.raises(ValueError, match=r"\(B, 3\*C, L\)"):
+                ops.attention_packed(qkv[None], 1)
+            with pytest.raises(TypeError, match="float"):
+                ops.attention_packed(qkv.to(torch.int32), 1)
+            with pytest.raises(TypeError, match="torch.Tensor"):
+                ops.attention_packed(qkv.tolist(), 1)
+            for bad in (1.0, True, "2", None):
+                with pytest.raises(TypeError, match="num_heads must be an int"):
+                    ops.attention_packed(qkv, bad)
+            for bad in (0, -1):
+                with pytest.raises(ValueError, match="num_heads must be positive"):
+                    ops.attention_packed(qkv, bad)
+            with pytest.raises(ValueError, match="multiple of 3 \\* num_heads = 15"):
+                ops.attention_packed(qkv, 5)                 # 48 channels: 3 * 5 heads do not divide them
+            with pytest.raises(ValueError, match="multiple of"):
+                ops.attention_packed(torch.randn(1, 20, 8, device=DEV), 1)
+            with pytest.raises(ValueError, match="positive multiple"):
+                ops.attention_packed(torch.randn(1, 0, 8, device=DEV), 1)
+
+
+def _randomised_block(channels, num_heads, num_groups, dtype=torch.float32, device=DEV):
+    from fastddpm.nn import AttentionBlock
+    block = AttentionBlock(channels, num_groups=num_groups, num_heads=num_heads).to(device, dtype)
+    with torch.no_grad():  # the proj starts at zero: give every parameter a value
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
+    return block
+
+
+def _block_fwd_bwd(block, x, backend, dout):
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with ops.use_backend(backend):
+        out = block(x)
+    nodes = _backward_nodes(out)
+    out.backward(dout)
+    return out.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}, nodes
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_block_triton_matches_reference_cpu(num_heads):
+    """fastddpm.nn.AttentionBlock on the triton backend (the packed op, one
+    gradient buffer) vs the reference backend in float64: forward, d x and
+    every parameter gradient. Parameters and state_dict keys are unchanged."""
+    seed = _seed()
+    block = _randomised_block(16, num_heads, num_groups=4)
+    assert set(block.state_dict()) == {f"{m}.{p}" for m in ("norm", "qkv", "proj") for p in ("weight", "bias")}
+    x = torch.randn(2, 16, 5, 3, device=DEV)                 # L = 15: one partial block
+    dout = torch.randn_like(x)
+    out, dx, grads, nodes = _block_fwd_bwd(block, x, "triton", dout)
+    assert any("fastddpm_attention_packed" in n for n in nodes), "the block did not run the packed op"
+    assert not any(n.startswith("Select") or n.startswith("Unbind") for n in nodes), nodes
+    block64 = _randomised_block(16, num_heads, num_groups=4, dtype=torch.float64)
+    block64.load_state_dict(block.state_dict())
+    ref, dx64, grads64, _ = _block_fwd_bwd(block64, x.double(), "reference", dout.double())
+    tol = 1e-5
+    # the residual x dominates the output and dx: compare the attention branch
+    assert_close_rel(out - x, ref - x.double(), torch.float32, f"block out seed {seed}", tol=tol)
+    assert_close_rel(dx - dout, dx64 - dout.double(), torch.float32, f"dx seed {seed}", tol=tol)
+    for name, g in grads.items():
+        assert_close_rel(g, grads64[name], torch.float32, f"d{name} seed {seed}", tol=tol)
+
+
+# --------------------------------------------------------------------------
 # GPU: real shapes and dtypes
 # --------------------------------------------------------------------------
 # (B, heads, L, d): the UNet's 16x16 attention at C=256, 8x8 at C=512, 32x32
@@ -344,15 +625,7 @@ def test_gpu_cuda_graph(dtype):
             o = ops.attention(q, k, v)
         return (o,) + torch.autograd.grad(o, (q, k, v), do)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up: autotuning and compilation happen here
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = step()
+    g, outs = capture_cuda_graph(step)
     for _ in range(2):
         seed = _seed()
         with torch.no_grad():
@@ -385,23 +658,90 @@ def test_gpu_compile_fullgraph(dtype):
 
 @pytest.mark.gpu
 def test_gpu_attention_block_uses_kernel():
-    """fastddpm.nn.AttentionBlock through the triton backend vs the reference backend."""
-    nn_mod = pytest.importorskip("fastddpm.nn")
-    if not hasattr(nn_mod, "AttentionBlock"):
-        pytest.skip("fastddpm.nn.AttentionBlock not there yet")
+    """fastddpm.nn.AttentionBlock through the triton backend (bf16 autocast, the
+    packed op) vs the reference backend in float64: forward, d x and every
+    parameter gradient."""
     seed = _seed()
-    block = nn_mod.AttentionBlock(256).cuda()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+    block = _randomised_block(256, 1, 32, device="cuda")
+    block64 = _randomised_block(256, 1, 32, dtype=torch.float64, device="cuda")
+    block64.load_state_dict(block.state_dict())
     x = torch.randn(8, 256, 16, 16, device="cuda")
-    with ops.use_backend("reference"):
-        ref = block.double()(x.double())
-    block.float()
-    with torch.autocast("cuda", dtype=torch.bfloat16), ops.use_backend("triton"):
-        out = block(x)
+    dout = torch.randn_like(x)
+    ref, dx64, grads64, _ = _block_fwd_bwd(block64, x.double(), "reference", dout.double())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, dx, grads, nodes = _block_fwd_bwd(block, x, "triton", dout)
+    assert any("fastddpm_attention_packed" in n for n in nodes), "the block did not run the packed op"
     # compare the attention branch, not the residual x that dominates the sum
     assert_close_rel(out.float() - x, ref - x.double(), torch.bfloat16, f"block seed {seed}")
+    assert_close_rel(dx.float() - dout, dx64 - dout.double(), torch.bfloat16, f"dx seed {seed}")
+    for name, g in grads.items():
+        assert_close_rel(g, grads64[name], torch.bfloat16, f"d{name} seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("num_heads,layout", [(1, "contiguous"), (4, "contiguous"), (1, "channels_last")],
+                         ids=["1head", "4heads", "1head_channels_last"])
+def test_gpu_packed_op_real_shape(dtype, num_heads, layout, monkeypatch):
+    """ops.attention_packed at the UNet's 16x16 attention (B=128, C=256, L=256)
+    into NaN-poisoned buffers: out and the one d qkv buffer vs float64."""
+    monkeypatch.setattr(attention_kernels, "POISON", True)
+    seed = _seed()
+    B, C, L = 128, 256, 256
+    if layout == "contiguous":
+        qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype)
+    else:
+        qkv = torch.randn(B, L, 3 * C, device="cuda", dtype=dtype).transpose(1, 2)
+    out, g = _check_packed(qkv, num_heads, seed)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all(), f"unwritten (NaN) elements, seed {seed}"
+    assert g.stride() == qkv.stride()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,B", [(torch.bfloat16, 128), (torch.float32, 32)], ids=["bf16", "fp32"])
+def test_gpu_packed_cuda_graph(dtype, B):
+    """fwd + bwd through ops.attention_packed captured in a CUDA graph, replayed on new inputs."""
+    C, L = 256, 256
+    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype, requires_grad=True)
+    dout = torch.randn(B, C, L, device="cuda", dtype=dtype)
+
+    def step():
+        with ops.use_backend("triton"):
+            out = ops.attention_packed(qkv, 1)
+        return out, torch.autograd.grad(out, qkv, dout)[0]
+
+    g, (out, dqkv) = capture_cuda_graph(step)
+    for _ in range(2):
+        seed = _seed()
+        with torch.no_grad():
+            for t in (qkv, dout):
+                t.copy_(torch.randn_like(t))
+        g.replay()
+        torch.cuda.synchronize()
+        o64, _, g64 = _packed_ref64(qkv, 1, dout)
+        assert_close_rel(out, o64, dtype, f"graph out seed {seed}")
+        assert_close_rel(dqkv, g64, dtype, f"graph dqkv seed {seed}", tol=_tol(dtype, grad=True))
+
+
+@pytest.mark.gpu
+def test_gpu_packed_compile_fullgraph():
+    """inductor, fullgraph: the packed op between pointwise ops, bf16, real shape."""
+    seed = _seed()
+    B, C, L = 128, 256, 256
+    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(B, C, L, device="cuda", dtype=torch.bfloat16)
+
+    def f(qkv):
+        with ops.use_backend("triton"):
+            return (ops.attention_packed(qkv * 1.5, 1) * w).float().sum()
+
+    loss = torch.compile(f, fullgraph=True)(qkv)
+    loss.backward()
+    x = qkv.detach().double().requires_grad_()
+    ref = (attention_packed_ref(x * 1.5, 1) * w.double()).sum()
+    ref.backward()
+    assert_close_rel(loss, ref, torch.bfloat16, f"loss seed {seed}")
+    assert_close_rel(qkv.grad, x.grad, torch.bfloat16, f"dqkv seed {seed}")
 
 
 # --------------------------------------------------------------------------

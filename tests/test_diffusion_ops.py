@@ -11,7 +11,7 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import diffusion as kd
-from _util import HAS_CUDA, assert_close_rel, rel_err, run_sm90_compile_check
+from _util import HAS_CUDA, assert_close_rel, capture_cuda_graph, rel_err, run_sm90_compile_check
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -431,15 +431,7 @@ def test_gpu_cuda_graph_sampler_loop():
             t_buf.sub_(1)
         return x
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run_steps(1)                         # compile the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    t_buf.fill_(T_STEPS - 1)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run_steps(3)
+    graph, out = capture_cuda_graph(lambda: run_steps(3), warmup=1)
     t_buf.fill_(T_STEPS - 1)
     x_buf.copy_(start)
     graph.replay()
@@ -458,12 +450,7 @@ def test_gpu_cuda_graph_sampler_loop():
             xt = ops.q_sample(x0, t_buf, eps_buf, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
             return ops.simple_loss(xt, eps_buf)
 
-    with torch.cuda.stream(s):
-        train_pieces()                       # compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g2 = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g2):
-        loss = train_pieces()
+    g2, loss = capture_cuda_graph(train_pieces, warmup=1)
     g2.replay()
     torch.cuda.synchronize()
     ref = reference.simple_loss_ref(

@@ -1,9 +1,20 @@
-"""ops.attention: softmax(q k^T / sqrt(d)) v.
+"""ops.attention and ops.attention_packed: softmax(q k^T / sqrt(d)) v.
 
-Backends: "reference" (fastddpm.reference.attention_ref) and "triton"
-(the flash-attention kernels in fastddpm.kernels.attention, wrapped in the
-torch.library custom ops below so they work under torch.compile(fullgraph=True),
-inside CUDA graphs and through torch.library.opcheck).
+Two public functionals:
+  attention(q, k, v)             q, k, v: (B, heads, L, d) -> (B, heads, L, d)
+  attention_packed(qkv, heads)   qkv: (B, 3C, L), the (q; k; v) channels of a
+                                 1x1 conv output, heads splitting C (d = C / heads)
+                                 -> (B, C, L). What the UNet's AttentionBlock calls:
+                                 its backward writes one (B, 3C, L) gradient
+                                 instead of three zero-filled ones summed by autograd.
+
+Backends: "reference" (fastddpm.reference.attention_ref; for the packed op q,
+k, v are viewed out of qkv first) and "triton" (the flash-attention kernels in
+fastddpm.kernels.attention, wrapped in the torch.library custom ops below so
+they work under torch.compile(fullgraph=True), inside CUDA graphs and through
+torch.library.opcheck). The triton backend runs the reference for inputs the
+kernels do not take: float64, d > 512, empty tensors, and fp16/bf16 on the CPU
+interpreter.
 
 Custom ops (schema namespace fastddpm):
   fastddpm::attention(q, k, v, float scale) -> (Tensor out, Tensor lse)
@@ -13,6 +24,18 @@ Custom ops (schema namespace fastddpm):
       registered (saves q, k, v, out, lse); lse is not differentiable.
   fastddpm::attention_backward(dout, q, k, v, out, lse, float scale) -> (dq, dk, dv)
       dq, dk, dv in the layouts of q, k, v; no autograd of its own (double backward is not supported).
+  fastddpm::attention_packed(Tensor qkv, int num_heads, float scale) -> (Tensor out, Tensor lse)
+      qkv: (B, 3C, L), any strides: channel c of part p (0: q, 1: k, 2: v) and
+      head h is qkv[:, p * C + h * d + i] (the (B, 3, heads, d, L) view, which
+      splitting one dimension always gives without a copy). out: (B, C, L) in
+      qkv.dtype, channel-major (contiguous) so that out.reshape(B, C, H, W) is a
+      view, or channel-fastest ((B, L, C) memory) when qkv is, as a channels_last
+      conv output is; lse: (B, heads, L) float32. Autograd registered (saves
+      qkv, out, lse); lse is not differentiable.
+  fastddpm::attention_packed_backward(dout, qkv, out, lse, int num_heads, float scale) -> Tensor dqkv
+      dqkv: one buffer shaped and strided like qkv (torch.empty_like), whose
+      q, k, v views the backward kernels write as dq, dk, dv: every element is
+      written, so no zero-fill and no sum of three gradients. No autograd of its own.
 """
 import math
 
@@ -38,7 +61,43 @@ def attention(q, k, v):
     return _backend.pick("attention", q.device)(q, k, v)
 
 
+def _split_heads(t, num_heads, parts):
+    """(B, parts * C, L) -> `parts` views (B, heads, L, d), d = C / heads: the
+    channel dimension split into (parts, heads, d), then d and L swapped. No copy."""
+    B, CP, L = t.shape
+    d = CP // (parts * num_heads)
+    return t.unflatten(1, (parts, num_heads, d)).transpose(-1, -2).unbind(1)
+
+
+def attention_packed(qkv, num_heads):
+    """qkv: (B, 3C, L) float (channels [0, C) are q, [C, 2C) k, [2C, 3C) v, each
+    split into num_heads heads of d = C / num_heads consecutive channels).
+    Returns (B, C, L): per head softmax(q k^T / sqrt(d)) v, heads concatenated
+    along the channels (the layout the q channels had)."""
+    check_float("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"attention_packed: qkv must be (B, 3*C, L), got shape {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"attention_packed: num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"attention_packed: num_heads must be positive, got {num_heads}")
+    channels = qkv.shape[1]
+    if channels == 0 or channels % (3 * num_heads):
+        raise ValueError(f"attention_packed: qkv has {channels} channels, expected a positive multiple of "
+                         f"3 * num_heads = {3 * num_heads} (q, k, v of num_heads heads each)")
+    return _backend.pick("attention_packed", qkv.device)(qkv, num_heads)
+
+
+def attention_packed_ref(qkv, num_heads):
+    """The "reference" backend of ops.attention_packed: attention_ref on the q,
+    k, v views of qkv; returns a contiguous (B, C, L)."""
+    B, C3, L = qkv.shape
+    q, k, v = _split_heads(qkv, num_heads, 3)
+    return reference.attention_ref(q, k, v).transpose(-1, -2).reshape(B, C3 // 3, L)
+
+
 _backend.register("attention", "reference", reference.attention_ref)
+_backend.register("attention_packed", "reference", attention_packed_ref)
 
 
 if attention_kernels is not None:
@@ -83,9 +142,11 @@ if attention_kernels is not None:
 
     _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-    def _kernel_can_run(q):
-        """Whether the Triton kernels take q (metadata only, no host sync)."""
-        if q.shape[-1] > attention_kernels.MAX_HEAD_DIM or q.numel() == 0:
+    def _kernel_can_run(q, head_dim=None):
+        """Whether the Triton kernels take q (metadata only, no host sync);
+        head_dim defaults to q.shape[-1] (pass it for a packed qkv)."""
+        head_dim = q.shape[-1] if head_dim is None else head_dim
+        if head_dim > attention_kernels.MAX_HEAD_DIM or head_dim < 1 or q.numel() == 0:
             return False
         if q.device.type == "cuda":
             return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -102,3 +163,83 @@ if attention_kernels is not None:
         return o
 
     _backend.register("attention", "triton", attention_triton)
+
+    # ---------------------------------------------------------------- packed qkv
+    def _packed_out_like(qkv, channels):
+        """The (B, C, L) output buffer: channel-major (contiguous) unless qkv is
+        channel-fastest (a channels_last conv output), then (B, L, C) memory.
+        The fake below allocates the same layout."""
+        B, _, L = qkv.shape
+        if qkv.stride(1) == 1 and qkv.stride(2) != 1:
+            return attention_kernels.new_empty((B, L, channels), qkv.dtype, qkv.device).transpose(1, 2)
+        return attention_kernels.new_empty((B, channels, L), qkv.dtype, qkv.device)
+
+    def _check_packed(qkv, num_heads):
+        torch._check(qkv.dim() == 3, lambda: f"attention_packed: qkv must be (B, 3*C, L), got {qkv.shape}")
+        torch._check(num_heads >= 1, lambda: f"attention_packed: num_heads must be positive, got {num_heads}")
+        torch._check(qkv.shape[1] % (3 * num_heads) == 0,
+                     lambda: f"attention_packed: {qkv.shape[1]} channels are not 3 * {num_heads} heads * d")
+
+    @torch.library.custom_op("fastddpm::attention_packed", mutates_args=())
+    def _attention_packed_op(qkv: torch.Tensor, num_heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_packed(qkv, num_heads)
+        q, k, v = _split_heads(qkv, num_heads, 3)
+        out = _packed_out_like(qkv, qkv.shape[1] // 3)
+        (o,) = _split_heads(out, num_heads, 1)
+        _o, lse = attention_kernels.attention_fwd(q, k, v, scale, o=o)
+        return out, lse
+
+    @_attention_packed_op.register_fake
+    def _(qkv, num_heads, scale):
+        _check_packed(qkv, num_heads)
+        B, C3, L = qkv.shape
+        out = _packed_out_like(qkv, C3 // 3)
+        return out, qkv.new_empty((B, num_heads, L), dtype=torch.float32)
+
+    @torch.library.custom_op("fastddpm::attention_packed_backward", mutates_args=())
+    def _attention_packed_backward_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                                      lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+        _check_packed(qkv, num_heads)
+        q, k, v = _split_heads(qkv, num_heads, 3)
+        (o,) = _split_heads(out, num_heads, 1)
+        (do,) = _split_heads(dout, num_heads, 1)
+        # one buffer; the kernels write every element of its three views
+        dqkv = attention_kernels.new_empty_like(qkv)
+        dq, dk, dv = _split_heads(dqkv, num_heads, 3)
+        attention_kernels.attention_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv)
+        return dqkv
+
+    @_attention_packed_backward_op.register_fake
+    def _(dout, qkv, out, lse, num_heads, scale):
+        _check_packed(qkv, num_heads)
+        torch._check(dout.shape == out.shape,
+                     lambda: f"attention_packed_backward: dout shape {dout.shape} != out shape {out.shape}")
+        return torch.empty_like(qkv)
+
+    def _setup_context_packed(ctx, inputs, output):
+        qkv, num_heads, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    def _backward_packed(ctx, dout, _dlse):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = torch.ops.fastddpm.attention_packed_backward(dout, qkv, out, lse, ctx.num_heads, ctx.scale)
+        return dqkv, None, None
+
+    _attention_packed_op.register_autograd(_backward_packed, setup_context=_setup_context_packed)
+
+    def attention_packed_triton(qkv, num_heads):
+        """The "triton" backend of ops.attention_packed; same signature as
+        attention_packed_ref. Inputs the kernels cannot take (float64, d > 512,
+        empty, fp16/bf16 on the CPU interpreter) run attention_packed_ref instead."""
+        d = qkv.shape[1] // (3 * num_heads)
+        if not _kernel_can_run(qkv, head_dim=d):
+            return attention_packed_ref(qkv, num_heads)
+        out, _lse = torch.ops.fastddpm.attention_packed(qkv, num_heads, 1.0 / math.sqrt(d))
+        return out
+
+    _backend.register("attention_packed", "triton", attention_packed_triton)
