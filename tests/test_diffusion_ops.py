@@ -339,7 +339,7 @@ def test_bad_input_raises_clear_errors():
         ops.p_sample_step(x, t, x, *st, seed=1, offset=-1)
     with pytest.raises(ValueError, match="shape"):
         ops.p_sample_step(x, t, x[:, :2], *st, x)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(TypeError, match="int64"):
         ops.p_sample_step(x, t.int(), x, *st, seed=1)
     with pytest.raises(ValueError, match="1-D"):
         ops.p_sample_step(x, t, x, st[0].view(2, -1), *st[1:], seed=1)

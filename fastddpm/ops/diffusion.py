@@ -26,19 +26,17 @@ import torch
 
 from fastddpm import reference
 from fastddpm.ops import _backend
-from fastddpm.ops._checks import check_float, check_same, check_table
+from fastddpm.ops._checks import check_float, check_same, check_table, check_timesteps
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_batch(x, t):
+    """x batched, t (B,) int64 on x's device; the range is the caller's to check
+    (the kernels clamp t, so a bad value can never read out of bounds)."""
     if x.dim() < 1:
         raise ValueError("expected a batched tensor (B, ...)")
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (x.shape[0],):
-        raise ValueError(f"t must be an int64 tensor of shape ({x.shape[0]},), got "
-                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if t.device != x.device:
-        raise ValueError(f"t is on {t.device}, x on {x.device}")
+    check_timesteps(t, x.shape[0], None, x.device, check_range=False)
 
 
 def q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
