@@ -2,12 +2,14 @@
 # One script for the GPU machine: build, GPU tests, all benchmarks, device info.
 #
 #   OUT=/some/dir bash benchmarks/run_gpu.sh [build] [tests] [bench]   (default: all three)
+#   BENCH_K="not test_model" ... bench    only the benchmarks pytest -k selects (to fit a
+#                                          10-minute call: kernels first, then -k test_model)
 #
 # Writes under $OUT (default benchmarks/results/latest):
 #   device.json               GPU, driver, torch/triton/CUDA versions, date, git commit
 #   gpu_tests.txt             output of `pytest tests -m gpu`
 #   bench.json                pytest-benchmark JSON of `pytest benchmarks/ --benchmark-only`
-#   <device>-<date>.json      bench.json with device.json merged in: copy it to
+#   <device>-<date>[-<k>].json  bench.json with device.json merged in (<k>: BENCH_K, slugged): copy it to
 #                             benchmarks/results/ and run `python benchmarks/render.py`
 #   BENCHMARKS.md             a preview rendered from that file alone
 # Never reinstalls torch: the package goes in with --no-deps. The GPU machine may
@@ -73,18 +75,20 @@ fi
 
 if want bench; then
   echo "== pytest benchmarks/ --benchmark-only" >&2
-  "$PY" -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" \
+  "$PY" -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} \
       --benchmark-columns=median,iqr,rounds -q -p no:cacheprovider 2>&1 | tee "$OUT/bench.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   if [ -f "$OUT/bench.json" ]; then
-    "$PY" - "$OUT" <<'PYEOF'
+    "$PY" - "$OUT" "${BENCH_K:-}" <<'PYEOF'
 import json, re, sys
-out = sys.argv[1]
+out, k = sys.argv[1], sys.argv[2]
 bench = json.load(open(f"{out}/bench.json"))
 dev = json.load(open(f"{out}/device.json"))
 bench["fastddpm_device"] = dev
 slug = re.sub(r"[^a-z0-9]+", "-", (dev.get("device") or "device").lower()).strip("-")
-name = f"{out}/{slug}-{dev['date'][:10]}.json"
+tag = "-" + re.sub(r"[^a-z0-9]+", "-", k.lower()).strip("-") if k else ""
+bench["fastddpm_device"]["selection"] = k or "all"
+name = f"{out}/{slug}-{dev['date'][:10]}{tag}.json"
 json.dump(bench, open(name, "w"), indent=1)
 print(name)
 PYEOF

@@ -9,6 +9,21 @@ import torch
 from tqdm.auto import tqdm
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --compile of the train and sample CLIs: eager, or a torch.compile mode
+# ("reduce-overhead" replays the network in CUDA graphs).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_model(model, mode):
+    """`model` wrapped by torch.compile in `mode` (one of COMPILE_MODES), or
+    itself for "none". Parameters stay shared with `model`, so optimizers,
+    checkpoints (taken from `model`) and the EMA are unaffected. The first calls
+    at each input shape pay the compilation."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=mode)
 
 
 def default_precision(device) -> str:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import CheckpointError
-from fastddpm.sampling import PRECISIONS, autocast, default_precision
+from fastddpm.sampling import COMPILE_MODES, PRECISIONS, autocast, compile_model, default_precision
 
 
 # ---- configuration -------------------------------------------------------------------
@@ -76,6 +76,7 @@ class TrainConfig:
     precision: Optional[str] = None
     device: Optional[str] = None
     tf32: bool = True
+    compile: str = "none"
     seed: int = 0
     max_nonfinite: int = 50
     # bookkeeping
@@ -191,6 +192,8 @@ _FLAGS = [
      "default bf16 on a GPU that supports it, else fp32"),
     ("--device", "device", str, "cpu, cuda or cuda:N (default: cuda if available; under torchrun "
      "each rank uses cuda:LOCAL_RANK)"),
+    ("--compile", "compile", str, "torch.compile the network for training: " + " | ".join(COMPILE_MODES)
+     + " (reduce-overhead: CUDA graphs); the first steps pay the compilation"),
     ("--seed", "seed", int, "seed of the weights, data order, noise and dropout"),
     ("--max-nonfinite", "max_nonfinite", _positive(int), "stop after this many consecutive steps "
      "with a non-finite loss or gradient (each is skipped and counted)"),
@@ -286,6 +289,8 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig, path):
 def _validated(cfg: TrainConfig):
     if cfg.precision is not None and cfg.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"--compile must be one of {COMPILE_MODES}, got {cfg.compile!r}")
     if cfg.variance not in ("fixedlarge", "fixedsmall"):
         raise ValueError(f"--variance must be fixedlarge or fixedsmall, got {cfg.variance!r}")
     if not 0.0 <= cfg.ema_decay < 1.0:
@@ -399,6 +404,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = compile_model(self.net, cfg.compile)  # checkpoints and the EMA use self.model
         self.signal = None  # set by SIGINT/SIGTERM handlers
 
     # -- setup --
@@ -433,6 +439,8 @@ class Trainer:
     def train_step(self, batch_uint8, t, noise, flip, lr):
         """One optimizer step on this rank's uint8 batch; no host synchronisation."""
         x0 = data_mod.to_model_input(batch_uint8, self.device, flip if self.cfg.flip else None)
+        if self.cfg.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are done
         self.opt.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.diffusion.training_loss(self.net, x0, t, noise, check_t=False)  # t drawn in range
