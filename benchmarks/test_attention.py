@@ -6,7 +6,10 @@ for the whole AttentionBlock (GroupNorm -> q/k/v 1x1 conv -> attention ->
 "fastddpm" is the block itself (ops.attention_packed on the (B, 3C, L) conv
 output: its backward writes one d qkv buffer), "fastddpm_views" the same
 parameters through ops.attention on the three q, k, v views (autograd then
-zero-fills three (B, 3C, L) gradients and sums them), "sdpa" and "reference". Every provider's output
+zero-fills three (B, 3C, L) gradients and sums them), "fused_proj" the block
+with AttentionBlock.fused_proj on (the issue-5 ablation: GroupNorm folded into
+the q/k/v projection's loads and the residual into the output projection's
+store, both ops.conv1x1), "sdpa" and "reference". Every provider's output
 (and gradients) is first checked against a float64 reference; GPU time comes
 from CUDA-graph replay (benchmarks/conftest.py: gpu_bench).
 
@@ -28,7 +31,7 @@ L = HW * HW
 DTYPE = torch.bfloat16
 TOL = 1e-2
 CORE_PROVIDERS = ["fastddpm", "sdpa", "reference"]
-BLOCK_PROVIDERS = ["fastddpm", "fastddpm_views", "sdpa", "reference"]
+BLOCK_PROVIDERS = ["fastddpm", "fused_proj", "fastddpm_views", "sdpa", "reference"]
 MODES = ["fwd", "fwd_bwd"]
 
 
@@ -144,7 +147,9 @@ def _block_fn(provider, block):
             with ops.use_backend("triton"):
                 return _views_block(block, x)
         return run_views
-    backend = "triton" if provider == "fastddpm" else "reference"
+    backend = "triton" if provider in ("fastddpm", "fused_proj") else "reference"
+    if provider == "fused_proj":
+        block.fused_proj = True   # on this block only (the class default stays off)
 
     def run(x):
         with ops.use_backend(backend):
@@ -174,7 +179,7 @@ def test_attention_block(benchmark, gpu_bench, provider, mode):
     out = fn(x)
     # the residual x dominates the output: check the attention branch itself
     _assert_close(out.float() - x.float(), ref - x.double(), f"{provider} block out")
-    if provider.startswith("fastddpm") and mode == "fwd_bwd":
+    if provider in ("fastddpm", "fastddpm_views", "fused_proj") and mode == "fwd_bwd":
         names, stack, seen = set(), [out.grad_fn], set()
         while stack:  # the autograd graph: which attention op ran
             f = stack.pop()
@@ -182,8 +187,10 @@ def test_attention_block(benchmark, gpu_bench, provider, mode):
                 seen.add(f)
                 names.add(type(f).__name__)
                 stack.extend(g for g, _ in f.next_functions)
-        want = "fastddpm_attention_packed" if provider == "fastddpm" else "fastddpm_attention_default"
-        assert any(want in n for n in names), f"{provider}: {want} did not run ({sorted(names)})"
+        wants = {"fastddpm": ["fastddpm_attention_packed"], "fastddpm_views": ["fastddpm_attention_default"],
+                 "fused_proj": ["fastddpm_attention_packed", "fastddpm_conv1x1"]}[provider]
+        for want in wants:
+            assert any(want in n for n in names), f"{provider}: {want} did not run ({sorted(names)})"
     if mode == "fwd":
         def run():
             with torch.no_grad():

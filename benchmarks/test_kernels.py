@@ -6,8 +6,11 @@ pytest-benchmark records the host-inclusive wall time.
 
 Run: pytest benchmarks/test_kernels.py --benchmark-only   (skipped without CUDA)
 """
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastddpm.ops as ops
 from fastddpm import reference
@@ -178,6 +181,130 @@ def test_resblock_tail(benchmark, gpu_bench, provider, mode, shape):
     gpu_bench(benchmark, step, group=f"resblock tail {mode} {GN_IDS[GN_SHAPES.index(shape)]} bf16",
               provider=provider, bytes_moved=(5 if train else 2) * h.numel() * h.element_size(),
               op=f"resblock_tail_{mode}", shape=list(shape), dtype="bf16")
+
+
+# ----------------------------------------------------------------------------- AttentionBlock projections
+# The fusion ablation of issue 5 at the UNet's 16x16 attention (B=128, C=256,
+# L=256, bf16), the AttentionBlock's two 1x1 convs with their neighbours.
+# q/k/v projection of GroupNorm(x) (M = 3C, K = C):
+#   "gn+conv"     ops.group_norm (triton) materialised, then cuDNN's 1x1 conv (F.conv2d), NCHW
+#   "gn+conv-cl"  the same on channels_last tensors
+#   "gn+bmm"      ops.group_norm, then a batched GEMM: torch.baddbmm(bias, W, h.view(B, C, L)),
+#                 i.e. torch.matmul(W, h) with the bias in the GEMM's C operand
+#   "fused"       ops.conv1x1 with the GroupNorm prologue: a statistics pass (writing the folded
+#                 per-channel scale/shift), then one GEMM normalising x on load; "fused-cl" on channels_last
+# output projection + residual (M = K = C):
+#   "conv+add"    x + F.conv2d(h, W, b) (cuDNN, then an elementwise pass); "conv+add-cl" channels_last
+#   "fused"       ops.conv1x1(h, W, b, residual=x): the add before the GEMM's store; "fused-cl"
+# bytes_moved counts the activations that must move at least (input read once, output written
+# once, residual read once, forward) for every provider, so GB/s compare the same work.
+
+PROJ_B, PROJ_C, PROJ_HW, PROJ_G, PROJ_EPS = 128, 256, 16, 32, 1e-6
+QKV_PROVIDERS = ["gn+conv", "gn+conv-cl", "gn+bmm", "fused", "fused-cl"]
+OUT_PROVIDERS = ["conv+add", "conv+add-cl", "fused", "fused-cl"]
+PROJ_MODES = ["fwd", "fwd+bwd"]
+
+
+def _proj_inputs(part, cl):
+    """bf16 leaves of the q/k/v projection ("qkv": x, weight, bias, gn_weight, gn_bias)
+    or of the output projection ("out": h, weight, bias, residual x)."""
+    torch.manual_seed(0)
+    dtype, fmt = torch.bfloat16, torch.channels_last if cl else torch.contiguous_format
+    M = 3 * PROJ_C if part == "qkv" else PROJ_C
+
+    def act():
+        x = torch.randn(PROJ_B, PROJ_C, PROJ_HW, PROJ_HW, device="cuda").to(dtype)
+        return x.contiguous(memory_format=fmt)
+
+    w = (torch.randn(M, PROJ_C, 1, 1, device="cuda") / math.sqrt(PROJ_C)).to(dtype)
+    b = torch.randn(M, device="cuda").to(dtype)
+    if part == "qkv":
+        gn = [(torch.randn(PROJ_C, device="cuda") * 0.5 + s).to(dtype) for s in (1.0, 0.0)]
+        return [act(), w, b, *gn]
+    return [act(), w, b, act()]
+
+
+def _proj_fn(part, provider):
+    if part == "out":
+        def out_proj(h, w, b, x):
+            if provider.startswith("fused"):
+                with ops.use_backend("triton"):
+                    return ops.conv1x1(h, w, b, residual=x)
+            return x + F.conv2d(h, w, b)
+        return out_proj
+
+    def qkv_proj(x, w, b, gw, gb):
+        with ops.use_backend("triton"):
+            if provider.startswith("fused"):
+                return ops.conv1x1(x, w, b, norm=(PROJ_G, gw, gb, PROJ_EPS))
+            h = ops.group_norm(x, PROJ_G, gw, gb, PROJ_EPS)
+        if provider == "gn+bmm":
+            B, C, M = h.shape[0], h.shape[1], w.shape[0]
+            out = torch.baddbmm(b[None, :, None], w.view(M, C).expand(B, M, C), h.view(B, C, -1))
+            return out.view(B, M, *h.shape[2:])
+        return F.conv2d(h, w, b)
+    return qkv_proj
+
+
+def _proj_ref(part, leaves):
+    if part == "qkv":
+        x, w, b, gw, gb = leaves
+        return reference.conv1x1_ref(x, w, b, (PROJ_G, gw, gb, PROJ_EPS))
+    h, w, b, x = leaves
+    return reference.conv1x1_ref(h, w, b, residual=x)
+
+
+def _projection(benchmark, gpu_bench, part, provider, mode):
+    dtype = torch.bfloat16
+    leaves = _proj_inputs(part, provider.endswith("-cl"))
+    train = mode != "fwd"
+    for t in leaves:
+        t.requires_grad_(train)
+    fn = _proj_fn(part, provider)
+    out = fn(*leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _proj_ref(part, leaves64)
+    residual = leaves[3] if part == "out" else None
+    if residual is None:
+        _assert_close(out, ref, dtype, f"{provider} out")
+    else:   # the residual would dilute the error: check the conv itself
+        _assert_close(out.float() - residual.float(), ref - residual.double(), dtype, f"{provider} out")
+    if provider.startswith("fused") and train:
+        assert "fastddpm_conv1x1" in type(out.grad_fn).__name__, f"{provider}: the Triton op did not run"
+    if train:
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, dout)
+        for i, (g, r) in enumerate(zip(grads, torch.autograd.grad(ref, leaves64, dout.double()))):
+            _assert_close(g, r, dtype, f"{provider} grad {i}")
+
+        def step():
+            o = fn(*leaves)
+            return (o, *torch.autograd.grad(o, leaves, dout))
+    else:
+        def step():
+            with torch.no_grad():
+                return fn(*leaves)
+    M, K, L = out.shape[1], PROJ_C, PROJ_HW * PROJ_HW
+    flops = 2 * PROJ_B * L * M * K * (3 if train else 1)
+    elems = PROJ_B * L * (K + M + (M if residual is not None else 0))
+    layout = "cl" if provider.endswith("-cl") else "nchw"
+    gpu_bench(benchmark, step, group=f"{part} projection {mode} B={PROJ_B} C={PROJ_C} {PROJ_HW}x{PROJ_HW} bf16",
+              provider=provider, flops=flops, bytes_moved=elems * 2, op=f"{part}_projection_{mode}",
+              shape=[PROJ_B, PROJ_C, PROJ_HW, PROJ_HW], dtype="bf16", layout=layout)
+
+
+@pytest.mark.parametrize("provider", QKV_PROVIDERS)
+@pytest.mark.parametrize("mode", PROJ_MODES)
+def test_qkv_projection(benchmark, gpu_bench, provider, mode):
+    """GroupNorm + the 1x1 q/k/v conv (M = 3C): materialised vs normalised on load."""
+    _projection(benchmark, gpu_bench, "qkv", provider, mode)
+
+
+@pytest.mark.parametrize("provider", OUT_PROVIDERS)
+@pytest.mark.parametrize("mode", PROJ_MODES)
+def test_out_projection(benchmark, gpu_bench, provider, mode):
+    """The 1x1 output conv + residual (M = K = C): a separate add vs the add in the GEMM's store."""
+    _projection(benchmark, gpu_bench, "out", provider, mode)
 
 
 # ----------------------------------------------------------------------------- q_sample

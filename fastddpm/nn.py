@@ -134,6 +134,12 @@ class AttentionBlock(nn.Module):
     1x1 projections of GroupNorm(x) and softmax(q k^T / sqrt(d)) over the H*W
     positions; `num_heads` splits the channels (the paper uses one head)."""
 
+    # Ablation of issue 5: True computes norm + q/k/v projection and proj +
+    # residual with ops.conv1x1 (the GroupNorm applied on load, the residual added
+    # before the store: two fewer passes over (B, C, H, W)). Same parameters and
+    # state_dict; off until measured on a GPU. Set it on the class or on one block.
+    fused_proj = False
+
     def __init__(self, channels, num_groups=32, eps=1e-6, num_heads=1):
         super().__init__()
         if channels % num_heads:
@@ -145,10 +151,17 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
+        if self.fused_proj:
+            n = self.norm
+            qkv = ops.conv1x1(x, self.qkv.weight, self.qkv.bias, norm=(n.num_groups, n.weight, n.bias, n.eps))
+        else:
+            qkv = self.qkv(self.norm(x))
         # the packed op views q, k, v (B, heads, L, d) out of the (B, 3C, L) conv
         # output (no copies) and its backward writes one (B, 3C, L) gradient
-        h = ops.attention_packed(self.qkv(self.norm(x)).reshape(B, 3 * C, H * W), self.num_heads)
-        return x + self.proj(h.reshape(B, C, H, W))
+        h = ops.attention_packed(qkv.reshape(B, 3 * C, H * W), self.num_heads).reshape(B, C, H, W)
+        if self.fused_proj:
+            return ops.conv1x1(h, self.proj.weight, self.proj.bias, residual=x)
+        return x + self.proj(h)
 
 
 class Downsample(nn.Module):

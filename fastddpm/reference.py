@@ -39,6 +39,27 @@ def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, ad
     return y.to(x.dtype)
 
 
+def conv1x1_ref(x, weight, bias=None, norm=None, residual=None):
+    """1x1 convolution of x (N, K, *spatial) with weight (M, K) or (M, K, 1, 1)
+    and bias (M,) or None, of GroupNorm(x) (no activation) when norm =
+    (num_groups, gn_weight, gn_bias, eps) is given, plus residual (N, M,
+    *spatial) when given. Computed in float32 (float64 if x or weight is);
+    returns weight's dtype, promoted with residual's when there is one."""
+    cd = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    h = x.to(cd)
+    if norm is not None:
+        num_groups, gn_weight, gn_bias, eps = norm
+        h = group_norm_ref(h, num_groups, gn_weight, gn_bias, eps)
+    N, K, M = x.shape[0], x.shape[1], weight.shape[0]
+    y = torch.matmul(weight.reshape(M, K).to(cd), h.reshape(N, K, math.prod(x.shape[2:])))
+    if bias is not None:
+        y = y + bias.to(cd)[:, None]
+    y = y.reshape(N, M, *x.shape[2:])
+    if residual is None:
+        return y.to(weight.dtype)
+    return (y + residual.to(cd)).to(torch.promote_types(weight.dtype, residual.dtype))
+
+
 def attention_ref(q, k, v):
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, heads, L, d)."""
     cd = _compute_dtype(q.dtype)

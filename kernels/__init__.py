@@ -13,13 +13,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def compile_ptx(kernel, signature, constexprs, arch=90, num_warps=4):
+def compile_ptx(kernel, signature, constexprs, arch=90, num_warps=4, num_stages=None, aligned=False):
     """Compile a @triton.jit (or autotuned) kernel for CUDA sm_<arch> without a GPU and
     return its PTX. Catches what only the compiler sees (the interpreter runs the
     kernel as numpy). Needs TRITON_INTERPRET unset when the kernel module is imported.
 
     signature: {arg: "*bf16" | "i32" | "fp32" | ...} (ints not named default to i32);
     constexprs: {arg: value} for constexpr arguments and specialised ints.
+    aligned: mark every pointer and int argument divisible by 16, as the JIT does
+    at launch for 16-byte aligned tensors and sizes/strides that are multiples of
+    16 (without it, vectorised and asynchronous loads cannot be proven legal).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -30,6 +33,9 @@ def compile_ptx(kernel, signature, constexprs, arch=90, num_warps=4):
     while not isinstance(fn, JITFunction):
         fn = fn.fn
     sig = {a: "constexpr" if a in constexprs else signature.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if aligned and sig[a] != "constexpr" and (sig[a].startswith("*") or sig[a][0] in "iu")}
     src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]

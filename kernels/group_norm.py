@@ -74,7 +74,8 @@ def _dropout_mask_kernel(Seed, Keep, S, p, BLOCK_S: tl.constexpr):
         tl.store(Keep + row.to(tl.int64) * S + offs, keep.to(tl.uint8), mask=offs < S)
 
 
-@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_ADD", "DROPOUT"])
+@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_ADD", "DROPOUT",
+                                         "WRITE_Y"])
 @triton.jit
 def _group_norm_fwd_kernel(
     X,          # (N, C, S) input, any float dtype, strides (stride_xn, stride_xc, stride_xs)
@@ -85,6 +86,8 @@ def _group_norm_fwd_kernel(
     Rstd,       # (N, G) fp32 out, contiguous
     Add,        # (N, C) contiguous, any float dtype, added to x before the statistics; unused unless HAS_ADD
     Seed,       # (1,) int64 Philox key of the dropout mask; unused unless DROPOUT
+    Scale,      # (N, C) fp32 out, contiguous: rstd * weight (GroupNorm = x * Scale + Shift); unused unless WRITE_AFFINE
+    Shift,      # (N, C) fp32 out, contiguous: bias - mean * Scale; unused unless WRITE_AFFINE
     stride_xn,  # elements between samples of X
     stride_xc,  # elements between channels of X
     stride_xs,  # elements between spatial positions of X
@@ -105,6 +108,8 @@ def _group_norm_fwd_kernel(
     ONE_PASS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    WRITE_Y: tl.constexpr,       # False: statistics only (Y, and the affine, dropout and SiLU, unused)
+    WRITE_AFFINE: tl.constexpr,  # write the per-(sample, channel) Scale and Shift of the normalisation
 ):
     pid = tl.program_id(0)
     n = pid // G
@@ -131,18 +136,19 @@ def _group_norm_fwd_kernel(
         d = tl.where(mask, x - mean, 0.0)
         var = tl.sum(d * d) / numel
         rstd = 1.0 / tl.sqrt(var + eps)
-        y = d * rstd
-        if HAS_WEIGHT:
-            w = tl.load(W + c_first + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
-            y = y * w
-        if HAS_BIAS:
-            b = tl.load(B + c_first + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
-            y = y + b
-        if ACT_SILU:
-            y = y * tl.sigmoid(y)
-        if DROPOUT:
-            y = tl.where(_dropout_keep(seed, row0 + cs, 0, p, BLOCK_C, BLOCK_S), y * scale, 0.0)
-        tl.store(y_base + cs * stride_yc + ss * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
+        if WRITE_Y:
+            y = d * rstd
+            if HAS_WEIGHT:
+                w = tl.load(W + c_first + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
+                y = y * w
+            if HAS_BIAS:
+                b = tl.load(B + c_first + cs, mask=cs < C_PER_G, other=0.0).to(tl.float32)
+                y = y + b
+            if ACT_SILU:
+                y = y * tl.sigmoid(y)
+            if DROPOUT:
+                y = tl.where(_dropout_keep(seed, row0 + cs, 0, p, BLOCK_C, BLOCK_S), y * scale, 0.0)
+            tl.store(y_base + cs * stride_yc + ss * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # sweep 1: Chan's combination of per-tile (count, mean, centred M2)
         mean = tl.full([], 0.0, tl.float32)
@@ -168,34 +174,48 @@ def _group_norm_fwd_kernel(
                 count = total
         rstd = 1.0 / tl.sqrt(m2 / numel + eps)
         # sweep 2: normalise (+ affine, SiLU) and write
-        for c0 in range(0, C_PER_G, BLOCK_C):
-            cmask = c0 + cs < C_PER_G
-            if HAS_WEIGHT:
-                w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                a = tl.load(Add + row0 + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                mask = cmask & (s0 + ss < S)
-                x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
-                            mask=mask, other=0.0).to(tl.float32)
-                if HAS_ADD:
-                    x = x + a
-                y = (x - mean) * rstd
+        if WRITE_Y:
+            for c0 in range(0, C_PER_G, BLOCK_C):
+                cmask = c0 + cs < C_PER_G
                 if HAS_WEIGHT:
-                    y = y * w
+                    w = tl.load(W + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
                 if HAS_BIAS:
-                    y = y + b
-                if ACT_SILU:
-                    y = y * tl.sigmoid(y)
-                if DROPOUT:
-                    keep = _dropout_keep(seed, row0 + c0 + cs, s0, p, BLOCK_C, BLOCK_S)
-                    y = tl.where(keep, y * scale, 0.0)
-                tl.store(y_base + (c0 + cs) * stride_yc + (s0 + ss) * stride_ys,
-                         y.to(Y.dtype.element_ty), mask=mask)
+                    b = tl.load(B + c_first + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+                if HAS_ADD:
+                    a = tl.load(Add + row0 + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
+                for s0 in range(0, S, BLOCK_S):
+                    mask = cmask & (s0 + ss < S)
+                    x = tl.load(x_base + (c0 + cs) * stride_xc + (s0 + ss) * stride_xs,
+                                mask=mask, other=0.0).to(tl.float32)
+                    if HAS_ADD:
+                        x = x + a
+                    y = (x - mean) * rstd
+                    if HAS_WEIGHT:
+                        y = y * w
+                    if HAS_BIAS:
+                        y = y + b
+                    if ACT_SILU:
+                        y = y * tl.sigmoid(y)
+                    if DROPOUT:
+                        keep = _dropout_keep(seed, row0 + c0 + cs, s0, p, BLOCK_C, BLOCK_S)
+                        y = tl.where(keep, y * scale, 0.0)
+                    tl.store(y_base + (c0 + cs) * stride_yc + (s0 + ss) * stride_ys,
+                             y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + pid, mean)
     tl.store(Rstd + pid, rstd)
+    if WRITE_AFFINE:
+        # GroupNorm(x)[c] = x * scale[c] + shift[c] with scale = rstd * w, shift = b - mean * scale
+        c1 = tl.arange(0, BLOCK_C)
+        for c0 in range(0, C_PER_G, BLOCK_C):
+            cmask = c0 + c1 < C_PER_G
+            sc = tl.zeros([BLOCK_C], tl.float32) + rstd
+            if HAS_WEIGHT:
+                sc = sc * tl.load(W + c_first + c0 + c1, mask=cmask, other=0.0).to(tl.float32)
+            sh = -mean * sc
+            if HAS_BIAS:
+                sh = sh + tl.load(B + c_first + c0 + c1, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(Scale + row0 + c0 + c1, sc, mask=cmask)
+            tl.store(Shift + row0 + c0 + c1, sh, mask=cmask)
 
 
 @triton.jit
@@ -479,31 +499,65 @@ def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *,
     (tests use it to force the looped path at small shapes).
     """
     _check_launch(x, num_groups, act, add, seed, p)
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    G = num_groups
     y = empty_output_like(x) if out is None else out
     if y.shape != x.shape or y.dtype != x.dtype or spatial_stride(y) is None:
         raise ValueError("group_norm_fwd: out must have x's shape and dtype and collapsible spatial dims")
+    mean, rstd = _launch_fwd(x, num_groups, weight, bias, eps, act, add, seed, p, y, None, max_tile)
+    return y, mean, rstd
+
+
+def group_norm_stats(x, num_groups, eps=1e-6, *, max_tile=None):
+    """Statistics only: (mean, rstd), (N, G) fp32, of x (N, C, *spatial),
+    fp16/bf16/fp32, any layout. One read of x and nothing else written (the
+    forward kernel with WRITE_Y=False)."""
+    _check_launch(x, num_groups, None)
+    return _launch_fwd(x, num_groups, None, None, eps, None, None, None, 0.0, None, None, max_tile)
+
+
+def group_norm_scale_shift(x, num_groups, weight=None, bias=None, eps=1e-6, *, max_tile=None):
+    """GroupNorm(x) (affine when weight/bias are given, no activation) folded to
+    a per-(sample, channel) affine, from one read of x:
+    GroupNorm(x)[n, c] = x[n, c] * scale[n, c] + shift[n, c].
+    Returns (scale, shift, mean, rstd): scale = rstd * weight and shift = bias -
+    mean * scale, (N, C) fp32 contiguous; mean/rstd (N, G) fp32 as group_norm_fwd's.
+    What a consumer that normalises on load (kernels.conv1x1's prologue) needs."""
+    _check_launch(x, num_groups, None)
+    N, C = x.shape[0], x.shape[1]
+    scale, shift = _empty((N, C), torch.float32, x.device), _empty((N, C), torch.float32, x.device)
+    mean, rstd = _launch_fwd(x, num_groups, weight, bias, eps, None, None, None, 0.0, None, (scale, shift),
+                             max_tile)
+    if x.numel() == 0:
+        scale.fill_(0.0), shift.fill_(0.0)
+    return scale, shift, mean, rstd
+
+
+def _launch_fwd(x, G, weight, bias, eps, act, add, seed, p, y, affine, max_tile):
+    """Launch _group_norm_fwd_kernel on checked input: y None computes the
+    statistics only; affine: the (scale, shift) buffers to fill, or None.
+    Returns (mean, rstd)."""
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     mean = _empty((N, G), torch.float32, x.device)
     rstd = _empty((N, G), torch.float32, x.device)
     if x.numel() == 0:
-        return y, mean.fill_(0.0), rstd.fill_(0.0)
+        return mean.fill_(0.0), rstd.fill_(0.0)
     xc, (sxn, sxc, sxs) = _as_ncs(x)
-    syn, syc, sys_ = y.stride(0), y.stride(1), spatial_stride(y)
-    if max(_span(xc, (sxn, sxc, sxs)), _span(y, (syn, syc, sys_))) >= 2**31:
+    syn, syc, sys_ = (0, 0, 0) if y is None else (y.stride(0), y.stride(1), spatial_stride(y))
+    if max(_span(xc, (sxn, sxc, sxs)), 0 if y is None else _span(y, (syn, syc, sys_))) >= 2**31:
         raise ValueError(f"group_norm kernel: one sample spans >= 2^31 elements ({tuple(x.shape)})")
     one_pass, bc, bs = _blocks(C // G, S, max_tile or ONE_PASS_MAX, dropout=p > 0)
     w = weight.contiguous() if weight is not None else xc
     b = bias.contiguous() if bias is not None else xc
+    scale, shift = affine if affine is not None else (mean, rstd)
     _group_norm_fwd_kernel[(N * G,)](
-        xc, y, w, b, mean, rstd,
-        add.contiguous() if add is not None else xc, seed if p > 0 else mean,
+        xc, xc if y is None else y, w, b, mean, rstd,
+        add.contiguous() if add is not None else xc, seed if p > 0 else mean, scale, shift,
         sxn, sxc, sxs, syn, syc, sys_,
         C // G, S, G, float(C // G * S), float(eps), float(p),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT_SILU=act == "silu",
         HAS_ADD=add is not None, DROPOUT=p > 0, ONE_PASS=one_pass, BLOCK_C=bc, BLOCK_S=bs,
+        WRITE_Y=y is not None, WRITE_AFFINE=affine is not None,
     )
-    return y, mean, rstd
+    return mean, rstd
 
 
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, act=None, *, add=None, seed=None, p=0.0,

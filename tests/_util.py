@@ -1,4 +1,7 @@
-"""Test helpers: tolerances in one place and the relative-error check."""
+"""Test helpers: tolerances in one place, the relative-error check, fresh
+seeds, and the AttentionBlock helpers the attention and conv1x1 tests share."""
+import math
+
 import torch
 
 # ||out - ref|| / ||ref|| bounds against a float64 reference, per dtype.
@@ -53,3 +56,48 @@ def capture_cuda_graph(step, warmup=2):
     with torch.cuda.graph(graph):
         out = step()
     return graph, out
+
+
+def fresh_seed():
+    """Seed torch with a fresh random seed and return it: new inputs each run,
+    and the seed for failure messages."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    torch.manual_seed(seed)
+    return seed
+
+
+def backward_node_names(t):
+    """The class name of every autograd node behind t (one entry per node)."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def randomised_attention_block(channels, num_heads, num_groups, dtype=torch.float32, device=None):
+    """fastddpm.nn.AttentionBlock with every parameter random (the proj starts at zero)."""
+    from fastddpm.nn import AttentionBlock
+    device = device or ("cuda" if HAS_CUDA else "cpu")
+    block = AttentionBlock(channels, num_groups=num_groups, num_heads=num_heads).to(device, dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
+    return block
+
+
+def block_fwd_bwd(block, x, backend, dout):
+    """block(x) on `backend`, then backward of dout: (out, dx, {name: parameter
+    gradient}, backward_node_names(out))."""
+    import fastddpm.ops as ops
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with ops.use_backend(backend):
+        out = block(x)
+    nodes = backward_node_names(out)
+    out.backward(dout)
+    return out.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}, nodes

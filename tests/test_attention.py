@@ -14,6 +14,10 @@ from fastddpm import reference
 from fastddpm.kernels import attention as attention_kernels
 from fastddpm.ops.attention import attention_packed_ref, attention_triton
 from _util import HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, rel_err
+from _util import backward_node_names as _backward_nodes
+from _util import block_fwd_bwd as _block_fwd_bwd
+from _util import fresh_seed as _seed
+from _util import randomised_attention_block as _randomised_block
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 
@@ -35,13 +39,6 @@ SMALL_SHAPES = [
     (1, 1, 1, 24),
     (1, 1, 20, 512),
 ]
-
-
-def _seed():
-    """Fresh inputs each run; the seed goes into failure messages."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    torch.manual_seed(seed)
-    return seed
 
 
 def _inputs(shape, dtype, device=DEV, requires_grad=False):
@@ -291,19 +288,6 @@ def _packed_ref64(qkv, num_heads, dout):
     return o.detach(), torch.logsumexp(s, dim=-1).detach(), g
 
 
-def _backward_nodes(t):
-    """Names of every autograd node behind t."""
-    seen, stack, names = set(), [t.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def _check_packed(qkv, num_heads, seed, dout=None):
     """ops.attention_packed on the triton backend: the op runs, out and d qkv
     match float64; returns (out, dqkv)."""
@@ -510,25 +494,6 @@ def test_packed_bad_input_errors():
                 ops.attention_packed(torch.randn(1, 20, 8, device=DEV), 1)
             with pytest.raises(ValueError, match="positive multiple"):
                 ops.attention_packed(torch.randn(1, 0, 8, device=DEV), 1)
-
-
-def _randomised_block(channels, num_heads, num_groups, dtype=torch.float32, device=DEV):
-    from fastddpm.nn import AttentionBlock
-    block = AttentionBlock(channels, num_groups=num_groups, num_heads=num_heads).to(device, dtype)
-    with torch.no_grad():  # the proj starts at zero: give every parameter a value
-        for p in block.parameters():
-            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-    return block
-
-
-def _block_fwd_bwd(block, x, backend, dout):
-    block.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    with ops.use_backend(backend):
-        out = block(x)
-    nodes = _backward_nodes(out)
-    out.backward(dout)
-    return out.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}, nodes
 
 
 @pytest.mark.parametrize("num_heads", [1, 2])

@@ -154,6 +154,30 @@ def test_outputs_are_fully_written(monkeypatch):
         assert_close_rel(y, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype,cl,max_tile", [(torch.float32, False, None), (torch.bfloat16, True, None),
+                                                (torch.float32, True, 16)], ids=["fp32", "bf16-cl", "fp32-looped"])
+def test_statistics_only(monkeypatch, dtype, cl, max_tile):
+    """group_norm_stats: the forward's statistics without writing y;
+    group_norm_scale_shift: the same pass folding the GroupNorm to x * scale + shift."""
+    monkeypatch.setattr(kgn, "POISON", True)
+    x, w, b = _inputs((2, 10, 3, 5), dtype, cl, shift=3.0)    # 5 channels x 15 positions per group
+    y, mean_ref, rstd_ref = kgn.group_norm_fwd(x, 2, w, b, 1e-6, None, max_tile=max_tile)
+    mean, rstd = kgn.group_norm_stats(x, 2, 1e-6, max_tile=max_tile)
+    scale, shift, mean2, rstd2 = kgn.group_norm_scale_shift(x, 2, w, b, 1e-6, max_tile=max_tile)
+    for t in (mean, rstd, mean2, rstd2):
+        assert t.shape == (2, 2) and t.dtype == torch.float32
+    assert torch.equal(mean, mean_ref) and torch.equal(rstd, rstd_ref)
+    assert torch.equal(mean2, mean_ref) and torch.equal(rstd2, rstd_ref)
+    assert scale.shape == shift.shape == (2, 10) and scale.is_contiguous() and shift.is_contiguous()
+    ref = reference.group_norm_ref(x.double(), 2, w.double(), b.double(), 1e-6)
+    folded = x.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None]
+    assert_close_rel(folded, ref, torch.float32, "x * scale + shift")
+    # without affine parameters: scale = rstd, shift = -mean * rstd
+    scale, shift, _, _ = kgn.group_norm_scale_shift(x, 2, eps=1e-6, max_tile=max_tile)
+    assert torch.equal(scale, rstd_ref.repeat_interleave(5, 1))
+    assert torch.equal(shift, -mean_ref.repeat_interleave(5, 1) * scale)
+
+
 def test_out_argument_prefilled_with_nan():
     x, w, b = _inputs((2, 4, 3, 3), torch.float16)
     out = torch.full_like(x, float("nan"))
@@ -265,15 +289,20 @@ _COMPILE_SCRIPT = """
 from fastddpm.kernels import compile_ptx, group_norm as k
 sig = dict(X="*bf16", Y="*bf16", W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32", eps="fp32", numel="fp32",
            DY="*bf16", DX="*bf16", DWp="*fp32", DBp="*fp32", Add="*bf16", DAdd="*fp32", Seed="*i64", p="fp32",
-           Keep="*u8")
+           Keep="*u8", Scale="*fp32", Shift="*fp32")
 for one in (True, False):
     for cpg, fused in ((1, False), (4, False), (4, True)):   # ints equal to 1 are specialised to constants
         c = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACT_SILU=True, HAS_ADD=fused, DROPOUT=fused, ONE_PASS=one,
-                 BLOCK_C=4, BLOCK_S=256, C_PER_G=cpg, S=1, stride_xs=1, stride_ys=1)
+                 BLOCK_C=4, BLOCK_S=256, C_PER_G=cpg, S=1, stride_xs=1, stride_ys=1, WRITE_Y=True,
+                 WRITE_AFFINE=False)
         assert "ld.global" in compile_ptx(k._group_norm_fwd_kernel, sig, c)
         c = dict(HAS_WEIGHT=True, HAS_BIAS=cpg == 1, WRITE_DB=True, ACT_SILU=True, HAS_ADD=fused, DROPOUT=fused,
                  ONE_PASS=one, BLOCK_C=4, BLOCK_S=256, C_PER_G=cpg, S=1, stride_xs=1, stride_dxs=1, stride_dys=1)
         assert "ld.global" in compile_ptx(k._group_norm_bwd_kernel, sig, c)
+    # statistics only, folded to the per-channel scale and shift (the conv1x1 prologue's input)
+    c = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACT_SILU=False, HAS_ADD=False, DROPOUT=False, ONE_PASS=one,
+             BLOCK_C=4, BLOCK_S=256, C_PER_G=4, S=1, stride_xs=1, stride_ys=1, WRITE_Y=False, WRITE_AFFINE=True)
+    assert "st.global" in compile_ptx(k._group_norm_fwd_kernel, sig, c)
 assert "st.global" in compile_ptx(k._dropout_mask_kernel, sig, dict(BLOCK_S=256))
 print("compiled")
 """
