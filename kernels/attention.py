@@ -64,9 +64,12 @@ _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # num_stages): a handful each, so that the first call at a new shape autotunes
 # in seconds. Large heads get small tiles (the fp32 accumulators live in
 # registers); the backward's dK/dV program keeps two (BLOCK_N, D) accumulators.
-# For D = 256 the lists mix tiles that compile (sm_90, bf16, ptxas) to wgmma
-# with some register spilling and tiles that do not spill but fall back to
-# mma.sync (the dot's M — BLOCK_M, or BLOCK_N in dK/dV — below 64); the
+# For D = 256 (sm_90, bf16, ptxas -v of the UNet's L-contiguous qkv views with
+# the 16-byte alignment hints the JIT gives aligned tensors; 2026-11-25): the
+# forward tiles (128, 32), (64, 64) and (64, 32) at 8 warps and dQ (64, 32)
+# compile to wgmma with no spills; the dK/dV wgmma tiles spill a little (44-232
+# bytes) while its (64, 32) / (64, 16) tiles do not spill but fall back to
+# mma.sync (the dot's M — BLOCK_M, or BLOCK_N in dK/dV — below 64). The
 # autotuner measures which wins.
 _FWD_TILES = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
