@@ -41,6 +41,7 @@ import torch.distributed as dist
 from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import CheckpointError
+from fastddpm.diffusion import SCHEDULES
 from fastddpm.sampling import COMPILE_MODES, PRECISIONS, autocast, compile_model, default_precision
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     dropout: float = 0.1
     num_groups: int = 32
     # the diffusion
+    schedule: str = "linear"
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -116,7 +118,7 @@ class TrainConfig:
                           num_groups=self.num_groups)
 
     def diffusion_config(self):
-        return {"schedule": "linear", "T": self.T, "beta_start": self.beta_start,
+        return {"schedule": self.schedule, "T": self.T, "beta_start": self.beta_start,
                 "beta_end": self.beta_end, "variance": self.variance}
 
 
@@ -134,7 +136,7 @@ PRESETS = {
 
 # Changing these on resume would make a different run: refused.
 RUN_IDENTITY = ("image_size", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-                "num_groups", "T", "beta_start", "beta_end", "batch_size", "seed")
+                "num_groups", "schedule", "T", "beta_start", "beta_end", "batch_size", "seed")
 
 
 def preset_config(name):
@@ -178,7 +180,9 @@ _FLAGS = [
     ("--attn-resolutions", "attn_resolutions", _ints, "resolutions with self-attention, comma separated ('' for none)"),
     ("--dropout", "dropout", float, "dropout rate in the residual blocks"),
     ("--num-groups", "num_groups", _positive(int), "GroupNorm groups"),
-    ("--T", "T", _positive(int), "diffusion steps (linear betas)"),
+    ("--schedule", "schedule", str, "beta schedule: " + " | ".join(SCHEDULES) + " (cosine: Nichol & "
+     "Dhariwal 2021; ignores --beta-start/--beta-end)"),
+    ("--T", "T", _positive(int), "diffusion steps"),
     ("--beta-start", "beta_start", float, "first beta of the linear schedule"),
     ("--beta-end", "beta_end", float, "last beta of the linear schedule"),
     ("--variance", "variance", str, "sampling variance: fixedlarge (beta_t) or fixedsmall (posterior)"),
@@ -291,6 +295,8 @@ def _validated(cfg: TrainConfig):
         raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.compile not in COMPILE_MODES:
         raise ValueError(f"--compile must be one of {COMPILE_MODES}, got {cfg.compile!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if cfg.variance not in ("fixedlarge", "fixedsmall"):
         raise ValueError(f"--variance must be fixedlarge or fixedsmall, got {cfg.variance!r}")
     if not 0.0 <= cfg.ema_decay < 1.0:

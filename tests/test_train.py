@@ -155,6 +155,8 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert main(TINY + ["--out", out, "--steps", "2"]) == 0
     with pytest.raises(CheckpointError, match=r"ch: checkpoint 16, now 32"):
         config_from_args(["--resume", out, "--ch", "32"])
+    with pytest.raises(CheckpointError, match=r"schedule: checkpoint 'linear', now 'cosine'"):
+        config_from_args(["--resume", out, "--schedule", "cosine"])
     assert main(["--resume", out, "--steps", "4", "--batch-size", "4"]) == 2
     assert "batch_size: checkpoint 8, now 4" in capsys.readouterr().err
     np.savez(tmp_path / "other.npz", images=np.zeros((16, 8, 8, 3), np.uint8))
@@ -201,3 +203,13 @@ def test_compile_trains_the_same_network_and_samples(tmp_path, monkeypatch, caps
     assert np.abs(out["none"] - out["default"]).max() <= 1   # uint8 rounding at most
     assert main(args + ["--out", str(tmp_path / "bad"), "--compile", "fast"]) == 2
     assert "--compile must be one of" in capsys.readouterr().err
+
+
+def test_schedule_flag_builds_that_diffusion(tmp_path, capsys):
+    cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "c"), "--schedule", "cosine"])
+    trainer = Trainer(cfg, log=lambda *a: None)
+    ref = GaussianDiffusion.cosine(T=20)
+    assert trainer.diffusion.config["schedule"] == "cosine"
+    assert torch.equal(trainer.diffusion.betas, ref.betas)
+    assert main(TINY + ["--out", str(tmp_path / "bad"), "--schedule", "sigmoid"]) == 2
+    assert "--schedule must be one of" in capsys.readouterr().err
