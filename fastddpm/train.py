@@ -41,8 +41,11 @@ import torch.distributed as dist
 from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import CheckpointError
-from fastddpm.diffusion import SCHEDULES
+from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
 from fastddpm.sampling import COMPILE_MODES, PRECISIONS, autocast, compile_model, default_precision
+from fastddpm.unet import UNet, UNetConfig
+
+_NET = UNetConfig()
 
 
 # ---- configuration -------------------------------------------------------------------
@@ -54,13 +57,13 @@ class TrainConfig:
     data: Optional[str] = None
     image_size: int = 32
     out: Optional[str] = None
-    # the network (UNetConfig fields)
-    ch: int = 128
-    ch_mult: tuple = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple = (16,)
-    dropout: float = 0.1
-    num_groups: int = 32
+    # the network: UNetConfig's fields, its defaults (the paper's network)
+    ch: int = _NET.ch
+    ch_mult: tuple = _NET.ch_mult
+    num_res_blocks: int = _NET.num_res_blocks
+    attn_resolutions: tuple = _NET.attn_resolutions
+    dropout: float = _NET.dropout
+    num_groups: int = _NET.num_groups
     # the diffusion
     schedule: str = "linear"
     T: int = 1000
@@ -110,8 +113,6 @@ class TrainConfig:
         return cls(**d)
 
     def model_config(self, in_channels=3):
-        from fastddpm.unet import UNetConfig
-
         return UNetConfig(image_size=self.image_size, in_channels=in_channels, ch=self.ch,
                           ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
                           attn_resolutions=self.attn_resolutions, dropout=self.dropout,
@@ -379,9 +380,6 @@ class Trainer:
     distributed) run. `resume`: a loaded checkpoint dict to continue from."""
 
     def __init__(self, cfg: TrainConfig, resume=None, rank=0, world=1, log=print):
-        from fastddpm.diffusion import GaussianDiffusion
-        from fastddpm.unet import UNet
-
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
         self.device = self._pick_device(cfg.device)
         self.precision = cfg.precision or default_precision(self.device)

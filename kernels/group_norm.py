@@ -108,7 +108,7 @@ def _group_norm_fwd_kernel(
     ONE_PASS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    WRITE_Y: tl.constexpr,       # False: statistics only (Y, and the affine, dropout and SiLU, unused)
+    WRITE_Y: tl.constexpr,       # False: no Y (statistics and WRITE_AFFINE only; affine, dropout, SiLU unused)
     WRITE_AFFINE: tl.constexpr,  # write the per-(sample, channel) Scale and Shift of the normalisation
 ):
     pid = tl.program_id(0)
@@ -504,14 +504,6 @@ def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *,
         raise ValueError("group_norm_fwd: out must have x's shape and dtype and collapsible spatial dims")
     mean, rstd = _launch_fwd(x, num_groups, weight, bias, eps, act, add, seed, p, y, None, max_tile)
     return y, mean, rstd
-
-
-def group_norm_stats(x, num_groups, eps=1e-6, *, max_tile=None):
-    """Statistics only: (mean, rstd), (N, G) fp32, of x (N, C, *spatial),
-    fp16/bf16/fp32, any layout. One read of x and nothing else written (the
-    forward kernel with WRITE_Y=False)."""
-    _check_launch(x, num_groups, None)
-    return _launch_fwd(x, num_groups, None, None, eps, None, None, None, 0.0, None, None, max_tile)
 
 
 def group_norm_scale_shift(x, num_groups, weight=None, bias=None, eps=1e-6, *, max_tile=None):

@@ -157,23 +157,22 @@ def test_outputs_are_fully_written(monkeypatch):
 @pytest.mark.parametrize("dtype,cl,max_tile", [(torch.float32, False, None), (torch.bfloat16, True, None),
                                                 (torch.float32, True, 16)], ids=["fp32", "bf16-cl", "fp32-looped"])
 def test_statistics_only(monkeypatch, dtype, cl, max_tile):
-    """group_norm_stats: the forward's statistics without writing y;
-    group_norm_scale_shift: the same pass folding the GroupNorm to x * scale + shift."""
+    """group_norm_scale_shift: the forward's statistics without writing y, and the
+    GroupNorm folded to x * scale + shift in the same pass."""
     monkeypatch.setattr(kgn, "POISON", True)
     x, w, b = _inputs((2, 10, 3, 5), dtype, cl, shift=3.0)    # 5 channels x 15 positions per group
     y, mean_ref, rstd_ref = kgn.group_norm_fwd(x, 2, w, b, 1e-6, None, max_tile=max_tile)
-    mean, rstd = kgn.group_norm_stats(x, 2, 1e-6, max_tile=max_tile)
-    scale, shift, mean2, rstd2 = kgn.group_norm_scale_shift(x, 2, w, b, 1e-6, max_tile=max_tile)
-    for t in (mean, rstd, mean2, rstd2):
+    scale, shift, mean, rstd = kgn.group_norm_scale_shift(x, 2, w, b, 1e-6, max_tile=max_tile)
+    for t in (mean, rstd):
         assert t.shape == (2, 2) and t.dtype == torch.float32
     assert torch.equal(mean, mean_ref) and torch.equal(rstd, rstd_ref)
-    assert torch.equal(mean2, mean_ref) and torch.equal(rstd2, rstd_ref)
     assert scale.shape == shift.shape == (2, 10) and scale.is_contiguous() and shift.is_contiguous()
     ref = reference.group_norm_ref(x.double(), 2, w.double(), b.double(), 1e-6)
     folded = x.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None]
     assert_close_rel(folded, ref, torch.float32, "x * scale + shift")
     # without affine parameters: scale = rstd, shift = -mean * rstd
-    scale, shift, _, _ = kgn.group_norm_scale_shift(x, 2, eps=1e-6, max_tile=max_tile)
+    scale, shift, mean, rstd = kgn.group_norm_scale_shift(x, 2, eps=1e-6, max_tile=max_tile)
+    assert torch.equal(mean, mean_ref) and torch.equal(rstd, rstd_ref)   # the statistics without affine
     assert torch.equal(scale, rstd_ref.repeat_interleave(5, 1))
     assert torch.equal(shift, -mean_ref.repeat_interleave(5, 1) * scale)
 
@@ -186,14 +185,19 @@ def test_out_argument_prefilled_with_nan():
     assert_close_rel(out, reference.group_norm_ref(x.double(), 2, w.double(), b.double(), 1e-6), torch.float16)
 
 
-def test_backward_is_deterministic():
-    x, w, b = _inputs((3, 8, 4, 4), torch.float32)
-    y, mean, rstd = kgn.group_norm_fwd(x, 2, w, b, 1e-6, "silu")
+def _assert_backward_deterministic(shape, groups, dtype, device=DEV):
+    """Two backward launches on the same input give bit-identical dx, dweight, dbias."""
+    x, w, b = _inputs(shape, dtype, device=device)
+    y, mean, rstd = kgn.group_norm_fwd(x, groups, w, b, 1e-6, "silu")
     dy = torch.randn_like(y)
-    first = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
-    second = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
+    first = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, groups, "silu")
+    second = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, groups, "silu")
     for a, c in zip(first[:3], second[:3]):
         assert torch.equal(a, c)
+
+
+def test_backward_is_deterministic():
+    _assert_backward_deterministic((3, 8, 4, 4), 2, torch.float32)
 
 
 def test_expanded_and_strided_grad_output():
@@ -554,13 +558,7 @@ def test_gpu_cuda_graph_capture():
 
 @pytest.mark.gpu
 def test_gpu_backward_deterministic_real_shape():
-    x, w, b = _inputs((128, 128, 32, 32), torch.bfloat16, device="cuda")
-    y, mean, rstd = kgn.group_norm_fwd(x, 32, w, b, 1e-6, "silu")
-    dy = torch.randn_like(y)
-    a = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 32, "silu")
-    c = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 32, "silu")
-    for p, q in zip(a[:3], c[:3]):
-        assert torch.equal(p, q)
+    _assert_backward_deterministic((128, 128, 32, 32), 32, torch.bfloat16, device="cuda")
 
 
 assert set(REL_TOL) >= set(DTYPES)
