@@ -22,7 +22,9 @@ import zipfile
 import torch
 
 FORMAT = "fastddpm-checkpoint"
-VERSION = 1
+# 2: Downsample pads TF 'SAME' (0, 1, 0, 1) as the paper's code; version 1
+# networks padded symmetrically, so their weights belong to a different network.
+VERSION = 2
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
@@ -88,6 +90,13 @@ def load(path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {e}") from e
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        if ckpt.get("version") == 1:
+            raise CheckpointError(
+                f"checkpoint {path} has format version 1: "
+                "its network padded the stride-2 downsampling convs symmetrically, not with the "
+                "paper's TF 'SAME' padding (0, 1, 0, 1) this fastddpm uses, so its weights belong to "
+                "a different network and would give wrong outputs here; retrain it, or sample it "
+                "with the fastddpm version that wrote it")
         if ckpt.get("version") != VERSION:
             raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')}, "
                                   f"this fastddpm reads version {VERSION}")

@@ -164,13 +164,28 @@ class AttentionBlock(nn.Module):
         return x + self.proj(h)
 
 
+def same_padding(n, k, s):
+    """TF padding='SAME' along one axis of size n for kernel k, stride s: (before, after).
+    The paper's code pads this way; for even n, k = 3, s = 2 that is (0, 1)."""
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    return total // 2, total - total // 2
+
+
 class Downsample(nn.Module):
+    """The stride-2 3x3 conv with TF 'SAME' padding, as the paper's code: for
+    even sizes the pad is bottom/right only, (0, 1, 0, 1), not nn.Conv2d's
+    symmetric padding=1 (which is a different network)."""
+
     def __init__(self, ch):
         super().__init__()
         self.conv = _conv(ch, ch, 3, stride=2)
+        self.conv.padding = (0, 0)
 
     def forward(self, x):
-        return self.conv(x)
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        top, bottom = same_padding(x.shape[-2], k, s)
+        left, right = same_padding(x.shape[-1], k, s)
+        return self.conv(F.pad(x, (left, right, top, bottom)))
 
 
 class Upsample(nn.Module):

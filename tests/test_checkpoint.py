@@ -47,6 +47,21 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
         C.resolve(tmp_path / "empty")
 
 
+def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path):
+    """Version 1 networks padded Downsample symmetrically: loading their weights
+    into the TF-'SAME' network would silently give another model."""
+    from fastddpm import UNet, UNetConfig
+    cfg = UNetConfig.tiny(image_size=8, ch_mult=(1, 2), attn_resolutions=())
+    path = tmp_path / "ckpt-00000003.pt"
+    C.atomic_save({"format": C.FORMAT, "version": 1, "step": 3, "config": {"model": cfg.to_dict()},
+                   "model": UNet(cfg).state_dict(), "ema": None}, path)
+    with pytest.raises(CheckpointError, match=r"ckpt-00000003.pt has format version 1: .*padded the stride-2"):
+        C.load_for_sampling(tmp_path)
+    from fastddpm.sample import main as sample_main
+    with pytest.raises(SystemExit, match="version 1.*retrain"):
+        sample_main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+
+
 def _wait_for(cond, timeout, what, proc=None):
     t0 = time.monotonic()
     while not cond():

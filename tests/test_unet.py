@@ -86,3 +86,32 @@ def test_config_round_trip():
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown UNetConfig keys"):
         UNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("n, k, s, expected", [(32, 3, 2, (0, 1)), (16, 3, 2, (0, 1)), (7, 3, 2, (1, 1)),
+                                               (8, 3, 1, (1, 1)), (5, 1, 2, (0, 0)), (6, 4, 2, (1, 1))])
+def test_same_padding_is_tfs_rule(n, k, s, expected):
+    from fastddpm.nn import same_padding
+    assert same_padding(n, k, s) == expected
+    before, after = expected
+    assert (n + before + after - k) // s + 1 == -(-n // s)  # TF 'SAME': ceil(n / s) outputs
+
+
+def test_downsample_pads_like_tf_same_not_symmetrically():
+    """The paper's code: tf.nn.conv2d(stride 2, padding='SAME') pads only bottom
+    and right on even sizes. Checked against an explicit float64 pad + conv."""
+    import torch.nn.functional as F
+    from fastddpm.nn import Downsample
+    torch.manual_seed(0)
+    down = Downsample(4).double()
+    torch.nn.init.normal_(down.conv.bias)
+    for size in (8, 7):
+        x = torch.randn(2, 4, size, size, dtype=torch.float64)
+        pad = (0, 1, 0, 1) if size % 2 == 0 else (1, 1, 1, 1)
+        ref = F.conv2d(F.pad(x, pad), down.conv.weight, down.conv.bias, stride=2)
+        out = down(x)
+        assert out.shape == ref.shape == (2, 4, (size + 1) // 2, (size + 1) // 2)
+        assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    sym = F.conv2d(x := torch.randn(1, 4, 8, 8, dtype=torch.float64), down.conv.weight, down.conv.bias,
+                   stride=2, padding=1)
+    assert not torch.allclose(down(x), sym)  # the old, symmetric padding is a different network
