@@ -36,27 +36,46 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
+def _os_error(e):
+    """The OSError behind e (torch.save reports a failed write as a RuntimeError
+    whose context is the OSError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_save(obj, path) -> None:
-    """torch.save(obj, path) so that `path` is always either the old or the new file."""
+    """torch.save(obj, path) so that `path` is always either the old or the new file.
+    A failed write (disk full, read-only folder) is a CheckpointError naming the
+    file and the cause; the temp file is removed and the old file left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error(e)
+        if cause is not None:
+            raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from e
         raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def list_checkpoints(folder):
@@ -70,25 +89,59 @@ def list_checkpoints(folder):
 
 
 def resolve(path):
-    """A checkpoint file, or the newest ckpt-*.pt in a run folder."""
+    """What `path` names: a checkpoint file, the newest ckpt-*.pt of a run folder,
+    or a diffusers UNet / pipeline folder (returned as is; load() reads it)."""
+    from fastddpm import interop
     path = os.fspath(path)
     if os.path.isdir(path):
+        if interop.folder_kind(path) is not None:
+            return path
         found = list_checkpoints(path)
         if not found:
-            raise CheckpointError(f"no checkpoint (ckpt-*.pt) in folder {path}")
+            raise CheckpointError(f"no checkpoint in folder {path}: no ckpt-*.pt (a run folder), "
+                                  "model_index.json (a diffusers pipeline) or config.json with "
+                                  "diffusion_pytorch_model.* (a diffusers UNet)")
         return found[-1][1]
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
 
 
-def load(path, map_location="cpu") -> dict:
-    """Read a checkpoint (file or run folder), with errors that name the file."""
-    path = resolve(path)
+def _torch_load(path, map_location):
+    """torch.load that never runs code: tensors and plain data only (weights_only),
+    plus torch's version string (a str subclass the trainer records)."""
+    from torch.torch_version import TorchVersion
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {e}") from e
+        with torch.serialization.safe_globals([TorchVersion]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            found = re.search(r"Unsupported (?:global|operand)[^.]*?: ?(GLOBAL )?([\w.]+)", str(e))
+            what = f" ({found.group(2)})" if found else ""
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain "
+                                  f"data{what}: refused, since loading it could run code") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
+
+
+def _is_state_dict(d):
+    return isinstance(d, dict) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in d.items())
+
+
+def load(path, map_location="cpu") -> dict:
+    """Read a checkpoint, deciding by what it finds: our .pt (or a run folder's
+    newest), a bare state_dict with config.json beside it, a diffusers UNet
+    folder or a diffusers pipeline folder. Always our dict format; errors name
+    the file. Nothing read can run code."""
+    path = resolve(path)
+    if os.path.isdir(path):
+        from fastddpm import interop
+        return interop.load_folder(path)
+    ckpt = _torch_load(path, map_location)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         if ckpt.get("version") == 1:
             raise CheckpointError(
@@ -100,8 +153,14 @@ def load(path, map_location="cpu") -> dict:
         if ckpt.get("version") != VERSION:
             raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')}, "
                                   f"this fastddpm reads version {VERSION}")
+        for key in ("model", "ema"):
+            if key == "model" and key not in ckpt:
+                raise CheckpointError(f"checkpoint {path} has no model weights (its key 'model' is missing)")
+            if (key == "model" or ckpt.get(key) is not None) and not _is_state_dict(ckpt[key]):
+                raise CheckpointError(f"checkpoint {path}: its '{key}' entry is not a state_dict of "
+                                      f"tensors (got {type(ckpt[key]).__name__})")
         return ckpt
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if _is_state_dict(ckpt):
         return _from_bare_state_dict(path, ckpt)
     raise CheckpointError(f"{path} is not a fastddpm checkpoint (no '{FORMAT}' format tag, "
                           "and not a state_dict with a config.json beside it)")
@@ -118,7 +177,7 @@ def _from_bare_state_dict(path, state_dict):
             config = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if "model" not in config:
+    if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError(f"{cfg_path} has no 'model' section")
     return {"format": FORMAT, "version": VERSION, "step": None, "config": config,
             "model": state_dict, "ema": None}
@@ -126,7 +185,7 @@ def _from_bare_state_dict(path, state_dict):
 
 def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
     """(UNet, GaussianDiffusion) from a loaded checkpoint; EMA weights when present
-    and use_ema. A state_dict that does not fit the config is refused."""
+    and use_ema. Weights that do not fit the config, or hold NaN/inf, are refused."""
     from fastddpm.diffusion import GaussianDiffusion
     from fastddpm.unet import UNet, UNetConfig
 
@@ -137,13 +196,26 @@ def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
         raise CheckpointError(f"{path}: bad or missing model config: {e}") from e
     diff_cfg = config.get("diffusion") or {"schedule": "linear", "T": 1000, "beta_start": 1e-4,
                                            "beta_end": 0.02, "variance": "fixedlarge"}
+    which = "ema" if use_ema and ckpt.get("ema") is not None else "model"
+    weights = ckpt.get(which)
+    if not _is_state_dict(weights):
+        raise CheckpointError(f"{path} has no model weights (its key '{which}' is missing or not a state_dict)")
+    for name, w in weights.items():
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise CheckpointError(f"{path}: {which} weight {name} holds {bad} NaN/inf value(s) of {w.numel()}; "
+                                  "these weights cannot sample (a diverged run?)")
     model = UNet(model_cfg)
-    weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model config {model_cfg}: {e}") from e
-    return model, GaussianDiffusion.from_config(diff_cfg)
+        raise CheckpointError(f"{path}: weights do not fit the model config {model_cfg}: "
+                              f"{' '.join(str(e).split())}") from e
+    try:
+        diffusion = GaussianDiffusion.from_config(diff_cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad diffusion config {diff_cfg}: {e}") from e
+    return model, diffusion
 
 
 def load_for_sampling(path, map_location="cpu", use_ema=True):

@@ -327,15 +327,25 @@ def _mix(seed, step, stream):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The process's RNG states as tensors and plain ints (checkpoints load with
+    weights_only=True, which refuses numpy arrays and arbitrary objects)."""
+    version, internal, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
