@@ -9,8 +9,15 @@ A checkpoint is a dict saved with torch.save:
     per rank), data {seed, epoch, position, steps_per_epoch, global_batch, size,
     image_shape, fingerprint, source}, counters {skipped, streak}, world_size,
     param_digest_per_rank (sha1 of each rank's weights)}.
+It is read back with torch.load(weights_only=True): tensors and plain data
+only (the RNG states are tensors and ints), so a crafted file cannot run code.
 Writes are atomic (temp file in the same folder, fsync, rename, fsync the
-folder), so a kill at any moment leaves the previous file intact.
+folder), so a kill at any moment leaves the previous file intact; a failed
+write (disk full) is a CheckpointError naming the file and the cause.
+
+load() is the one loader: besides our files it reads a bare state_dict with a
+config.json beside it and diffusers UNet2DModel / DDPMPipeline folders
+(fastddpm.interop), always returning our dict.
 """
 import json
 import os
@@ -115,13 +122,12 @@ def _torch_load(path, map_location):
         with torch.serialization.safe_globals([TorchVersion]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            found = re.search(r"Unsupported (?:global|operand)[^.]*?: ?(GLOBAL )?([\w.]+)", str(e))
-            what = f" ({found.group(2)})" if found else ""
-            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain "
-                                  f"data{what}: refused, since loading it could run code") from None
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain data "
+                                  f"({found.group(1)}): refused, since loading it could run code") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (not a checkpoint, truncated or corrupt?): "
+                              "its pickle stream is not plain data") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
@@ -219,7 +225,7 @@ def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
 
 
 def load_for_sampling(path, map_location="cpu", use_ema=True):
-    """(UNet in eval mode, GaussianDiffusion, checkpoint dict) from a file or run folder."""
+    """(UNet in eval mode, GaussianDiffusion, checkpoint dict) from anything load() reads."""
     path = resolve(path)
     ckpt = load(path, map_location)
     model, diffusion = build_model(ckpt, use_ema=use_ema, path=path)

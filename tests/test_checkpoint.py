@@ -42,6 +42,9 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="ckpt-00000005.pt.*unreadable"):
         C.load(tmp_path)
+    path.write_bytes(os.urandom(3000))
+    with pytest.raises(CheckpointError, match="ckpt-00000005.pt is unreadable"):
+        C.load(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         C.resolve(tmp_path / "empty")
@@ -60,6 +63,116 @@ def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path):
     from fastddpm.sample import main as sample_main
     with pytest.raises(SystemExit, match="version 1.*retrain"):
         sample_main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("how", ["torch.save", "plain pickle"])
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path, capsys, how):
+    import pickle
+    marker = tmp_path / "pwned"
+    path = tmp_path / "run" / "ckpt-00000009.pt"
+    path.parent.mkdir()
+    payload = {"format": C.FORMAT, "version": C.VERSION, "step": 9, "model": {}, "x": _RunsCode(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    # torch.save's pickle names the callable; a protocol-4 pickle already fails on an opcode
+    refused = (r"ckpt-00000009.pt holds Python objects other than tensors.*\((posix|os).system\): refused, "
+               r"since loading it could run code" if how == "torch.save" else
+               r"ckpt-00000009.pt is unreadable .*not plain data")
+    with pytest.raises(CheckpointError, match=refused):
+        C.load(path)
+    from fastddpm.sample import main as sample_main
+    with pytest.raises(SystemExit, match="error: checkpoint .*(could run code|not plain data)"):
+        sample_main(["--checkpoint", str(path.parent), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    from fastddpm.train import main as train_main
+    assert train_main(["--resume", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("could run code" in err[0] or "not plain data" in err[0]), err
+    assert not marker.exists()
+
+
+def _tiny_ckpt(**changes):
+    from fastddpm import GaussianDiffusion, UNet, UNetConfig
+    cfg = UNetConfig.tiny(image_size=8, ch_mult=(1, 2), attn_resolutions=(4,), num_groups=4)
+    sd = UNet(cfg).state_dict()
+    ckpt = {"format": C.FORMAT, "version": C.VERSION, "step": 2,
+            "config": {"model": cfg.to_dict(), "diffusion": GaussianDiffusion.linear(T=10).config},
+            "model": sd, "ema": {k: v.clone() for k, v in sd.items()}}
+    ckpt.update(changes)
+    return ckpt
+
+
+def test_nonfinite_weights_are_refused_by_name(tmp_path):
+    ckpt = _tiny_ckpt()
+    ckpt["ema"]["down.0.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    ckpt["model"]["mid.1.qkv.bias"][3] = float("inf")
+    C.atomic_save(ckpt, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"m.pt: ema weight down.0.0.conv1.weight holds 1 NaN/inf"):
+        C.load_for_sampling(tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"m.pt: model weight mid.1.qkv.bias holds 1 NaN/inf"):
+        C.load_for_sampling(tmp_path / "m.pt", use_ema=False)
+    from fastddpm.sample import main as sample_main
+    with pytest.raises(SystemExit, match="error: .*down.0.0.conv1.weight holds 1 NaN/inf"):
+        sample_main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_a_checkpoint_without_its_model_weights_names_the_key(tmp_path, capsys):
+    ckpt = _tiny_ckpt()
+    del ckpt["model"]
+    C.atomic_save(ckpt, tmp_path / "ckpt-00000002.pt")
+    with pytest.raises(CheckpointError, match=r"ckpt-00000002.pt has no model weights \(its key 'model' is missing\)"):
+        C.load_for_sampling(tmp_path)
+    from fastddpm.train import main as train_main
+    assert train_main(["--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "its key 'model' is missing" in capsys.readouterr().err
+    C.atomic_save(_tiny_ckpt(ema=[1, 2]), tmp_path / "ckpt-00000003.pt")
+    with pytest.raises(CheckpointError, match="its 'ema' entry is not a state_dict"):
+        C.load(tmp_path)
+
+
+def _assert_disk_full_is_reported(tmp_path, path):
+    with pytest.raises(CheckpointError) as e:
+        C.atomic_save({"a": torch.zeros(3)}, path)
+    assert str(e.value) == f"cannot write checkpoint {path}: No space left on device"
+    assert torch.equal(torch.load(path)["a"], torch.ones(3))  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # no temp file left
+
+
+def test_disk_full_while_checkpointing_says_so(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "ckpt-00000001.pt")
+    C.atomic_save({"a": torch.ones(3)}, path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full)
+        _assert_disk_full_is_reported(tmp_path, path)
+    if os.path.exists("/dev/full"):  # a real ENOSPC from the write, as torch.save wraps it
+        import tempfile
+        real = tempfile.mkstemp
+
+        def on_dev_full(*args, **kwargs):
+            fd, name = real(*args, **kwargs)
+            os.close(fd)
+            return os.open("/dev/full", os.O_WRONLY), name
+
+        monkeypatch.setattr(tempfile, "mkstemp", on_dev_full)
+        _assert_disk_full_is_reported(tmp_path, path)
 
 
 def _wait_for(cond, timeout, what, proc=None):
