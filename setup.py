@@ -46,7 +46,7 @@ setup(
     packages=["fastddpm", "fastddpm.ops", "fastddpm.kernels"],
     package_dir={"fastddpm.kernels": "kernels"},
     package_data={"fastddpm": ["assets/*.npz"]},
-    install_requires=["torch>=2.11", "numpy", "tqdm", "pillow"],
+    install_requires=["torch>=2.11", "numpy", "tqdm", "pillow", "safetensors"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
