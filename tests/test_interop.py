@@ -101,7 +101,7 @@ def test_cifar10_layout_matches_and_is_the_papers_network(tmp_path):
     model, _, _ = C.load_for_sampling(tmp_path / "unet")
     assert model.config == UNetConfig.cifar10(dropout=0.0)
     assert sum(p.numel() for p in model.parameters()) == 35_746_307
-    err = _compare(model, theirs, 3, 32, [0, 999])
+    err = _compare(model, theirs, 3, 32, [617])  # batch 1: the small configs sweep the timesteps
     assert err < TOL, f"relative error {err:.2e} (seed {seed})"
 
 
