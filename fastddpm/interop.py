@@ -393,26 +393,37 @@ def _read_weights(folder):
     return path, sd
 
 
+def _first(*paths):
+    return next((p for p in paths if os.path.exists(p)), None)
+
+
 def load_folder(path) -> dict:
-    """A diffusers UNet or pipeline folder as a checkpoint dict in our format.
-    A lone UNet folder gets the paper's schedule (linear, T = 1000, fixedlarge)."""
+    """A diffusers folder as a checkpoint dict in our format: a pipeline
+    (model_index.json with unet/ and scheduler/, or the flat layout of the
+    google/ddpm-* repositories: config.json, scheduler_config.json and the
+    weights side by side) or a UNet folder, which gets the paper's schedule
+    (linear, T = 1000, fixedlarge) unless a scheduler_config.json lies beside it."""
     kind = folder_kind(path)
-    diffusion, clip, source = None, True, "diffusers UNet2DModel"
+    if kind is None:
+        raise CheckpointError(f"{path} is not a diffusers folder (no model_index.json, or config.json with "
+                              f"{' / '.join(WEIGHT_FILES)})")
+    source = "diffusers UNet2DModel"
     if kind == "pipeline":
-        index = _read_json(os.path.join(path, "model_index.json"))
+        index_path = os.path.join(path, "model_index.json")
+        index = _read_json(index_path)
         for part, cls in (("unet", "UNet2DModel"), ("scheduler", "DDPMScheduler")):
             entry = index.get(part)
             if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == cls):
-                _refuse(os.path.join(path, "model_index.json"), part, entry, f"fastddpm reads [\"diffusers\", \"{cls}\"]")
+                _refuse(index_path, part, entry, f"fastddpm reads [\"diffusers\", \"{cls}\"]")
         source = f"diffusers {index.get('_class_name', 'pipeline')}"
-        sched = os.path.join(path, "scheduler", "scheduler_config.json")
-        diffusion, clip = diffusion_config_from_scheduler(_read_json(sched), sched)
-        unet_dir = os.path.join(path, "unet")
-    elif kind == "unet":
-        unet_dir = path
-    else:
-        raise CheckpointError(f"{path} is not a diffusers folder (no model_index.json, or config.json with "
-                              f"{' / '.join(WEIGHT_FILES)})")
+    sub = os.path.join(path, "unet")
+    unet_dir = sub if kind == "pipeline" and os.path.isfile(os.path.join(sub, "config.json")) else path
+    sched = _first(os.path.join(path, "scheduler", "scheduler_config.json"),
+                   os.path.join(path, "scheduler_config.json"))
+    if kind == "pipeline" and sched is None:
+        raise CheckpointError(f"{os.path.join(path, 'scheduler', 'scheduler_config.json')} is missing "
+                              "(nor is there a scheduler_config.json beside model_index.json)")
+    diffusion, clip = diffusion_config_from_scheduler(_read_json(sched), sched) if sched else (None, True)
     cfg_path = os.path.join(unet_dir, "config.json")
     cfg = unet_config_from_diffusers(_read_json(cfg_path), cfg_path)
     weights_path, raw = _read_weights(unet_dir)
@@ -462,6 +473,9 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
                 json.dump(obj, f, indent=2)
                 f.write("\n")
         save_file(weights, os.path.join(tmp, "unet", WEIGHT_FILES[0]), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the folder is meant to be shared
         if os.path.isdir(dst):
             os.rmdir(dst)
         os.replace(tmp, dst)

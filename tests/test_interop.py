@@ -345,6 +345,27 @@ def _pipeline_folder(tmp_path, T=8, **sched):
     return tmp_path / "pipe"
 
 
+def test_flat_layout_of_the_google_repositories(tmp_path):
+    """google/ddpm-cifar10-32 keeps config.json, scheduler_config.json, the
+    weights and model_index.json side by side; a UNet folder with a
+    scheduler_config.json beside it uses that schedule too."""
+    fresh_seed()
+    root = tmp_path / "flat"
+    theirs = _diffusers_unet(SMALL["one-head"], root)
+    DDPMScheduler(num_train_timesteps=9, beta_start=1e-3, beta_end=0.2, variance_type="fixed_large").save_pretrained(root)
+    ckpt = C.load(root)
+    assert ckpt["config"]["diffusion"] == {"schedule": "linear", "T": 9, "beta_start": 1e-3, "beta_end": 0.2,
+                                           "variance": "fixedlarge"}
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": [
+        "diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+    model, diffusion, ckpt = C.load_for_sampling(root)
+    assert ckpt["config"]["source"]["format"] == "diffusers DDPMPipeline" and diffusion.num_timesteps == 9
+    assert _compare(model, theirs, 3, 8, [0, 8]) < TOL
+    os.remove(root / "scheduler_config.json")
+    with pytest.raises(CheckpointError, match="scheduler_config.json is missing"):
+        C.load(root)
+
+
 def test_bad_weight_files_are_refused(tmp_path):
     folder = _pipeline_folder(tmp_path)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
