@@ -115,6 +115,9 @@ def unet_config_from_diffusers(raw: dict, where="config.json"):
             _refuse(where, field, cfg[field], f"the paper's network needs {need!r}")
     if cfg["act_fn"] not in ("silu", "swish"):
         _refuse(where, "act_fn", cfg["act_fn"], "the paper's network uses silu")
+    for field in ("block_out_channels", "down_block_types", "up_block_types"):
+        if not isinstance(cfg[field], (list, tuple)):
+            _refuse(where, field, cfg[field], "a list")
     boc, down, up = list(cfg["block_out_channels"]), list(cfg["down_block_types"]), list(cfg["up_block_types"])
     if not boc or not all(isinstance(c, int) and c > 0 for c in boc):
         _refuse(where, "block_out_channels", boc, "expected positive ints")
@@ -218,11 +221,12 @@ def diffusion_config_from_scheduler(raw: dict, where="scheduler_config.json"):
     T = cfg["num_train_timesteps"]
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         _refuse(where, "num_train_timesteps", T, "a positive int")
-    if cfg["trained_betas"] is not None:
-        betas = cfg["trained_betas"]
-        if not isinstance(betas, list) or len(betas) != T:
-            _refuse(where, "trained_betas", f"<{type(betas).__name__} of {len(betas) if isinstance(betas, list) else '?'}>",
-                    f"a list of num_train_timesteps = {T} floats")
+    betas = cfg["trained_betas"]
+    if betas is not None and not (isinstance(betas, list) and len(betas) == T
+                                  and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+        what = f"a list of {len(betas)}" if isinstance(betas, list) else f"a {type(betas).__name__}"
+        _refuse(where, "trained_betas", what, f"a list of num_train_timesteps = {T} numbers")
+    if betas is not None:
         dcfg = {"schedule": "custom", "betas": [float(b) for b in betas], "variance": variance}
     else:
         schedule = {v: k for k, v in SCHEDULES.items()}.get(cfg["beta_schedule"])
@@ -230,7 +234,10 @@ def diffusion_config_from_scheduler(raw: dict, where="scheduler_config.json"):
             _refuse(where, "beta_schedule", cfg["beta_schedule"], f"one of {sorted(SCHEDULES.values())}")
         dcfg = {"schedule": schedule, "T": T, "variance": variance}
         if schedule != "cosine":
-            dcfg.update(beta_start=float(cfg["beta_start"]), beta_end=float(cfg["beta_end"]))
+            for field in ("beta_start", "beta_end"):
+                if not isinstance(cfg[field], (int, float)) or isinstance(cfg[field], bool):
+                    _refuse(where, field, cfg[field], "a number")
+                dcfg[field] = float(cfg[field])
     if not isinstance(cfg["clip_sample"], bool):
         _refuse(where, "clip_sample", cfg["clip_sample"], "true or false")
     from fastddpm.diffusion import GaussianDiffusion

@@ -294,6 +294,8 @@ BAD_UNET = [
     ("attention_head_dim", 12, "attention_head_dim=12"),
     ("block_out_channels", (16, 24), "multiple of the first"),
     ("sample_size", (8, 16), "square"),
+    ("block_out_channels", 16, "block_out_channels=16 .*a list"),
+    ("layers_per_block", "2", "num_res_blocks"),
     ("dropout", 1.0, "dropout"),
     ("norm_num_groups", 5, "num_groups"),
     ("_class_name", "UNet2DConditionModel", "UNet2DConditionModel"),
@@ -330,8 +332,14 @@ def test_trained_betas_and_unknown_fields(tmp_path):
     betas = np.linspace(1e-3, 0.1, 7).tolist()
     dcfg, _ = interop.diffusion_config_from_scheduler({"trained_betas": betas, "num_train_timesteps": 7})
     assert GaussianDiffusion.from_config(dcfg).betas.tolist() == betas
-    with pytest.raises(CheckpointError, match="trained_betas"):
+    with pytest.raises(CheckpointError, match="trained_betas='a list of 7'"):
         interop.diffusion_config_from_scheduler({"trained_betas": betas, "num_train_timesteps": 8})
+    with pytest.raises(CheckpointError, match="trained_betas"):
+        interop.diffusion_config_from_scheduler({"trained_betas": ["x"], "num_train_timesteps": 1})
+    with pytest.raises(CheckpointError, match="beta_end='0.02'"):
+        interop.diffusion_config_from_scheduler({"beta_end": "0.02"})
+    with pytest.raises(CheckpointError, match="betas must lie in"):
+        interop.diffusion_config_from_scheduler({"beta_end": 1.5})
     with pytest.warns(UserWarning, match="ignoring .*'some_future_field'"):
         interop.unet_config_from_diffusers({**SMALL["one-head"], "some_future_field": 1})
 
