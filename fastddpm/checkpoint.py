@@ -114,7 +114,7 @@ def resolve(path):
     return path
 
 
-def _torch_load(path, map_location):
+def safe_torch_load(path, map_location="cpu"):
     """torch.load that never runs code: tensors and plain data only (weights_only),
     plus torch's version string (a str subclass the trainer records)."""
     from torch.torch_version import TorchVersion
@@ -147,7 +147,7 @@ def load(path, map_location="cpu") -> dict:
     if os.path.isdir(path):
         from fastddpm import interop
         return interop.load_folder(path)
-    ckpt = _torch_load(path, map_location)
+    ckpt = safe_torch_load(path, map_location)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         if ckpt.get("version") == 1:
             raise CheckpointError(

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from fastddpm.checkpoint import FORMAT, VERSION, CheckpointError
+from fastddpm.checkpoint import FORMAT, VERSION, CheckpointError, safe_torch_load
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_VERSION = "0.42.1"  # the version the mapping was checked against
@@ -391,7 +391,9 @@ def _read_weights(folder):
             from safetensors.torch import load_file
             sd = load_file(path, device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = safe_torch_load(path)  # weights_only: never runs code
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors and torch raise several kinds for a bad file
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is unreadable (truncated, corrupt, or not plain tensors): {first}") from None

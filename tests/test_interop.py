@@ -387,6 +387,14 @@ def test_bad_weight_files_are_refused(tmp_path):
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a zip, not a pickle")
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.bin is unreadable"):
         C.load(folder)
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"conv_in.weight": RunsCode()}, folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.bin holds Python objects .*could run code"):
+        C.load(folder)
+    assert not (tmp_path / "pwned").exists()
     (folder / "unet" / "diffusion_pytorch_model.bin").unlink()
     os.remove(folder / "scheduler" / "scheduler_config.json")
     with pytest.raises(CheckpointError, match="scheduler_config.json is missing"):
