@@ -360,7 +360,8 @@ def test_flat_layout_of_the_google_repositories(tmp_path):
     fresh_seed()
     root = tmp_path / "flat"
     theirs = _diffusers_unet(SMALL["one-head"], root)
-    DDPMScheduler(num_train_timesteps=9, beta_start=1e-3, beta_end=0.2, variance_type="fixed_large").save_pretrained(root)
+    sched = DDPMScheduler(num_train_timesteps=9, beta_start=1e-3, beta_end=0.2, variance_type="fixed_large")
+    sched.save_pretrained(root)
     ckpt = C.load(root)
     assert ckpt["config"]["diffusion"] == {"schedule": "linear", "T": 9, "beta_start": 1e-3, "beta_end": 0.2,
                                            "variance": "fixedlarge"}
