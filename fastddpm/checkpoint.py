@@ -159,9 +159,9 @@ def load(path, map_location="cpu") -> dict:
         if ckpt.get("version") != VERSION:
             raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')}, "
                                   f"this fastddpm reads version {VERSION}")
-        for key in ("model", "ema"):
-            if key == "model" and key not in ckpt:
-                raise CheckpointError(f"checkpoint {path} has no model weights (its key 'model' is missing)")
+        if "model" not in ckpt:
+            raise CheckpointError(f"checkpoint {path} has no model weights (its key 'model' is missing)")
+        for key in ("model", "ema"):  # ema may be None (not kept)
             if (key == "model" or ckpt.get(key) is not None) and not _is_state_dict(ckpt[key]):
                 raise CheckpointError(f"checkpoint {path}: its '{key}' entry is not a state_dict of "
                                       f"tensors (got {type(ckpt[key]).__name__})")
