@@ -123,12 +123,11 @@ _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 def _mulhilo32(a, m):
     """(high, low) 32-bit words of a * m for int64 tensors a in [0, 2^32) and a
-    constant m < 2^32, without overflowing int64 (16-bit halves)."""
-    p_lo = (a & 0xFFFF) * m
-    p_hi = (a >> 16) * m
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
-    return hi, lo
+    constant m < 2^32: the product is < 2^64 and int64 multiplication wraps
+    modulo 2^64 (two's complement), so its bits are exact; shifts and masks
+    then read the two words."""
+    p = a * m
+    return (p >> 32) & _M32, p & _M32
 
 
 def philox4x32_ref(key, c0, c1, c2, c3, rounds=10):
@@ -174,7 +173,8 @@ def sample_step_ref(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, c
     table: (S, 6) coefficients (any float dtype, applied in float32, float64 for
     float64 x_t); step: int64 (1,), the row to use, on the device; x0_prev: like
     x_t, or None for zero; noise: z like x_t, or None to draw it from `rng` with
-    philox_normal_ref. eps may have another float dtype than x_t.
+    philox_normal_ref, or neither: no noise term. eps may have another float
+    dtype than x_t.
     """
     cd = _compute_dtype(x_t.dtype)
     a_x, a_e, c_x, c_0, c_p, sigma = table.index_select(0, step).to(cd)[0].unbind()
@@ -185,6 +185,7 @@ def sample_step_ref(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, c
     out = c_x * x + c_0 * x0
     if x0_prev is not None:
         out = out + c_p * x0_prev.to(cd)
-    z = philox_normal_ref(rng, x_t.shape) if noise is None else noise
-    out = out + sigma * z.to(cd)
+    if noise is not None or rng is not None:
+        z = philox_normal_ref(rng, x_t.shape) if noise is None else noise
+        out = out + sigma * z.to(cd)
     return out.to(x_t.dtype), x0.to(x_t.dtype)

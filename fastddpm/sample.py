@@ -45,9 +45,10 @@ def parse_args(argv=None):
                    help="network evaluations per sample, 1..T, at that many distinct timesteps (default T)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 = ancestral with fixedsmall (default 0)")
-    p.add_argument("--spacing", choices=SPACINGS, default="uniform",
-                   help="timesteps kept when --steps < T: uniform, or quadratic (the DDIM paper's CIFAR-10 "
-                   "choice) (default uniform)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="timesteps kept when --steps < T: uniform; quadratic (the DDIM paper's CIFAR-10 choice); "
+                   "logsnr (uniform in log(alpha/sigma), DPM-Solver's) (default: uniform for ddpm, quadratic "
+                   "for ddim, logsnr for dpmpp2m)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default: bf16 on a GPU that supports it, else fp32)")
@@ -150,7 +151,7 @@ def main(argv=None):
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,
                    seed=args.seed, device=device, precision=precision, clip=not args.no_clip,
                    progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
-                   spacing=args.spacing, cuda_graphs=cuda_graphs)
+                   spacing=plan.spacing, cuda_graphs=cuda_graphs)
     except NonFiniteSamplesError as e:
         _fail(f"{e} (no images written)")
     elapsed = time.perf_counter() - t0

@@ -258,10 +258,10 @@ def _sample_step_fwd_kernel(
     Xt,         # (B, D) contiguous x_t
     Eps,        # (B, D) contiguous eps_hat, any kernel dtype
     Prev,       # (B, D) contiguous x0_hat of the previous step, x_t's dtype; unused unless HAS_PREV
-    Noise,      # (B, D) contiguous z; unused unless HAS_NOISE
+    Noise,      # (B, D) contiguous z; unused unless NOISE == 1
     Table,      # (num_rows, 6) contiguous sampler coefficients, any float dtype
     Step,       # (1,) int64: the table row of this step (read on the device)
-    Rng,        # (3,) int64: Philox key, stream offset, index of sample 0; unused with HAS_NOISE
+    Rng,        # (3,) int64: Philox key, stream offset, index of sample 0; unused unless NOISE == 2
     Out,        # (B, D) contiguous out x_next, x_t's dtype
     X0Out,      # (B, D) contiguous out x0_hat, x_t's dtype; unused unless WRITE_X0
     D,          # elements per sample
@@ -269,7 +269,7 @@ def _sample_step_fwd_kernel(
     b_first,    # first sample of this launch (launches are chunked by 65535 samples)
     CLIP: tl.constexpr,
     HAS_PREV: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
+    NOISE: tl.constexpr,         # 0: none (deterministic samplers), 1: Noise, 2: Philox from Rng
     WRITE_X0: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -294,9 +294,9 @@ def _sample_step_fwd_kernel(
     out = c_x * x + c_0 * x0
     if HAS_PREV:
         out += c_p * tl.load(Prev + base + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NOISE:
-        z = tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
+    if NOISE == 1:
+        out += sigma * tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 2:
         # reference.philox_normal_ref: counter (d, first_sample + b, offset lo, offset hi)
         key = tl.load(Rng)
         offset = tl.load(Rng + 1)
@@ -307,8 +307,7 @@ def _sample_step_fwd_kernel(
                                         (zero + ((offset >> 32) & 0xFFFFFFFF)).to(tl.uint32))
         u1 = ((w0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         u2 = ((w1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
-    out += sigma * z
+        out += sigma * (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2))
     tl.store(Out + base + offs, out.to(Out.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(X0Out + base + offs, x0.to(X0Out.dtype.element_ty), mask=mask)
@@ -317,8 +316,9 @@ def _sample_step_fwd_kernel(
 def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, clip=True, write_x0=False):
     """One step of any sampler (reference.sample_step_ref): returns (x_next, x0_hat)
     as contiguous tensors in x_t's dtype; x0_hat is an empty (0,) tensor unless
-    write_x0. z is `noise` when given, else Philox normals from `rng` ((3,) int64
-    on the device: key, offset, first sample index), drawn in the kernel: no host
+    write_x0. z is `noise` when given, Philox normals from `rng` ((3,) int64
+    on the device: key, offset, first sample index) when that is given, else
+    zero (no noise term). Philox is drawn in the kernel: no host
     sync and no host-side generator state, so a CUDA graph replay that advances
     rng on the device draws fresh noise. One read of x_t, eps (and x0_prev), one
     write of x_next (and x0_hat)."""
@@ -328,13 +328,13 @@ def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, c
         raise ValueError(f"sample_step: table must be (S, {NUM_COEFS}), got {tuple(table.shape)}")
     if step.shape != (1,) or step.dtype != torch.int64:
         raise ValueError("sample_step: step must be a (1,) int64 tensor")
-    if (noise is None) == (rng is None):
-        raise ValueError("sample_step: give exactly one of noise and rng")
+    if noise is not None and rng is not None:
+        raise ValueError("sample_step: give noise or rng, not both")
     if rng is not None and (rng.shape != (3,) or rng.dtype != torch.int64):
         raise ValueError("sample_step: rng must be a (3,) int64 tensor")
     B = x_t.shape[0]
     D = x_t[0].numel() if B else 0
-    if noise is None and D >= 2**32:
+    if rng is not None and D >= 2**32:
         raise ValueError(f"sample_step: in-kernel noise needs fewer than 2^32 elements per sample, got {D}")
     xc, ec = x_t.contiguous(), eps.contiguous()
     pc = x0_prev.to(x_t.dtype).contiguous() if x0_prev is not None else xc
@@ -347,6 +347,6 @@ def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, c
     _batched_launch(_sample_step_fwd_kernel, B, D,
                     lambda b0: (xc, ec, pc, nz, tab, step, rng if rng is not None else step, y,
                                 x0 if write_x0 else y, D, tab.shape[0], b0),
-                    CLIP=bool(clip), HAS_PREV=x0_prev is not None, HAS_NOISE=noise is not None,
-                    WRITE_X0=bool(write_x0))
+                    CLIP=bool(clip), HAS_PREV=x0_prev is not None,
+                    NOISE=1 if noise is not None else 2 if rng is not None else 0, WRITE_X0=bool(write_x0))
     return y, x0

@@ -114,7 +114,8 @@ def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, cl
     needs no cast); table: (S, 6) float coefficients on x_t's device; step: (1,)
     int64 on the device, the row (in [0, S-1]); x0_prev: like x_t or None (zero);
     noise: z like x_t, or None with `rng`, a (3,) int64 device tensor (key,
-    offset, first_sample) from which z is drawn (reference.philox_normal_ref).
+    offset, first_sample) from which z is drawn (reference.philox_normal_ref);
+    neither: no noise term (deterministic samplers: no Philox work at all).
     The caller advances step and rng[1] between steps, on the device.
     check_range=False skips reading step on the host (for callers that built it).
     """
@@ -132,12 +133,12 @@ def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, cl
         raise ValueError(f"table is on {table.device}, expected {x_t.device}")
     if x0_prev is not None:
         check_same("x0_prev", x0_prev, "x_t", x_t)
-    if (noise is None) == (rng is None):
-        raise ValueError("sample_step: give exactly one of noise and rng")
+    if noise is not None and rng is not None:
+        raise ValueError("sample_step: give noise or rng, not both")
     if noise is not None:
         check_same("noise", noise, "x_t", x_t, dtype=False)
         check_float("noise", noise)
-    else:
+    elif rng is not None:
         _check_device_ints("rng", rng, (3,), x_t.device)
         if x_t[0].numel() >= 2**32:
             raise ValueError(f"sample_step: in-kernel noise needs fewer than 2^32 elements per sample, "

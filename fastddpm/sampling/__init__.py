@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastddpm import ops, reference
-from fastddpm.sampling.tables import SAMPLERS, SPACINGS, SamplerPlan, make_plan, spaced_timesteps  # noqa: F401
+from fastddpm.sampling.tables import (DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplerPlan,  # noqa: F401
+                                      make_plan, spaced_timesteps)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --compile of the train and sample CLIs: eager, or a torch.compile mode
@@ -78,6 +79,7 @@ class StepState:
     health: torch.Tensor       # (1,) float32: running sum of eps_hat (NaN/inf stick)
     table: torch.Tensor        # (N, 6) float64 coefficients
     timesteps: torch.Tensor    # (N,) int64 network timesteps
+    stochastic: bool           # whether steps add noise (else no Philox work)
 
     @classmethod
     def allocate(cls, plan, shape, device):
@@ -87,7 +89,8 @@ class StepState:
                    rng=torch.zeros(3, dtype=torch.int64, device=device),
                    health=torch.zeros(1, dtype=torch.float32, device=device),
                    table=plan.table.to(device),
-                   timesteps=torch.tensor(plan.timesteps, dtype=torch.int64, device=device))
+                   timesteps=torch.tensor(plan.timesteps, dtype=torch.int64, device=device),
+                   stochastic=plan.stochastic)
 
     def reset(self, seed, first_sample):
         """Start a batch: x = x_T from (seed, first_sample) at offset 0, step 0."""
@@ -111,7 +114,8 @@ def denoise_step(model, state, precision, clip):
     state.health.add_(eps.detach().sum(dtype=torch.float32))
     multistep = state.x0_prev.numel() > 0
     x_next, x0 = ops.diffusion.sample_step(x, eps.detach(), state.table, state.step,
-                                           state.x0_prev if multistep else None, rng=state.rng, clip=clip,
+                                           state.x0_prev if multistep else None,
+                                           rng=state.rng if state.stochastic else None, clip=clip,
                                            return_x0=multistep, check_range=False)   # step built here
     x.copy_(x_next)
     if multistep:
@@ -155,13 +159,14 @@ def sample_batch(model, diffusion, n, seed=0, *, first_sample=0, plan=None, devi
 
 @torch.no_grad()
 def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="fp32", clip=True,
-           progress=True, *, sampler="ddpm", steps=None, eta=None, spacing="uniform", variance=None,
+           progress=True, *, sampler="ddpm", steps=None, eta=None, spacing=None, variance=None,
            cuda_graphs=None):
     """n samples from `model`, in batches of batch_size.
 
     sampler: "ddpm" (ancestral; respaced when steps < T), "ddim" (eta in [0, 1],
     default 0) or "dpmpp2m" (DPM-Solver++(2M)); steps: network evaluations per
-    sample, 1..T (default T); spacing: "uniform" or "quadratic" timesteps;
+    sample, 1..T (default T); spacing: "uniform", "quadratic" or "logsnr"
+    timesteps (default: uniform for ddpm, quadratic for ddim, logsnr for dpmpp2m);
     variance: ddpm's "fixedlarge"/"fixedsmall" (default: the diffusion's).
     cuda_graphs: replay one captured step per batch shape (default: on for CUDA
     devices; falls back to eager with a message if capture fails).

@@ -30,9 +30,14 @@ a_e = sqrt(1/abar_i - 1) for every sampler, and:
 
 Timestep spacing (N network evaluations at exactly N distinct timesteps):
 "uniform" tau = floor(k T / N), k = 0..N-1 (DDIM's range(0, T, T // N) when N
-divides T), "quadratic" floor((k / (N - 1))^2 * 0.8 T) as the DDIM paper's
-CIFAR-10 runs, made strictly increasing (a repeated value moves up by one, and
-values are kept below T), so that N steps are N distinct timesteps.
+divides T); "quadratic" floor((k / (N - 1))^2 * 0.8 T), the DDIM paper's
+CIFAR-10 choice; "logsnr" the timesteps nearest to N values of lambda =
+log(alpha / sigma) uniform from lambda(T-1) to lambda(0), DPM-Solver's choice
+for low-resolution images (a multistep solver extrapolates badly across the
+very unequal lambda steps of the other two). Quadratic and logsnr timesteps are
+made strictly increasing (a repeated value moves up by one, values stay below
+T), so that N steps are N distinct timesteps. Default per sampler
+(DEFAULT_SPACING): ddpm uniform, ddim quadratic, dpmpp2m logsnr.
 """
 import math
 from dataclasses import dataclass
@@ -43,7 +48,8 @@ import torch
 from fastddpm.reference import SAMPLER_COEFS
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = ("uniform", "quadratic", "logsnr")
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "quadratic", "dpmpp2m": "logsnr"}
 VARIANCES = ("fixedlarge", "fixedsmall")
 
 
@@ -65,6 +71,11 @@ class SamplerPlan:
         return len(self.timesteps)
 
     @property
+    def stochastic(self) -> bool:
+        """Whether any step adds noise (ddpm, ddim with eta > 0)."""
+        return bool((self.table[:, -1] != 0).any())
+
+    @property
     def key(self) -> tuple:
         """Identifies the plan (for caches): the sampler and its parameters."""
         return (self.sampler, self.timesteps, self.eta, self.spacing, self.variance)
@@ -79,20 +90,32 @@ def _int_in(name, v, lo, hi):
         raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
 
 
-def spaced_timesteps(T, steps, spacing="uniform"):
-    """`steps` distinct timesteps in [0, T-1], decreasing (int64 numpy)."""
+def _lambda(alphas_cumprod):
+    a = np.asarray(alphas_cumprod, dtype=np.float64)
+    return 0.5 * (np.log(a) - np.log1p(-a))            # log(alpha / sigma)
+
+
+def spaced_timesteps(T, steps, spacing="uniform", alphas_cumprod=None):
+    """`steps` distinct timesteps in [0, T-1], decreasing (int64 numpy).
+    "logsnr" needs the schedule's alphas_cumprod (T,)."""
     _int_in("T", T, 1, 2**31)
     _int_in("steps", steps, 1, T)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}, expected one of {SPACINGS}")
     k = np.arange(steps, dtype=np.float64)
     if spacing == "uniform":
-        ts = np.floor(k * T / steps).astype(np.int64)
-    else:
+        return np.floor(k * T / steps).astype(np.int64)[::-1].copy()
+    if spacing == "quadratic":
         ts = np.floor(np.linspace(0.0, math.sqrt(0.8 * T), steps) ** 2).astype(np.int64)
-        for i in range(1, steps):                      # repeated values move up ...
-            ts[i] = max(ts[i], ts[i - 1] + 1)
-        ts = np.minimum(ts, T - steps + np.arange(steps))  # ... and stay below T
+    else:
+        if alphas_cumprod is None or len(alphas_cumprod) != T:
+            raise ValueError("logsnr spacing needs the schedule's alphas_cumprod of length T")
+        lam = _lambda(alphas_cumprod)                  # decreasing in t
+        targets = np.linspace(lam[0], lam[-1], steps)  # increasing t
+        ts = np.array([int(np.argmin(np.abs(lam - v))) for v in targets], dtype=np.int64)
+    for i in range(1, steps):                          # repeated values move up ...
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts = np.minimum(ts, T - steps + np.arange(steps))  # ... and stay below T
     return ts[::-1].copy()
 
 
@@ -140,7 +163,7 @@ def dpmpp2m_table(alphas_cumprod, timesteps):
     """(N, 6) float64 table of DPM-Solver++(2M) over `timesteps` (decreasing)."""
     a, a_next = _abar_pairs(alphas_cumprod, timesteps)
     N = len(a)
-    lam = 0.5 * (np.log(a) - np.log1p(-a))              # log(alpha / sigma)
+    lam = _lambda(a)
     rows = []
     for i in range(N):
         if i == N - 1:                                  # to abar = 1: x_next = x0_hat
@@ -160,11 +183,12 @@ def dpmpp2m_table(alphas_cumprod, timesteps):
     return torch.from_numpy(np.stack(cols, 1))
 
 
-def make_plan(diffusion, sampler="ddpm", steps=None, eta=None, spacing="uniform", variance=None):
+def make_plan(diffusion, sampler="ddpm", steps=None, eta=None, spacing=None, variance=None):
     """The plan of `sampler` (SAMPLERS) for a GaussianDiffusion.
 
     steps: network evaluations, 1..T (default T); eta: DDIM only (default 0);
-    spacing: SPACINGS; variance: ddpm only (default the diffusion's own).
+    spacing: SPACINGS (default DEFAULT_SPACING[sampler]); variance: ddpm only
+    (default the diffusion's own).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}, expected one of {SAMPLERS}")
@@ -176,9 +200,10 @@ def make_plan(diffusion, sampler="ddpm", steps=None, eta=None, spacing="uniform"
     if variance is not None and sampler != "ddpm":
         raise ValueError(f"variance applies to the ddpm sampler only, not {sampler}")
     eta = 0.0 if eta is None else eta
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
     variance = diffusion.variance if variance is None else variance
-    ts = spaced_timesteps(T, steps, spacing)
     abar = diffusion.alphas_cumprod.detach().to("cpu", torch.float64).numpy()
+    ts = spaced_timesteps(T, steps, spacing, abar)
     if sampler == "ddpm":
         table = ddpm_table(abar, ts, variance)
     elif sampler == "ddim":
