@@ -115,7 +115,7 @@ def _write(out, images):
     for name, write in (("samples.npz", lambda f: np.savez(f, arr_0=images)),
                         ("samples.png", lambda f: save_grid(images[:256], f))):
         path = os.path.join(out, name)
-        tmp = os.path.join(out, f".{name}.tmp")
+        tmp = os.path.join(out, f".tmp-{name}")   # keeps the extension PIL reads the format from
         try:
             with open(tmp, "wb") as f:
                 write(f)

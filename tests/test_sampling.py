@@ -108,28 +108,16 @@ def test_ddpm_table_is_respaced_posterior(variance, steps):
     plan = make_plan(d, "ddpm", steps, spacing="uniform")
     a, a_next = _abars(d, plan)
     x, eps, z = (torch.randn(3, 5, dtype=torch.float64) for _ in range(3))
-    n = len(a)
-    for i in range(n):
+    for i in range(len(a)):
         beta = 1 - a[i] / a_next[i]
         post_var = beta * (1 - a_next[i]) / (1 - a[i])
-        if i == n - 1:
-            var = 0.0
-        elif variance == "fixedlarge":
-            var = beta if i < n - 2 else (1 - a[i] / a_next[i]) * 0 + _respaced_post_var(a, n - 2)
-        else:
-            var = post_var if i < n - 2 else _respaced_post_var(a, n - 2)
+        # no noise in the last step; the index-0 log-variance clip never reaches a step that adds noise
+        var = 0.0 if i == len(a) - 1 else beta if variance == "fixedlarge" else post_var
         x0 = x / math.sqrt(a[i]) - math.sqrt(1 / a[i] - 1) * eps
         mean = beta * math.sqrt(a_next[i]) / (1 - a[i]) * x0 + (1 - a_next[i]) * math.sqrt(1 - beta) / (1 - a[i]) * x
         out, x0_hat = _apply(plan, i, x, eps, z, None)
         torch.testing.assert_close(out, mean + math.sqrt(var) * z, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(x0_hat, x0, rtol=1e-12, atol=1e-12)
-
-
-def _respaced_post_var(a, i):
-    """Posterior variance at the second-to-last kept step i (index 1 of the
-    increasing schedule), which both variances use there (the log-variance clip)."""
-    beta = 1 - a[i] / a[i + 1]
-    return beta * (1 - a[i + 1]) / (1 - a[i])
 
 
 def test_full_respacing_equals_the_diffusion_buffers():
@@ -139,7 +127,7 @@ def test_full_respacing_equals_the_diffusion_buffers():
         sigma = (0.5 * d.model_log_variance).exp()
         sigma[0] = 0
         for col, buf in zip(tab.unbind(1), (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod,
-                                            d.posterior_mean_coef2, d.posterior_mean_coef1, torch.zeros(1000),
+                                            d.posterior_mean_coef2, d.posterior_mean_coef1, torch.zeros(1000, dtype=torch.float64),
                                             sigma)):
             torch.testing.assert_close(col, buf, rtol=1e-9, atol=1e-12)
 
@@ -197,8 +185,8 @@ def test_bad_sampler_arguments():
     d = GaussianDiffusion.linear(T=10)
     for kw, match in [({"sampler": "euler"}, "unknown sampler"), ({"steps": 0}, "steps"), ({"steps": 11}, "steps"),
                       ({"steps": 2.5}, "steps"), ({"sampler": "ddim", "eta": -0.1}, "eta"),
-                      ({"sampler": "ddim", "eta": 1.5}, "eta"), ({"sampler": "ddpm", "eta": 0.5}, "ddim only"),
-                      ({"spacing": "cubic"}, "spacing"), ({"sampler": "ddim", "variance": "fixedsmall"}, "ddpm only")]:
+                      ({"sampler": "ddim", "eta": 1.5}, "eta"), ({"sampler": "ddpm", "eta": 0.5}, "ddim sampler only"),
+                      ({"spacing": "cubic"}, "spacing"), ({"sampler": "ddim", "variance": "fixedsmall"}, "ddpm sampler only")]:
         with pytest.raises(ValueError, match=match):
             make_plan(d, **kw)
     m = _model()
