@@ -530,3 +530,77 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         checkpoint.atomic_save({"a": Boom()}, path)
     assert torch.load(path, weights_only=False) == {"a": 1}
     assert os.listdir(tmp_path) == ["c.pt"]  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- GPU: the CUDA-graph runner
+
+
+def _gpu_model():
+    return _model().cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 6), ("dpmpp2m", 6)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_graphed_equals_eager(sampler, steps, precision):
+    """Bit-identical: a replay runs the kernels of one eager step on the same buffers."""
+    model, d = _gpu_model(), GaussianDiffusion.linear(T=12)
+    kw = dict(progress=False, sampler=sampler, steps=steps, precision=precision, batch_size=3)
+    graphed = sample(model, d, 5, seed=2, cuda_graphs=True, **kw)     # batches of 3 and 2: two graphs
+    eager = sample(model, d, 5, seed=2, cuda_graphs=False, **kw)
+    assert torch.equal(graphed, eager)
+    # and the CUDA path agrees with the CPU one (same Philox stream) up to float rounding
+    cpu = sample(model.cpu(), d.cpu(), 5, seed=2, **{**kw, "precision": "fp32"})
+    if precision == "fp32":
+        torch.testing.assert_close(eager, cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_replays_draw_fresh_noise_and_cache_is_bounded():
+    model, d = _gpu_model(), GaussianDiffusion.linear(T=8)
+    plan = make_plan(d, "ddpm")
+    runner = CudaGraphRunner(max_graphs=2)
+    kw = dict(plan=plan, device="cuda", progress=False, runner=runner)
+    a = sample_batch(model, d, 4, 0, **kw)
+    b = sample_batch(model, d, 4, 0, first_sample=4, **kw)   # same graph, next images
+    c = sample_batch(model, d, 4, 1, **kw)                   # same graph, another seed
+    assert len(runner) == 1
+    assert (a - b).abs().amax() > 1e-2 and (a - c).abs().amax() > 1e-2
+    assert torch.equal(a, sample_batch(model, d, 4, 0, **kw))
+    # each replay advanced the offset on the device: the steps drew different noise
+    state = runner._cache[next(iter(runner._cache))][1]
+    assert int(state.step) == plan.steps and int(state.rng[1]) == plan.steps + 1
+    for n in (1, 2, 3):
+        sample_batch(model, d, n, 0, **kw)
+    assert len(runner) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_step_has_no_host_sync():
+    model, d = _gpu_model(), GaussianDiffusion.linear(T=8)
+    for sampler in ("ddpm", "dpmpp2m"):
+        plan = make_plan(d, sampler, 4)
+        state = sampling.StepState.allocate(plan, (2, 3, 8, 8), torch.device("cuda"))
+        state.reset(0, 0)
+        with torch.no_grad():
+            sampling.denoise_step(model, state, "bf16", True)          # warm-up (kernel compilation)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                sampling.denoise_step(model, state, "bf16", True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_capture_failure_falls_back(monkeypatch, capsys):
+    model, d = _gpu_model(), GaussianDiffusion.linear(T=6)
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "graph", oom)
+    out = sample(model, d, 2, seed=1, progress=False)
+    assert "cuda graphs: capture failed (OutOfMemoryError" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert torch.equal(out, sample(model, d, 2, seed=1, progress=False, cuda_graphs=False))
