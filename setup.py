@@ -43,7 +43,7 @@ setup(
     version="0.1.0",
     description="A paper-exact DDPM engine with fused Triton/C++ kernels",
     python_requires=">=3.10",
-    packages=["fastddpm", "fastddpm.ops", "fastddpm.kernels"],
+    packages=["fastddpm", "fastddpm.ops", "fastddpm.sampling", "fastddpm.kernels"],
     package_dir={"fastddpm.kernels": "kernels"},
     package_data={"fastddpm": ["assets/*.npz"]},
     install_requires=["torch>=2.11", "numpy", "tqdm", "pillow", "safetensors"],

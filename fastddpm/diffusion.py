@@ -187,7 +187,8 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x0)
         check_same("noise", noise, "x0", x0)
-        return ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        return ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod,
+                            check_range=False)  # checked by _check above
 
     def q_posterior(self, x0, x_t, t):
         """q(x_{t-1} | x_t, x0): (mean, variance, log_variance_clipped); the
@@ -230,7 +231,8 @@ class GaussianDiffusion(nn.Module):
         for callers that built t themselves, like the sampler loop."""
         return ops.p_sample_step(x_t, t, eps, self.sqrt_recip_alphas_cumprod,
                                  self.sqrt_recipm1_alphas_cumprod, self.posterior_mean_coef1,
-                                 self.posterior_mean_coef2, self.model_log_variance, noise, clip)
+                                 self.posterior_mean_coef2, self.model_log_variance, noise, clip,
+                                 check_range=False)
 
     # ---- training -------------------------------------------------------------
     def training_loss(self, model, x0, t=None, noise=None, generator=None, *, check_t=True):
@@ -246,7 +248,8 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         check_same("noise", noise, "x0", x0)
-        x_t = ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        x_t = ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod,
+                           check_range=False)  # checked by _check above, or drawn here
         eps_hat = model(x_t, t)
         if eps_hat.shape != x0.shape:
             raise ValueError(f"model output has shape {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")

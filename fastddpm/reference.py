@@ -106,3 +106,86 @@ def p_sample_step_ref(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, co
     nonzero = (t != 0).to(cd).view(-1, *([1] * (x_t.dim() - 1)))
     std = torch.exp(0.5 * _gather(log_var, t, x_t))
     return (mean + nonzero * std * noise.to(cd)).to(x_t.dtype)
+
+
+# ----------------------------------------------------------------------------- samplers
+# Every sampler (ancestral / respaced DDPM, DDIM, DPM-Solver++(2M)) is a float64
+# table with one row per network evaluation and these columns, run by one update:
+#   x0_hat = a_x x_t - a_e eps              (clipped to [-1, 1] if clip)
+#   x_next = c_x x_t + c_0 x0_hat + c_p x0_prev + sigma z
+# x0_prev is the previous step's x0_hat (multistep samplers; zero otherwise).
+SAMPLER_COEFS = ("a_x", "a_e", "c_x", "c_0", "c_p", "sigma")
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a, m):
+    """(high, low) 32-bit words of a * m for int64 tensors a in [0, 2^32) and a
+    constant m < 2^32: the product is < 2^64 and int64 multiplication wraps
+    modulo 2^64 (two's complement), so its bits are exact; shifts and masks
+    then read the two words."""
+    p = a * m
+    return (p >> 32) & _M32, p & _M32
+
+
+def philox4x32_ref(key, c0, c1, c2, c3, rounds=10):
+    """Philox-4x32 (Salmon et al. 2011, the Random123 generator Triton's
+    tl.random.philox implements): four uint32 words (as int64 tensors) from the
+    64-bit `key` (an int64 tensor or int) and the counter words c0..c3 (int64
+    tensors in [0, 2^32), broadcastable)."""
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo32(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_normal_ref(rng, shape):
+    """Standard normals (float32, `shape` = (B, ...)) of the sampler noise stream.
+
+    rng: int64 tensor (3,) = (key, offset, first_sample) on the output device.
+    Element d of sample b uses Philox(key, counter = (d, first_sample + b,
+    offset mod 2^32, offset >> 32)); its first two words give u1, u2 =
+    ((word >> 8) + 0.5) / 2^24 in (0, 1) and z = sqrt(-2 ln u1) cos(2 pi u2)
+    (Box-Muller). Image b's noise thus depends only on (key, first_sample + b,
+    offset), never on the batch it is drawn in. Reads rng on the device (no sync).
+    """
+    B, D = shape[0], math.prod(shape[1:])
+    dev = rng.device
+    key, offset, first = rng[0], rng[1], rng[2]
+    c0 = torch.arange(D, dtype=torch.int64, device=dev).view(1, D)
+    c1 = ((first + torch.arange(B, dtype=torch.int64, device=dev)) & _M32).view(B, 1)
+    w0, w1, _, _ = philox4x32_ref(key, c0, c1, offset & _M32, (offset >> 32) & _M32)
+    u1 = ((w0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = ((w1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.view(shape)
+
+
+def sample_step_ref(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, clip=True):
+    """One step of any sampler (see SAMPLER_COEFS): returns (x_next, x0_hat),
+    both in x_t's dtype.
+
+    table: (S, 6) coefficients (any float dtype, applied in float32, float64 for
+    float64 x_t); step: int64 (1,), the row to use, on the device; x0_prev: like
+    x_t, or None for zero; noise: z like x_t, or None to draw it from `rng` with
+    philox_normal_ref, or neither: no noise term. eps may have another float
+    dtype than x_t.
+    """
+    cd = _compute_dtype(x_t.dtype)
+    a_x, a_e, c_x, c_0, c_p, sigma = table.index_select(0, step).to(cd)[0].unbind()
+    x = x_t.to(cd)
+    x0 = a_x * x - a_e * eps.to(cd)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    out = c_x * x + c_0 * x0
+    if x0_prev is not None:
+        out = out + c_p * x0_prev.to(cd)
+    if noise is not None or rng is not None:
+        z = philox_normal_ref(rng, x_t.shape) if noise is None else noise
+        out = out + sigma * z.to(cd)
+    return out.to(x_t.dtype), x0.to(x_t.dtype)

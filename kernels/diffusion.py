@@ -6,9 +6,14 @@ block of one sample, loads t[b] once and the table entries once (tables are
 1-D of length T, any float dtype; float64 tables are loaded and converted to
 fp32, exactly as the reference's `table[t].to(float32)`). Tensors are viewed as
 (B, D) contiguous; the launchers make non-contiguous inputs contiguous once and
-return contiguous outputs. Timestep values are clamped to [0, T-1] inside the
-kernels so a bad t can never read out of bounds; range errors are the caller's
-to report (fastddpm.ops._checks.check_timesteps).
+return contiguous outputs. Timestep values are clamped to [0, shortest table - 1]
+inside the kernels so a bad t can never read out of bounds; range and length
+errors are reported by fastddpm.ops before a launch (the clamp is the last line
+of defence, e.g. inside a CUDA graph where the host cannot read t).
+
+The sampler step of every sampler (`_sample_step_fwd_kernel`) reads its row of
+a coefficient table at a step index held in a device tensor, and draws its
+noise in the kernel from a Philox state held in a device tensor too.
 
 Noise of the fused sampler step is either given or drawn by Philox inside the
 kernel from the key `seed` and the counter (element index, t[b], offset_lo,
@@ -182,7 +187,7 @@ def q_sample_fwd(x0, t, noise, sqrt_abar, sqrt_one_minus_abar, *, out=None):
     if B == 0 or D == 0:
         return y
     tabs = (sqrt_abar.contiguous(), sqrt_one_minus_abar.contiguous())
-    num_steps = tabs[0].shape[0]
+    num_steps = min(tab.shape[0] for tab in tabs)   # t is clamped below this: never out of bounds
     _batched_launch(_q_sample_fwd_kernel, B, D,
                     lambda b0: (x0c, nzc, tc, *tabs, y, D, num_steps, b0))
     return y
@@ -234,10 +239,114 @@ def p_sample_step_fwd(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, co
     if B == 0 or D == 0:
         return y
     tabs = tuple(tab.contiguous() for tab in (sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var))
-    num_steps = tabs[0].shape[0]
+    num_steps = min(tab.shape[0] for tab in tabs)   # t is clamped below this: never out of bounds
     off = int(offset)
     _batched_launch(_p_sample_step_fwd_kernel, B, D,
                     lambda b0: (xc, ec, nz, tc, *tabs, y, D, num_steps, b0,
                                 int(seed), off & 0xFFFFFFFF, off >> 32),
                     CLIP=bool(clip), HAS_NOISE=noise is not None)
     return y
+
+
+# ----------------------------------------------------------------------------- sampler step
+
+NUM_COEFS = 6   # columns of a sampler table: a_x, a_e, c_x, c_0, c_p, sigma (reference.SAMPLER_COEFS)
+
+
+@triton.jit
+def _sample_step_fwd_kernel(
+    Xt,         # (B, D) contiguous x_t
+    Eps,        # (B, D) contiguous eps_hat, any kernel dtype
+    Prev,       # (B, D) contiguous x0_hat of the previous step, x_t's dtype; unused unless HAS_PREV
+    Noise,      # (B, D) contiguous z; unused unless NOISE == 1
+    Table,      # (num_rows, 6) contiguous sampler coefficients, any float dtype
+    Step,       # (1,) int64: the table row of this step (read on the device)
+    Rng,        # (3,) int64: Philox key, stream offset, index of sample 0; unused unless NOISE == 2
+    Out,        # (B, D) contiguous out x_next, x_t's dtype
+    X0Out,      # (B, D) contiguous out x0_hat, x_t's dtype; unused unless WRITE_X0
+    D,          # elements per sample
+    num_rows,   # table rows
+    b_first,    # first sample of this launch (launches are chunked by 65535 samples)
+    CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    NOISE: tl.constexpr,         # 0: none (deterministic samplers), 1: Noise, 2: Philox from Rng
+    WRITE_X0: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1) + b_first
+    # clamped so that a bad step can never read outside the table (ops checks the range)
+    row = Table + tl.minimum(tl.maximum(tl.load(Step), 0), num_rows - 1) * 6
+    a_x = tl.load(row + 0).to(tl.float32)
+    a_e = tl.load(row + 1).to(tl.float32)
+    c_x = tl.load(row + 2).to(tl.float32)
+    c_0 = tl.load(row + 3).to(tl.float32)
+    c_p = tl.load(row + 4).to(tl.float32)
+    sigma = tl.load(row + 5).to(tl.float32)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    x = tl.load(Xt + base + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(Eps + base + offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = a_x * x - a_e * e
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    out = c_x * x + c_0 * x0
+    if HAS_PREV:
+        out += c_p * tl.load(Prev + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 1:
+        out += sigma * tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 2:
+        # reference.philox_normal_ref: counter (d, first_sample + b, offset lo, offset hi)
+        key = tl.load(Rng)
+        offset = tl.load(Rng + 1)
+        sample = tl.load(Rng + 2) + b
+        zero = offs.to(tl.int64) * 0
+        w0, w1, _, _ = tl.random.philox(key, offs.to(tl.uint32), (zero + sample).to(tl.uint32),
+                                        (zero + (offset & 0xFFFFFFFF)).to(tl.uint32),
+                                        (zero + ((offset >> 32) & 0xFFFFFFFF)).to(tl.uint32))
+        u1 = ((w0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u2 = ((w1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        out += sigma * (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2))
+    tl.store(Out + base + offs, out.to(Out.dtype.element_ty), mask=mask)
+    if WRITE_X0:
+        tl.store(X0Out + base + offs, x0.to(X0Out.dtype.element_ty), mask=mask)
+
+
+def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, clip=True, write_x0=False):
+    """One step of any sampler (reference.sample_step_ref): returns (x_next, x0_hat)
+    as contiguous tensors in x_t's dtype; x0_hat is an empty (0,) tensor unless
+    write_x0. z is `noise` when given, Philox normals from `rng` ((3,) int64
+    on the device: key, offset, first sample index) when that is given, else
+    zero (no noise term). Philox is drawn in the kernel: no host
+    sync and no host-side generator state, so a CUDA graph replay that advances
+    rng on the device draws fresh noise. One read of x_t, eps (and x0_prev), one
+    write of x_next (and x0_hat)."""
+    _check_kernel_dtype("sample_step", x_t)
+    _check_kernel_dtype("sample_step", eps)
+    if table.dim() != 2 or table.shape[1] != NUM_COEFS or table.shape[0] < 1:
+        raise ValueError(f"sample_step: table must be (S, {NUM_COEFS}), got {tuple(table.shape)}")
+    if step.shape != (1,) or step.dtype != torch.int64:
+        raise ValueError("sample_step: step must be a (1,) int64 tensor")
+    if noise is not None and rng is not None:
+        raise ValueError("sample_step: give noise or rng, not both")
+    if rng is not None and (rng.shape != (3,) or rng.dtype != torch.int64):
+        raise ValueError("sample_step: rng must be a (3,) int64 tensor")
+    B = x_t.shape[0]
+    D = x_t[0].numel() if B else 0
+    if rng is not None and D >= 2**32:
+        raise ValueError(f"sample_step: in-kernel noise needs fewer than 2^32 elements per sample, got {D}")
+    xc, ec = x_t.contiguous(), eps.contiguous()
+    pc = x0_prev.to(x_t.dtype).contiguous() if x0_prev is not None else xc
+    nz = noise.to(x_t.dtype).contiguous() if noise is not None else xc
+    y = _empty(x_t.shape, x_t.dtype, x_t.device)
+    x0 = _empty(x_t.shape if write_x0 else (0,), x_t.dtype, x_t.device)
+    if B == 0 or D == 0:
+        return y, x0
+    tab = table.contiguous()
+    _batched_launch(_sample_step_fwd_kernel, B, D,
+                    lambda b0: (xc, ec, pc, nz, tab, step, rng if rng is not None else step, y,
+                                x0 if write_x0 else y, D, tab.shape[0], b0),
+                    CLIP=bool(clip), HAS_PREV=x0_prev is not None,
+                    NOISE=1 if noise is not None else 2 if rng is not None else 0, WRITE_X0=bool(write_x0))
+    return y, x0

@@ -1,5 +1,6 @@
-"""Diffusion ops (q_sample, L_simple, the ancestral step): Triton custom ops
-against the float64 reference, Philox noise, and the seeded reference path.
+"""Diffusion ops (q_sample, L_simple, the ancestral step, the sampler step):
+Triton custom ops against the float64 reference, Philox noise, the seeded
+reference path, and the range/length checks every backend applies.
 
 On the CPU the kernels run through TRITON_INTERPRET=1 at tiny shapes; the
 `gpu` tests run the real shapes and CUDA-graph capture.
@@ -308,6 +309,12 @@ def test_torch_compile_fullgraph():
         with ops.use_backend("triton"):
             return ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=9)
 
+    table, step, rng = torch.rand(5, 6, dtype=torch.float64), torch.tensor([3]), torch.tensor([7, 2, 0])
+
+    def sampler_fn(x, eps, prev):
+        with ops.use_backend("triton"):
+            return ops.sample_step(x, eps, table, step, prev, rng=rng, return_x0=True)
+
     x0, noise = _rand((2, 2, 3, 3), torch.float32), _rand((2, 2, 3, 3), torch.float32)
     t = _t(2)
     w = torch.randn(2, 2, 3, 3, requires_grad=True)
@@ -321,6 +328,9 @@ def test_torch_compile_fullgraph():
     assert_close_rel(gw, gw_ref, torch.float32, tol=1e-5)
     out = torch.compile(step_fn, fullgraph=True)(x0, t, noise)
     assert torch.equal(out, step_fn(x0, t, noise))
+    compiled = torch.compile(sampler_fn, fullgraph=True)(x0, noise, w.detach())
+    for a, b in zip(compiled, sampler_fn(x0, noise, w.detach())):
+        assert torch.equal(a, b)
 
 
 def test_bad_input_raises_clear_errors():
@@ -353,18 +363,209 @@ def test_bad_input_raises_clear_errors():
         kd.p_sample_step_fwd(x, t, x, *st, None, True, -3, 0)
 
 
+# ----------------------------------------------------------------------------- range and length checks
+
+
+def _three_ops(backend, x, t, tabs, **kw):
+    """q_sample and the ancestral step (explicit noise and seeded) on `backend`."""
+    with ops.use_backend(backend):
+        yield lambda: ops.q_sample(x, t, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"], **kw)
+        yield lambda: ops.p_sample_step(x, t, x, *_step_tables(tabs), x, **kw)
+        yield lambda: ops.p_sample_step(x, t, x, *_step_tables(tabs), seed=3, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad_t", [T_STEPS, -1, 10**6])
+def test_out_of_range_t_is_refused_on_every_backend(backend, bad_t):
+    """Issue 10.5: Triton clamped t = T to T - 1 and answered; now every backend refuses."""
+    tabs = _tables()
+    x = _rand((3, 2, 3), torch.float32)
+    t = torch.tensor([0, bad_t, 5], device=DEV)
+    for i, call in enumerate(_three_ops(backend, x, t, tabs)):
+        with ops.use_backend(backend), pytest.raises(ValueError, match=rf"t must lie in \[0, {T_STEPS - 1}\]"):
+            call()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unequal_table_lengths_are_refused_on_every_backend(backend):
+    """Issue 10.5: a short table was read past its end (0.00635 returned for 1.00633)."""
+    x = _rand((2, 4), torch.float32)
+    t = torch.tensor([1, T_STEPS - 1], device=DEV)
+    for name in ("sqrt_abar", "sqrt_one_minus_abar", "coef1", "log_var"):
+        tabs = _tables()
+        tabs[name] = tabs[name][: T_STEPS // 2]
+        calls = list(_three_ops(backend, x, t, tabs))
+        calls = calls[:1] if name.startswith("sqrt_") else calls[1:]
+        for call in calls:
+            with ops.use_backend(backend), pytest.raises(ValueError, match="one length T.*" + name):
+                call()
+
+
+def test_kernels_clamp_t_when_the_range_check_is_skipped():
+    """check_range=False (GaussianDiffusion's own calls, CUDA-graph capture): a bad t
+    still never reads out of bounds; it reads the last entry."""
+    tabs = _tables()
+    x = _rand((2, 5), torch.float32)
+    bad, last = torch.tensor([T_STEPS + 7, 0], device=DEV), torch.tensor([T_STEPS - 1, 0], device=DEV)
+    with ops.use_backend("triton"):
+        a = ops.q_sample(x, bad, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"], check_range=False)
+        b = ops.q_sample(x, last, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
+    assert torch.equal(a, b)
+    table = torch.rand(4, 6, dtype=torch.float64, device=DEV)
+    for step in (7, -3):
+        out, _ = _sample_step("triton", x, x, table, torch.tensor([step], device=DEV), noise=x, check_range=False)
+        ref, _ = reference.sample_step_ref(x, x, table, torch.tensor([min(max(step, 0), 3)], device=DEV), noise=x)
+        torch.testing.assert_close(out, ref)
+
+
+# ----------------------------------------------------------------------------- sample_step
+
+
+def _sample_step(backend, x, eps, table, step, prev=None, noise=None, rng=None, clip=True, **kw):
+    with ops.use_backend(backend):
+        return ops.sample_step(x, eps, table, step, prev, noise, rng=rng, clip=clip, return_x0=True, **kw)
+
+
+def _sampler_table(rows=5, device=DEV):
+    """Random coefficients of the ranges the samplers use (x0 coefficients up to ~60)."""
+    t = torch.rand(rows, 6, dtype=torch.float64, device=device)
+    t[:, 0] = 1 + 10 * t[:, 0]
+    t[:, 1] = 10 * t[:, 1]
+    t[:, 4] -= 0.5
+    return t
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4), (1, 3, 5, 5), (2, 7)], ids=["3x2x4x4", "1x3x5x5", "2x7"])
+@pytest.mark.parametrize("mode", ["noise", "rng", "none"])
+def test_sample_step_matches_reference(backend, dtype, shape, mode):
+    table = _sampler_table()
+    step = torch.randint(0, 5, (1,), device=DEV)
+    x, prev = _rand(shape, dtype, scale=1.5), _rand(shape, dtype)
+    eps = _rand(shape, torch.bfloat16 if dtype == torch.float32 else dtype)   # a bf16 network output
+    noise = _rand(shape, dtype) if mode == "noise" else None
+    rng = torch.tensor([2**40 + 5, 3, 11], device=DEV) if mode == "rng" else None
+    clip = mode != "none"
+    out, x0 = _sample_step(backend, x, eps, table, step, prev if mode != "none" else None, noise, rng, clip)
+    ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step,
+                                            prev.double() if mode != "none" else None,
+                                            None if noise is None else noise.double(), rng, clip)
+    assert out.dtype == dtype and out.shape == x.shape and x0.dtype == dtype
+    assert_close_rel(out, ref, dtype)
+    assert_close_rel(x0, x0_ref, dtype, "x0_hat")
+
+
+def test_sample_step_fp32_close_to_fp32_reference_and_poisoned(monkeypatch):
+    monkeypatch.setattr(kd, "POISON", True)
+    table = _sampler_table()
+    x, eps, prev = (_rand((4, 2, 3, 3), torch.float32) for _ in range(3))
+    rng = torch.tensor([9, 1, 0], device=DEV)
+    for step in range(5):
+        s = torch.tensor([step], device=DEV)
+        out, x0 = kd.sample_step_fwd(x, eps, table, s, prev, None, rng, True, True)
+        ref, x0_ref = reference.sample_step_ref(x, eps, table, s, prev, None, rng, True)
+        assert torch.isfinite(out).all() and torch.isfinite(x0).all()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x0, x0_ref, rtol=1e-6, atol=1e-6)
+    out, x0 = kd.sample_step_fwd(x, eps, table, s, None, None, None, False, False)
+    assert torch.isfinite(out).all() and x0.numel() == 0
+
+
+def test_philox_reference_known_answers():
+    """Random123's known-answer vectors for Philox-4x32-10."""
+    def words(key, *ctr):
+        return [int(w) for w in reference.philox4x32_ref(torch.tensor(key), *(torch.tensor(c) for c in ctr))]
+    assert words(0, 0, 0, 0, 0) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words(-1, *[0xFFFFFFFF] * 4) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert words(0xA4093822 | (0x299F31D0 << 32), 0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def _kernel_noise(rng, shape):
+    """z drawn by the sampler-step kernel: a table row that returns sigma * z with sigma = 1."""
+    table = torch.tensor([[1.0, 0, 0, 0, 0, 1.0]], dtype=torch.float64, device=DEV)
+    x = torch.zeros(shape, device=DEV)
+    return _sample_step("triton", x, x, table, torch.zeros(1, dtype=torch.int64, device=DEV), rng=rng)[0]
+
+
+def test_triton_noise_is_the_reference_philox_stream():
+    shape = (5, 3, 4, 4)
+    for state in ([123, 1, 0], [2**62 + 17, 2**33 + 4, 2**31 + 3]):
+        rng = torch.tensor(state, device=DEV)
+        torch.testing.assert_close(_kernel_noise(rng, shape), reference.philox_normal_ref(rng, shape),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["reference", "triton"])
+def test_philox_noise_statistics_and_streams(source):
+    draw = (lambda r, s: reference.philox_normal_ref(r, s)) if source == "reference" else _kernel_noise
+    shape = (16, 2, 16, 16)   # 8192 normals
+    z = draw(torch.tensor([2024, 1, 0], device=DEV), shape).double()
+    f = z.flatten()
+    assert abs(f.mean().item()) < 0.05 and abs(f.std().item() - 1.0) < 0.04
+    assert abs((f ** 3).mean().item()) < 0.15 and abs((f ** 4).mean().item() - 3.0) < 0.3
+    assert 0.64 < (f.abs() < 1).double().mean().item() < 0.72   # P(|z| < 1) = 0.683
+    for other in ([2025, 1, 0], [2024, 2, 0], [2024, 1, 16]):   # key, offset, sample index
+        o = draw(torch.tensor(other, device=DEV), shape).double().flatten()
+        assert abs(torch.corrcoef(torch.stack([o, f]))[0, 1]) < 0.1 and (o - f).abs().mean() > 0.5
+    # a sample's noise depends on its index, not on the batch it is drawn in
+    shifted = draw(torch.tensor([2024, 1, 3], device=DEV), (4, 2, 16, 16)).double()
+    assert torch.equal(shifted, z[3:7])
+
+
+def test_sample_step_bad_input():
+    x = _rand((2, 3), torch.float32)
+    table, step, rng = _sampler_table(), torch.tensor([1], device=DEV), torch.tensor([1, 0, 0], device=DEV)
+    cases = [
+        (dict(table=table[:, :5]), ValueError, r"\(S, 6\)"),
+        (dict(table=table[0]), ValueError, r"\(S, 6\)"),
+        (dict(table=table.long()), TypeError, "table must be"),
+        (dict(step=step.int()), TypeError, "step must be an int64"),
+        (dict(step=torch.tensor([1, 2], device=DEV)), TypeError, "step must be"),
+        (dict(step=torch.tensor([5], device=DEV)), ValueError, r"step must lie in \[0, 4\]"),
+        (dict(step=torch.tensor([-1], device=DEV)), ValueError, "step must lie"),
+        (dict(rng=rng[:2]), TypeError, "rng must be"),
+        (dict(noise=x), ValueError, "not both"),
+        (dict(eps=x[:1]), ValueError, "shape"),
+        (dict(prev=x.half()), TypeError, "dtype"),
+        (dict(eps=x.long()), TypeError, "eps must be"),
+    ]
+    for kw, exc, match in cases:
+        args = dict(x=x, eps=x, table=table, step=step, prev=None, noise=None, rng=rng)
+        args.update(kw)
+        for backend in ("reference", "triton"):
+            with ops.use_backend(backend), pytest.raises(exc, match=match):
+                ops.sample_step(args["x"], args["eps"], args["table"], args["step"], args["prev"], args["noise"],
+                                rng=args["rng"])
+
+
+def test_sample_step_opcheck():
+    table, step = _sampler_table(), torch.tensor([2])
+    x, eps, prev, z = (_rand((2, 2, 3, 3), torch.float32) for _ in range(4))
+    rng = torch.tensor([5, 1, 0])
+    for args in ((x, eps, table, step, prev, None, rng, True, True), (x, eps.half(), table, step, None, z, None,
+                                                                       False, False),
+                 (x, eps, table, step, None, None, None, True, False)):
+        torch.library.opcheck(torch.ops.fastddpm.sample_step.default, args)
+
+
 _COMPILE_SCRIPT = """
 from fastddpm.kernels import compile_ptx, diffusion as k
 tab = "*fp64"
 sig = dict(X0="*bf16", Noise="*bf16", T="*i64", SqrtAbar=tab, SqrtOneMinusAbar=tab, Out="*bf16",
            EpsHat="*bf16", Partial="*fp32", Grad="*bf16", grad_scale="fp32",
            Xt="*fp32", Eps="*fp32", SqrtRecipAbar=tab, SqrtRecipm1Abar=tab, Coef1=tab, Coef2=tab, LogVar=tab,
-           seed="i64", offset_hi="i64")
+           seed="i64", offset_hi="i64", Prev="*fp32", Table=tab, Step="*i64", Rng="*i64", X0Out="*fp32")
 assert "ld.global" in compile_ptx(k._q_sample_fwd_kernel, sig, dict(BLOCK=1024, D=1))
 assert "ld.global" in compile_ptx(k._simple_loss_fwd_kernel, sig, dict(WRITE_GRAD=True, BLOCK=4096))
 for noise in (True, False):   # ints equal to 1 are specialised to constants by the JIT
     c = dict(CLIP=True, HAS_NOISE=noise, BLOCK=1024, offset_lo=1, b_first=0, num_steps=1)
     assert "ld.global" in compile_ptx(k._p_sample_step_fwd_kernel, sig, c)
+sig["Eps"] = "*bf16"
+for noise in (0, 1, 2):
+    c = dict(CLIP=True, HAS_PREV=noise == 2, NOISE=noise, WRITE_X0=noise == 2, BLOCK=1024, b_first=0)
+    assert "ld.global" in compile_ptx(k._sample_step_fwd_kernel, sig, c)
 print("compiled")
 """
 
@@ -457,3 +658,19 @@ def test_gpu_cuda_graph_sampler_loop():
         reference.q_sample_ref(x0.double(), t_buf, eps_buf.double(), tabs["sqrt_abar"],
                                tabs["sqrt_one_minus_abar"]), eps_buf.double())
     assert rel_err(loss, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_sample_step_real_shape(dtype):
+    table = _sampler_table(device="cuda")
+    x, prev = (_rand((1024, 3, 32, 32), dtype, "cuda") for _ in range(2))
+    eps = _rand((1024, 3, 32, 32), torch.bfloat16, "cuda")
+    rng = torch.tensor([77, 5, 0], device="cuda")
+    step = torch.tensor([3], device="cuda")
+    out, x0 = _sample_step("triton", x, eps, table, step, prev, rng=rng)
+    ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step, prev.double(), None, rng)
+    assert_close_rel(out, ref, dtype)
+    assert_close_rel(x0, x0_ref, dtype)
+    z = _kernel_noise(rng, (1024, 3, 32, 32))
+    torch.testing.assert_close(z, reference.philox_normal_ref(rng, z.shape), rtol=1e-5, atol=1e-5)

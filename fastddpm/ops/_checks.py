@@ -47,8 +47,27 @@ def _no_sync():
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def no_sync() -> bool:
+    """True where the host must not read device memory (CUDA-graph capture, torch.compile)."""
+    return _no_sync()
+
+
 def check_table(name, table, device):
     if not isinstance(table, torch.Tensor) or table.dim() != 1:
         raise ValueError(f"{name} must be a 1-D tensor of length T")
     if table.device != torch.device(device):
         raise ValueError(f"{name} is on {table.device}, expected {device}")
+
+
+def check_tables(tables: dict, device) -> int:
+    """Every {name: table} 1-D float on `device`, all of one length T; returns T."""
+    for name, tab in tables.items():
+        check_table(name, tab, device)
+    lengths = {name: tab.shape[0] for name, tab in tables.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError("coefficient tables must have one length T, got "
+                         + ", ".join(f"{n}: {k}" for n, k in lengths.items()))
+    T = next(iter(lengths.values()))
+    if T < 1:
+        raise ValueError("coefficient tables are empty (T = 0)")
+    return T

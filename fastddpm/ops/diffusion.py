@@ -1,23 +1,37 @@
-"""Diffusion ops: q_sample, L_simple and the ancestral sampler step.
+"""Diffusion ops: q_sample, L_simple, the ancestral step and the sampler step.
 
 Coefficient tables are 1-D tensors of length T on the inputs' device (any float
 dtype; GaussianDiffusion keeps them in float64); each sample's coefficients are
-gathered by its t. Callers (GaussianDiffusion) check t's range.
+gathered by its t. Every backend refuses the same bad input: tables of unequal
+length and t outside [0, T-1] raise ValueError. The range check reads t on the
+host; it is skipped under CUDA-graph capture and torch.compile, and by callers
+that built t themselves and pass check_range=False (GaussianDiffusion, the
+samplers) to avoid a device sync. The kernels clamp t in any case, so they never
+read out of bounds.
 
 Backends: "reference" (fastddpm.reference), "cpp" (q_sample) and "triton": the
-custom ops torch.ops.fastddpm.q_sample, .simple_loss and .p_sample_step (fake
-implementations, autograd for the first two), usable under torch.compile and
-inside CUDA graphs. The Triton kernels are imported on first use.
+custom ops torch.ops.fastddpm.q_sample, .simple_loss, .p_sample_step and
+.sample_step (fake implementations, autograd for the first two), usable under
+torch.compile and inside CUDA graphs. The Triton kernels are imported on first use.
 
-Sampler noise: `p_sample_step(..., noise=z)` adds the given z (every backend
-gives the same result). `p_sample_step(..., noise=None, seed=s, offset=o)` draws
-z itself, deterministically for (s, o, t, element):
+Ancestral-step noise: `p_sample_step(..., noise=z)` adds the given z (every
+backend gives the same result). `p_sample_step(..., noise=None, seed=s, offset=o)`
+draws z itself, deterministically for (s, o, t, element):
   * triton: Philox inside the kernel (key s, counter (element, t[b], o));
-    no host sync, no generator state: capturable in a CUDA graph.
+    no host sync, no generator state.
   * reference/cpp: torch.randn from a torch.Generator seeded from (s, o, t);
     it reads t on the host (eager only).
 Only the noise source differs between backends: the same (s, o) gives
 different, equally distributed z on each; the math around z is identical.
+
+The sampler step (`sample_step`, used by every sampler in fastddpm.sampling)
+keeps its whole state on the device instead: the table row is a device int64
+`step` and the noise comes from a device int64 `rng` = (key, offset,
+first_sample) through reference.philox_normal_ref, which the Triton kernel
+computes in-kernel (the same Philox numbers on every backend, the normals equal
+to float32 rounding of log/cos). Nothing is read on the host (except the
+optional range check), so a CUDA graph can advance step and rng[1] on the
+device and draw fresh noise on every replay.
 """
 import hashlib
 from typing import Optional
@@ -26,26 +40,27 @@ import torch
 
 from fastddpm import reference
 from fastddpm.ops import _backend
-from fastddpm.ops._checks import check_float, check_same, check_table, check_timesteps
+from fastddpm.ops._checks import check_float, check_same, check_tables, check_timesteps, no_sync
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NUM_COEFS = len(reference.SAMPLER_COEFS)
 
 
-def _check_batch(x, t):
-    """x batched, t (B,) int64 on x's device; the range is the caller's to check
-    (the kernels clamp t, so a bad value can never read out of bounds)."""
+def _check_batch(x, t, T, check_range):
+    """x batched, t (B,) int64 on x's device with values in [0, T-1] (the range
+    read on the host unless check_range is False, or under capture/compile)."""
     if x.dim() < 1:
         raise ValueError("expected a batched tensor (B, ...)")
-    check_timesteps(t, x.shape[0], None, x.device, check_range=False)
+    check_timesteps(t, x.shape[0], T, x.device, check_range=check_range)
 
 
-def q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
-    """x_t = sqrt_abar[t] * x0 + sqrt_one_minus_abar[t] * noise, per sample."""
+def q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar, *, check_range=True):
+    """x_t = sqrt_abar[t] * x0 + sqrt_one_minus_abar[t] * noise, per sample.
+    check_range=False skips reading t on the host (for callers that built t)."""
     check_float("x0", x0)
     check_same("noise", noise, "x0", x0)
-    _check_batch(x0, t)
-    check_table("sqrt_abar", sqrt_abar, x0.device)
-    check_table("sqrt_one_minus_abar", sqrt_one_minus_abar, x0.device)
+    T = check_tables({"sqrt_abar": sqrt_abar, "sqrt_one_minus_abar": sqrt_one_minus_abar}, x0.device)
+    _check_batch(x0, t, T, check_range)
     return _backend.pick("q_sample", x0.device)(x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
 
 
@@ -57,13 +72,14 @@ def simple_loss(eps_hat, noise):
 
 
 def p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
-                  noise=None, clip=True, *, seed=None, offset=0):
+                  noise=None, clip=True, *, seed=None, offset=0, check_range=True):
     """x_{t-1} from x_t and eps_hat: see reference.p_sample_step_ref. No noise at t == 0.
 
     Give either `noise` (a tensor like x_t) or `seed` (an int in [0, 2^63)) with an
     optional stream `offset` (int in [0, 2^64)); with a seed the noise is drawn
     per (seed, offset, t, element): see the module docstring for how backends differ.
     A sampler that visits the same t twice with one seed must change `offset`.
+    check_range=False skips reading t on the host (for callers that built t).
     """
     check_float("x_t", x_t)
     check_same("eps", eps, "x_t", x_t)
@@ -78,13 +94,75 @@ def p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2,
             raise ValueError(f"p_sample_step: seed must be an int in [0, 2^63), got {seed!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**64:
             raise ValueError(f"p_sample_step: offset must be an int in [0, 2^64), got {offset!r}")
-    _check_batch(x_t, t)
     tables = (sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var)
-    for name, tab in zip(("sqrt_recip_abar", "sqrt_recipm1_abar", "coef1", "coef2", "log_var"), tables):
-        check_table(name, tab, x_t.device)
+    T = check_tables(dict(zip(("sqrt_recip_abar", "sqrt_recipm1_abar", "coef1", "coef2", "log_var"), tables)),
+                     x_t.device)
+    _check_batch(x_t, t, T, check_range)
     if noise is not None:
         return _backend.pick("p_sample_step", x_t.device)(x_t, t, eps, *tables, noise, clip)
     return _backend.pick("p_sample_step_seeded", x_t.device)(x_t, t, eps, *tables, seed, offset, clip)
+
+
+def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, clip=True, return_x0=False,
+                check_range=True):
+    """One step of any sampler (reference.sample_step_ref, SAMPLER_COEFS):
+    x0_hat = a_x x_t - a_e eps (clipped if clip); x_next = c_x x_t + c_0 x0_hat
+    + c_p x0_prev + sigma z. Returns (x_next, x0_hat if return_x0 else None), in
+    x_t's dtype.
+
+    x_t: (B, ...) float; eps: like x_t (any float dtype: a bf16 network output
+    needs no cast); table: (S, 6) float coefficients on x_t's device; step: (1,)
+    int64 on the device, the row (in [0, S-1]); x0_prev: like x_t or None (zero);
+    noise: z like x_t, or None with `rng`, a (3,) int64 device tensor (key,
+    offset, first_sample) from which z is drawn (reference.philox_normal_ref);
+    neither: no noise term (deterministic samplers: no Philox work at all).
+    The caller advances step and rng[1] between steps, on the device.
+    check_range=False skips reading step on the host (for callers that built it).
+    """
+    check_float("x_t", x_t)
+    check_float("eps", eps)
+    check_same("eps", eps, "x_t", x_t, dtype=False)
+    if x_t.dim() < 1:
+        raise ValueError("x_t must be batched (B, ...)")
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != NUM_COEFS \
+            or table.shape[0] < 1:
+        got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"table must be a (S, {NUM_COEFS}) tensor of sampler coefficients, got {got}")
+    check_float("table", table)
+    if table.device != x_t.device:
+        raise ValueError(f"table is on {table.device}, expected {x_t.device}")
+    if x0_prev is not None:
+        check_same("x0_prev", x0_prev, "x_t", x_t)
+    if noise is not None and rng is not None:
+        raise ValueError("sample_step: give noise or rng, not both")
+    if noise is not None:
+        check_same("noise", noise, "x_t", x_t, dtype=False)
+        check_float("noise", noise)
+    elif rng is not None:
+        _check_device_ints("rng", rng, (3,), x_t.device)
+        if x_t[0].numel() >= 2**32:
+            raise ValueError(f"sample_step: in-kernel noise needs fewer than 2^32 elements per sample, "
+                             f"got {x_t[0].numel()}")
+    _check_device_ints("step", step, (1,), x_t.device)
+    if check_range and not no_sync():
+        i = int(step)
+        if not 0 <= i < table.shape[0]:
+            raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (the table's rows), got {i}")
+    x_next, x0 = _backend.pick("sample_step", x_t.device)(x_t, eps, table, step, x0_prev, noise, rng, clip,
+                                                           return_x0)
+    return x_next, (x0 if return_x0 else None)
+
+
+def _check_device_ints(name, x, shape, device):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or tuple(x.shape) != shape:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be an int64 tensor of shape {shape}, got {got}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device}")
+
+
+def _sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
+    return reference.sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip)
 
 
 def _q_sample_cpp(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
@@ -256,6 +334,28 @@ def _p_sample_step_seeded_triton(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar
                                             _as_int64(int(offset)))
 
 
+@torch.library.custom_op("fastddpm::sample_step", mutates_args=())
+def sample_step_op(x_t: torch.Tensor, eps: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
+                   x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], rng: Optional[torch.Tensor],
+                   clip: bool, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton sampler step: (x_next, x0_hat or an empty (0,) tensor unless write_x0).
+    No autograd (sampling)."""
+    return _kernels().sample_step_fwd(x_t, eps, table, step, x0_prev, noise, rng, clip, write_x0)
+
+
+@sample_step_op.register_fake
+def _sample_step_fake(x_t, eps, table, step, x0_prev, noise, rng, clip, write_x0):
+    torch._check(eps.shape == x_t.shape, lambda: "sample_step: eps and x_t shapes differ")
+    return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape if write_x0 else (0,))
+
+
+def _sample_step_triton(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
+    if x_t.dtype not in _KERNEL_DTYPES or eps.dtype not in _KERNEL_DTYPES or x_t.numel() == 0 \
+            or _needs_grad(x_t, eps, *(v for v in (x0_prev, noise) if v is not None)):
+        return _sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0)
+    return torch.ops.fastddpm.sample_step(x_t, eps, table, step, x0_prev, noise, rng, bool(clip), bool(return_x0))
+
+
 _backend.register("q_sample", "reference", reference.q_sample_ref)
 _backend.register("q_sample", "cpp", _q_sample_cpp)
 _backend.register("q_sample", "triton", _q_sample_triton)
@@ -265,3 +365,5 @@ _backend.register("p_sample_step", "reference", reference.p_sample_step_ref)
 _backend.register("p_sample_step", "triton", _p_sample_step_triton)
 _backend.register("p_sample_step_seeded", "reference", _p_sample_step_seeded_ref)
 _backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton)
+_backend.register("sample_step", "reference", _sample_step_ref)
+_backend.register("sample_step", "triton", _sample_step_triton)
