@@ -138,7 +138,7 @@ def main(argv=None):
     try:
         model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
     except checkpoint.CheckpointError as e:
-        _fail(str(e))
+        _fail(str(e), code=2)
     try:
         plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing)
     except ValueError as e:

@@ -4,6 +4,7 @@ checkpoint always loads) and stopped with SIGTERM (it checkpoints and says how
 to resume)."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
         C.resolve(tmp_path / "empty")
 
 
-def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path):
+def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path, capsys):
     """Version 1 networks padded Downsample symmetrically: loading their weights
     into the TF-'SAME' network would silently give another model."""
     from fastddpm import UNet, UNetConfig
@@ -60,9 +61,19 @@ def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path):
                    "model": UNet(cfg).state_dict(), "ema": None}, path)
     with pytest.raises(CheckpointError, match=r"ckpt-00000003.pt has format version 1: .*padded the stride-2"):
         C.load_for_sampling(tmp_path)
+    err = _sample_cli_error(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert re.search("version 1.*retrain", err), err
+
+
+def _sample_cli_error(argv, capsys):
+    """Run the sample CLI on bad input: exit 2 and one `error: ...` line on stderr."""
     from fastddpm.sample import main as sample_main
-    with pytest.raises(SystemExit, match="version 1.*retrain"):
-        sample_main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (e.value.code, err)
+    return err[0]
 
 
 class _RunsCode:
@@ -93,9 +104,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path, capsys
                r"ckpt-00000009.pt is unreadable .*not plain data")
     with pytest.raises(CheckpointError, match=refused):
         C.load(path)
-    from fastddpm.sample import main as sample_main
-    with pytest.raises(SystemExit, match="error: checkpoint .*(could run code|not plain data)"):
-        sample_main(["--checkpoint", str(path.parent), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    err = _sample_cli_error(["--checkpoint", str(path.parent), "--out", str(tmp_path / "o"), "--device", "cpu"],
+                            capsys)
+    assert re.search("error: checkpoint .*(could run code|not plain data)", err), err
     from fastddpm.train import main as train_main
     assert train_main(["--resume", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -114,7 +125,7 @@ def _tiny_ckpt(**changes):
     return ckpt
 
 
-def test_nonfinite_weights_are_refused_by_name(tmp_path):
+def test_nonfinite_weights_are_refused_by_name(tmp_path, capsys):
     ckpt = _tiny_ckpt()
     ckpt["ema"]["down.0.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     ckpt["model"]["mid.1.qkv.bias"][3] = float("inf")
@@ -123,9 +134,9 @@ def test_nonfinite_weights_are_refused_by_name(tmp_path):
         C.load_for_sampling(tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match=r"m.pt: model weight mid.1.qkv.bias holds 1 NaN/inf"):
         C.load_for_sampling(tmp_path / "m.pt", use_ema=False)
-    from fastddpm.sample import main as sample_main
-    with pytest.raises(SystemExit, match="error: .*down.0.0.conv1.weight holds 1 NaN/inf"):
-        sample_main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    err = _sample_cli_error(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o"), "--device", "cpu"],
+                            capsys)
+    assert "down.0.0.conv1.weight holds 1 NaN/inf" in err, err
     assert not (tmp_path / "o" / "samples.npz").exists()
 
 
