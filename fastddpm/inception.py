@@ -293,6 +293,7 @@ class InceptionV3(nn.Module):
         return x.mean((2, 3))  # the 8x8 average pool
 
     def _pool(self, images):
+        check_images(images)
         x = preprocess(images.to(self.Conv2d_1a_3x3.conv.weight.device))
         if self.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
