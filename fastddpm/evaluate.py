@@ -135,24 +135,31 @@ class _Moments:
         return self.mean.cpu().numpy(), sigma.cpu().numpy()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     """FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in float64.
 
     tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of the
-    symmetric PSD matrix sqrt(S1) S2 sqrt(S1) (similar to S1 S2), from two
-    symmetric eigendecompositions: no scipy.linalg.sqrtm and no complex parts,
-    and singular covariances (fewer samples than dimensions) need no epsilon
-    offset — rounding's tiny negative eigenvalues are clipped to 0 instead."""
+    symmetric PSD matrix L^T S2 L with S1 = L L^T (similar to S1 S2), from two
+    symmetric eigendecompositions (torch.linalg, float64, on `device`): no
+    scipy.linalg.sqrtm and no complex parts. Singular covariances (fewer samples
+    than dimensions) need no epsilon offset (pytorch-fid's fix for sqrtm):
+    eigenvalues below the numerical rank tolerance (max * D * machine eps) count as 0."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise EvaluateError(f"statistics of different feature sizes: mu {mu1.shape} / {mu2.shape}, "
                             f"sigma {s1.shape} / {s2.shape}")
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    ev = np.linalg.eigvalsh((m + m.T) / 2)
-    tr_covmean = np.sqrt(np.clip(ev, 0, None)).sum()
+    eps = np.finfo(np.float64).eps
+    a = torch.from_numpy(s1).to(device)
+    b = torch.from_numpy(s2).to(device)
+    w, v = torch.linalg.eigh((a + a.t()) / 2)  # S1 = V diag(w) V^T: L = V sqrt(w)
+    w = torch.where(w > w.max().clamp_min(0) * w.numel() * eps, w, 0.0)
+    lt = v.t() * w.sqrt()[:, None]
+    m = lt @ b @ lt.t()
+    ev = torch.linalg.eigvalsh((m + m.t()) / 2)
+    # eigenvalues at rounding level (the null space of a singular S1 or S2) count as 0
+    ev = torch.where(ev > ev.max().clamp_min(0) * ev.numel() * eps, ev, 0.0)
+    tr_covmean = ev.sqrt().sum().item()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
@@ -322,7 +329,7 @@ def check_compatible(*stats):
 def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, seed=0, device="cpu"):
     """{'fid', 'kid', 'kid_std'} of two Stats; KID is None unless both kept features."""
     check_compatible(samples, ref)
-    out = {"fid": frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma), "kid": None, "kid_std": None,
+    out = {"fid": frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma, device), "kid": None, "kid_std": None,
            "n_samples": samples.n, "n_ref": ref.n}
     if samples.features is not None and ref.features is not None:
         out["kid"], out["kid_std"] = kernel_inception_distance(samples.features, ref.features, kid_subsets,
@@ -359,7 +366,7 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     net = inception if inception is not None else load_inception(weights, device)
     stats, _ = inception_pass(to_uint8(x), net, batch_size=inception_batch, device=device, progress=False)
     check_compatible(stats, ref)
-    fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+    fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma, device)
     return {"fid": fid, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
 
 
@@ -549,8 +556,12 @@ def _run(args):
                else len(stats.features), "weights": net.source}
         return out, f"statistics of {stats.n} images ({stats.source}) -> {args.out}"
     if args.command == "fid":
+        ref = load_stats(args.ref) if is_stats_file(args.ref) else None  # bad ref: fail before the pass
+        if ref is not None:
+            check_compatible(ref)
         samples, _ = inception_pass(open_images(args.samples), keep_features=KID_FEATURES, desc="samples", **kw)
-        ref = reference_stats(args.ref, keep_features=KID_FEATURES, **kw)
+        if ref is None:
+            ref = reference_stats(args.ref, keep_features=KID_FEATURES, **kw)
         r = fid_kid(samples, ref, args.kid_subsets, args.kid_subset_size, args.seed, device)
         r.update(samples=args.samples, ref=args.ref, weights=net.source, precision=args.precision)
         text = f"FID {r['fid']:.4f} ({r['n_samples']} samples vs {r['n_ref'] or '?'} reference images)"
