@@ -337,15 +337,6 @@ def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SI
     return out
 
 
-def reference_stats(ref, inception=None, **pass_kw):
-    """Stats from a stats .npz, or computed from DATA (with features for KID)."""
-    ref = os.fspath(ref)
-    if ref.lower().endswith(".npz") and is_stats_file(ref):
-        return load_stats(ref)
-    stats, _ = inception_pass(open_images(ref), inception, desc="reference", **pass_kw)
-    return stats
-
-
 # ---- during training ------------------------------------------------------------------
 
 def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, batch_size=256, seed=0,
@@ -545,23 +536,33 @@ def _run(args):
         return out, text
     if args.batch_size < 1:
         raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # open (and so check) every input before the weights and the long pass
+    if args.command == "stats":
+        images = open_images(args.data, args.image_size)
+    else:
+        images = open_images(args.samples)
+    ref = None
+    if args.command == "fid":
+        ref = load_stats(args.ref) if is_stats_file(args.ref) else open_images(args.ref)
+        if isinstance(ref, Stats):
+            check_compatible(ref)
+    if args.command == "is" and args.splits < 1:
+        raise EvaluateError(f"--splits must be >= 1, got {args.splits}")
     net = load_inception(args.inception_weights, device)
+    if args.command == "is":
+        net._check_classifier()
     kw = dict(inception=net, batch_size=args.batch_size, device=device, precision=args.precision,
               seed=args.seed, progress=progress)
     if args.command == "stats":
-        stats, _ = inception_pass(open_images(args.data, args.image_size), keep_features=args.kid_features,
-                                  desc="stats", **kw)
+        stats, _ = inception_pass(images, keep_features=args.kid_features, desc="stats", **kw)
         save_stats(args.out, stats)
         out = {"out": args.out, "n": stats.n, "source": stats.source, "features_kept": 0 if stats.features is None
                else len(stats.features), "weights": net.source}
         return out, f"statistics of {stats.n} images ({stats.source}) -> {args.out}"
     if args.command == "fid":
-        ref = load_stats(args.ref) if is_stats_file(args.ref) else None  # bad ref: fail before the pass
-        if ref is not None:
-            check_compatible(ref)
-        samples, _ = inception_pass(open_images(args.samples), keep_features=KID_FEATURES, desc="samples", **kw)
-        if ref is None:
-            ref = reference_stats(args.ref, keep_features=KID_FEATURES, **kw)
+        samples, _ = inception_pass(images, keep_features=KID_FEATURES, desc="samples", **kw)
+        if not isinstance(ref, Stats):
+            ref, _ = inception_pass(ref, keep_features=KID_FEATURES, desc="reference", **kw)
         r = fid_kid(samples, ref, args.kid_subsets, args.kid_subset_size, args.seed, device)
         r.update(samples=args.samples, ref=args.ref, weights=net.source, precision=args.precision)
         text = f"FID {r['fid']:.4f} ({r['n_samples']} samples vs {r['n_ref'] or '?'} reference images)"
@@ -572,11 +573,7 @@ def _run(args):
         if samples.n < 2048:
             text += f"\nnote: {samples.n} < 2048 samples: the sample covariance is singular and FID biased upward"
         return r, text
-    # is
-    if args.splits < 1:
-        raise EvaluateError(f"--splits must be >= 1, got {args.splits}")
-    net._check_classifier()
-    _, logits = inception_pass(open_images(args.samples), logits=True, desc="samples", **kw)
+    _, logits = inception_pass(images, logits=True, desc="samples", **kw)
     mean, std = inception_score(softmax64(logits), args.splits)
     r = {"is": mean, "is_std": std, "n": len(logits), "splits": args.splits, "samples": args.samples,
          "weights": net.source, "precision": args.precision}
