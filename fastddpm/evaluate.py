@@ -340,24 +340,47 @@ def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SI
 # ---- during training ------------------------------------------------------------------
 
 def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, batch_size=256, seed=0,
-                device=None, precision="fp32", inception_batch=200, **sample_kw):
+                device=None, precision="fp32", inception_batch=200, rank=0, world=1, **sample_kw):
     """FID of n samples of `model` against ref_stats (Stats or a stats .npz path).
-    Samples with fastddpm.sampling.sample (extra keyword arguments go to it), then one
-    fp32 Inception pass. Returns {'fid', 'n', 'seconds', 'sample_seconds'}."""
+    Samples with fastddpm.sampling.sample (extra keyword arguments go to it; the
+    network in `precision`), then one fp32 Inception pass. Under torch.distributed
+    (world > 1, every rank calls it) each rank draws its share of the n samples
+    (seeds offset per rank) and the features are all-gathered, so no rank idles
+    into a collective's timeout; rank 0 computes the FID (None elsewhere).
+    Returns {'fid', 'n', 'seconds', 'sample_seconds'}."""
     from fastddpm.images import to_uint8
     from fastddpm.inception import load_inception
     from fastddpm.sampling import sample
 
     t0 = time.perf_counter()
     ref = load_stats(ref_stats) if not isinstance(ref_stats, Stats) else ref_stats
+    check_compatible(ref)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = sample(model, diffusion, n, batch_size=batch_size, seed=seed, device=device, precision=precision,
-               progress=False, **sample_kw)
-    t1 = time.perf_counter()
-    net = inception if inception is not None else load_inception(weights, device)
-    stats, _ = inception_pass(to_uint8(x), net, batch_size=inception_batch, device=device, progress=False)
-    check_compatible(stats, ref)
-    fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma, device)
+    shares = [n // world + (r < n % world) for r in range(world)]
+    feats = torch.zeros(0, 2048, device=device)
+    t1 = t0
+    if shares[rank]:
+        x = sample(model, diffusion, shares[rank], batch_size=batch_size, seed=seed + 1_000_003 * rank,
+                   device=device, precision=precision, progress=False, **sample_kw)
+        t1 = time.perf_counter()
+        net = inception if inception is not None else load_inception(weights, device)
+        with torch.no_grad():
+            feats = torch.cat([net(torch.from_numpy(u).to(device).permute(0, 3, 1, 2))
+                               for u in np.array_split(to_uint8(x), -(-len(x) // inception_batch))])
+    if world > 1:
+        import torch.distributed as dist
+
+        padded = torch.zeros(max(shares), 2048, device=device)
+        padded[:len(feats)] = feats
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        feats = torch.cat([p[:k] for p, k in zip(parts, shares)])
+        if rank != 0:
+            return {"fid": None, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
+    moments = _Moments(2048, device)
+    moments.add(feats)
+    mu, sigma = moments.result()
+    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma, device)
     return {"fid": fid, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
 
 
@@ -375,13 +398,14 @@ def check_training_fid(cfg):
 
 
 def log_training_fid(trainer, bar=None, metrics=None):
-    """Score the trainer's EMA model (rank 0), append {"step", "fid", ...} to metrics.jsonl
-    and show it on the progress bar. Other ranks return at once."""
-    if trainer.rank != 0:
-        return None
+    """Score the trainer's EMA model (all ranks sample a share), and on rank 0 append
+    {"step", "fid", "fid_n", "fid_seconds"} to metrics.jsonl and show it on the progress bar."""
     cfg = trainer.cfg
     r = score_model(trainer.ema, trainer.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
-                    seed=cfg.seed, device=trainer.device, precision=trainer.precision)
+                    seed=cfg.seed, device=trainer.device, precision=trainer.precision, rank=trainer.rank,
+                    world=trainer.world)
+    if trainer.rank != 0:
+        return None
     rec = {"step": trainer.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"]}
     if metrics is not None:
         metrics.write(json.dumps(rec) + "\n")

@@ -267,26 +267,47 @@ def test_cli_nll(tmp_path, capsys):
 
 # ---- during training ------------------------------------------------------------------
 
-@needs_helper
-def test_score_model_and_training_logs_fid(tmp_path):
-    from fastddpm.train import main as train_main
-
-    a = _feats(20, 2048, 10)
-    ev.save_stats(tmp_path / "ref.npz", ev.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))
-    out = tmp_path / "run"
-    rc = train_main(["--preset", "tiny", "--image-size", "8", "--ch-mult", "1", "--attn-resolutions", "",
-                     "--T", "4", "--steps", "2", "--batch-size", "2", "--log-every", "1", "--ckpt-every", "0",
-                     "--sample-n", "0", "--workers", "0", "--no-progress", "--out", str(out),
-                     "--fid-every", "2", "--fid-n", "2", "--fid-ref", str(tmp_path / "ref.npz")])
-    assert rc == 0
-    recs = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
-    fids = [x for x in recs if "fid" in x]
-    assert len(fids) == 1 and fids[0]["step"] == 2 and fids[0]["fid_n"] == 2 and np.isfinite(fids[0]["fid"])
-    assert fids[0]["fid"] > 0 and fids[0]["fid_seconds"] > 0
-
-
 def test_training_refuses_fid_without_a_reference(tmp_path, capsys):
     from fastddpm.train import main as train_main
 
     rc = train_main(["--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "r"), "--fid-every", "5"])
     assert rc == 2 and "--fid-ref" in capsys.readouterr().err
+
+
+@needs_helper
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
+    """torchrun, 2 CPU ranks: each samples its share (3 = 2 + 1) with its own seeds; the
+    FID rank 0 logs is that of all three samples, recomputed here in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from fastddpm.images import to_uint8
+    from fastddpm.sampling import sample
+
+    a = _feats(20, 2048, 11)
+    ev.save_stats(tmp_path / "ref.npz", ev.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "fastddpm.train", "--preset", "tiny", "--image-size", "8", "--ch-mult", "1", "--attn-resolutions", "",
+           "--T", "4", "--steps", "2", "--batch-size", "2", "--log-every", "1", "--ckpt-every", "0",
+           "--sample-n", "0", "--workers", "0", "--no-progress", "--device", "cpu", "--threads", "1",
+           "--out", str(out), "--fid-every", "2", "--fid-n", "3", "--fid-ref", str(tmp_path / "ref.npz")]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    fids = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
+    assert len(fids) == 1 and fids[0]["fid_n"] == 3
+    model, d, _ = checkpoint.load_for_sampling(out)
+    x = torch.cat([sample(model, d, k, batch_size=2, seed=0 + 1_000_003 * rank, progress=False)
+                   for rank, k in enumerate((2, 1))])
+    net = inc.load_inception(HELPER)
+    with torch.no_grad():
+        f = net(torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)).double().numpy()
+    ref = ev.load_stats(tmp_path / "ref.npz")
+    want = ev.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
+    assert fids[0]["fid"] == pytest.approx(want, rel=1e-6)
