@@ -99,7 +99,8 @@ def test_every_weight_format_loads_the_same_network(tmp_path):
         state.update(inc.load_inception(HELPER).state_dict())
     files = {"pytorch-fid": tmp_path / inc.PYTORCH_FID_FILE, "nvidia": tmp_path / inc.NVIDIA_FILE,
              "fid-helper": tmp_path / "default_1.pt"}
-    torch.save(_as_pytorch_fid(state), files["pytorch-fid"])
+    # the 2019 release file predates torch's zip format: write the legacy one
+    torch.save(_as_pytorch_fid(state), files["pytorch-fid"], _use_new_zipfile_serialization=False)
     _save_torchscript(_as_nvidia(state), files["nvidia"])
     _save_torchscript(_as_nvidia({k: v for k, v in state.items() if not k.startswith("fc.")}, "net."),
                       files["fid-helper"])
