@@ -487,7 +487,9 @@ class Stopped(Exception):
 
 class Trainer:
     """UNet + GaussianDiffusion + data + Adam + EMA, one process of a (possibly
-    distributed) run. `resume`: a loaded checkpoint dict to continue from."""
+    distributed) run. `resume`: a loaded checkpoint dict to continue from, read
+    from `resume_path`. train() (or prepare_out() first) takes the run folder's
+    lock; close() releases it (main does)."""
 
     def __init__(self, cfg: TrainConfig, resume=None, rank=0, world=1, log=print, resume_path=None):
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
