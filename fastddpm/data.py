@@ -5,7 +5,7 @@ Sources (`open_dataset(spec, image_size)`):
   a CIFAR-10 folder       the "python version": data_batch_1 .. data_batch_5 pickles
   a folder of images      *.png / *.jpg / *.jpeg (recursively), resized so the short
                           side is image_size, then centre-cropped; decoded lazily in
-                          DataLoader workers
+                          DataLoader workers (see "Image files" below)
   a file.npz              uint8 images (N, H, W, C), C in {1, 3}; key "images",
                           "x" or "arr_0", or the only array in the file
 
@@ -14,6 +14,18 @@ vectorised, if their size differs from image_size). Every dataset is indexed
 by a *list* of indices and returns a whole uint8 batch (B, S, S, C), so no
 Python runs per image for arrays or per pixel for anything; conversion to
 float in [-1, 1], NCHW and the random flips happen on the training device.
+
+Image files: always decoded to 8-bit RGB. 16-bit greyscale PNGs are scaled
+(v / 257, rounded), not clipped. Transparency (RGBA, LA, or a palette / colour
+key with a tRNS entry) is composited onto an opaque white background, the
+colour most such images (icons, sprites, cut-outs) are drawn to be seen on;
+the count of such files is reported when the folder is opened
+(ImageFolderDataset.transparent). Opening a folder reads every file's header
+and checks what PIL's verify() can (PNG chunk CRCs); a full decode of every
+file would cost as much as an epoch, so a file whose pixel data is cut off or
+corrupt (a truncated JPEG passes verify()) is found when it is first decoded:
+the loader then raises, in the main process, a one-line DataError naming it
+(fastddpm.train saves a checkpoint first).
 
 Batch order: the permutation of epoch e is a function of (seed, e) only, and
 global batch j of the run takes positions [j*B, (j+1)*B) of the concatenated
@@ -24,6 +36,9 @@ the step alone: resuming means restarting at a step, with any number of ranks.
 import hashlib
 import os
 import pickle
+import signal
+import threading
+import zipfile
 
 import numpy as np
 import torch
@@ -54,6 +69,9 @@ def _check_images(arr, where):
 
 def load_npz(path):
     """uint8 (N, H, W, C) images from an .npz file."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # else np.load tries it as a pickle
+        raise DataError(f"{path}: not a valid .npz file (an .npz is a zip archive of .npy arrays, "
+                        "as numpy.savez writes; this file is not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
@@ -138,13 +156,35 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 # ---- image folders ------------------------------------------------------------------
 
+WHITE = (255, 255, 255)
+
+
+def _has_alpha(im):
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def _to_rgb(im):
+    """A PIL image -> 8-bit RGB: 16-bit grey scaled, transparency composited onto white."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):  # 16-bit greyscale PNG ("I;16", "I;16B", or "I"): 0..65535
+        v = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise ValueError("floating-point images are not supported")
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba)
+    return im.convert("RGB")
+
+
 def _load_image(path, size):
     """One image file -> uint8 (size, size, 3): short side resized, centre-cropped."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _to_rgb(im)
             w, h = im.size
             scale = size / min(w, h)
             nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -163,6 +203,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder, size, check=True):
         self.folder, self.size = folder, size
+        self.source = f"images:{folder}"
+        self.transparent = 0  # files with an alpha channel or a transparent colour (checked ones)
         files = []
         for root, dirs, names in os.walk(folder):
             dirs.sort()
@@ -182,6 +224,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for path in self.files:
             try:
                 with Image.open(path) as im:
+                    self.transparent += _has_alpha(im)
                     im.verify()
             except Exception as e:
                 raise DataError(f"{path}: unreadable or corrupt image: {type(e).__name__}: {e}") from e
@@ -267,14 +310,77 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
             yield g[self.rank * b:(self.rank + 1) * b].tolist()
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _worker_ignores_stop_signals(worker_id):
+    """worker_init_fn: a stop signal is the main process's to handle. Slurm's scancel,
+    systemd and a terminal's Ctrl-C signal every process of the job; a worker that
+    died of it would crash the trainer before it could save. The workers start with
+    SIGINT/SIGTERM blocked (see _Loader) and keep them blocked; a thread takes them
+    and exits only on the parent's own SIGTERM (the DataLoader terminating a worker,
+    also at interpreter exit). A worker still exits when the main process dies."""
+    if not hasattr(signal, "sigwaitinfo"):  # not on Linux: no stop-signal handling
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # (already, when forked by _Loader)
+    parent = os.getppid()
+
+    def take():
+        while True:
+            info = signal.sigwaitinfo(_STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take, name="fastddpm-stop-signals", daemon=True).start()
+
+
+class _Errors(torch.utils.data.Dataset):
+    """Returns a batch's DataError instead of raising it in the worker, where the
+    DataLoader would turn it into a multi-line message with the worker's traceback."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        try:
+            return self.dataset[indices]
+        except DataError as e:
+            return e
+
+
+class _Loader(torch.utils.data.DataLoader):
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+            return _raising(super().__iter__())
+        # Workers fork here, so with the stop signals blocked: none can die of one that
+        # arrives as it starts. The main process unblocks them at once.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            it = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return _raising(it)
+
+
+def _raising(it):
+    for batch in it:
+        if isinstance(batch, DataError):
+            raise batch
+        yield batch
+
+
 def make_loader(dataset, sampler, workers, pin_memory, seed=0):
     """A DataLoader yielding one uint8 (b, S, S, C) batch per step. It has its own
     generator, so creating it does not advance the global torch RNG (which
-    dropout uses and checkpoints restore)."""
-    kw = dict(prefetch_factor=4) if workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
-                                       **kw)
+    dropout uses and checkpoints restore). Its workers ignore SIGINT/SIGTERM
+    (the main process alone reacts to a stop); an unreadable image raises a
+    one-line DataError naming the file in the main process."""
+    kw = dict(prefetch_factor=4, worker_init_fn=_worker_ignores_stop_signals) if workers > 0 else {}
+    return _Loader(_Errors(dataset), batch_size=None, sampler=sampler, num_workers=workers,
+                   pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def to_model_input(batch_uint8, device, flip=None):

@@ -16,6 +16,17 @@ beside the checkpoints and inside each checkpoint) and the step:
 So a run stopped at step k and resumed is bit-identical on the CPU to one that
 never stopped, and it can resume on a different number of ranks.
 
+A run folder (--out) belongs to one run: a trainer holds a lock on it
+(.lock, fcntl.flock) while it runs; a new run, or a resumed one continuing in a
+new folder, is refused a folder that holds checkpoints or metrics of another
+run; a run resumes in its own folder only from its newest checkpoint (branch
+from an older one with --out NEW). Keep-N pruning deletes only older
+checkpoints of the folder's own run. metrics.jsonl is cut, on resume, to the
+complete records up to the step resumed from; each record says how many steps
+its window covers (window_steps). SIGINT/SIGTERM, to the trainer alone or to
+its whole process group, save a checkpoint and exit 128 + the signal (a sample
+grid in progress is abandoned; under torchrun the ranks agree at log steps).
+
 The training step is small and free of host synchronisation: non-finite
 gradients skip the optimizer step and the EMA update on the device (fused Adam
 reads a found_inf flag; fp16 uses torch.amp.GradScaler, which does the same),
@@ -25,7 +36,10 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import errno
+import fcntl
 import json
+import math
 import os
 import random
 import signal
@@ -164,9 +178,20 @@ def _ints(s):
     return tuple(int(v) for v in s.replace(" ", "").split(",") if v) if s else ()
 
 
+def _finite(s):
+    """A float flag: a finite number (inf and nan would only surface later, as a nan loss)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return v
+
+
 def _positive(kind):
     def parse(s):
-        v = kind(s)
+        v = _finite(s) if kind is float else kind(s)
         if not v > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
         return v
@@ -177,6 +202,19 @@ def _nonneg_int(s):
     v = int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+SEED_MAX = 2 ** 64 - 1  # torch.manual_seed's range
+
+
+def _seed(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {s}")
     return v
 
 
@@ -192,27 +230,29 @@ _FLAGS = [
     ("--ch-mult", "ch_mult", _ints, "UNet channel multipliers per resolution, comma separated"),
     ("--num-res-blocks", "num_res_blocks", _nonneg_int, "residual blocks per resolution"),
     ("--attn-resolutions", "attn_resolutions", _ints, "resolutions with self-attention, comma separated ('' for none)"),
-    ("--dropout", "dropout", float, "dropout rate in the residual blocks"),
+    ("--dropout", "dropout", _finite, "dropout rate in the residual blocks"),
     ("--num-groups", "num_groups", _positive(int), "GroupNorm groups"),
     ("--schedule", "schedule", str, "beta schedule: " + " | ".join(SCHEDULES) + " (cosine: Nichol & "
      "Dhariwal 2021; ignores --beta-start/--beta-end)"),
     ("--T", "T", _positive(int), "diffusion steps"),
-    ("--beta-start", "beta_start", float, "first beta of the linear schedule"),
-    ("--beta-end", "beta_end", float, "last beta of the linear schedule"),
-    ("--variance", "variance", str, "sampling variance: fixedlarge (beta_t) or fixedsmall (posterior)"),
+    ("--beta-start", "beta_start", _finite, "first beta of the linear schedule"),
+    ("--beta-end", "beta_end", _finite, "last beta of the linear schedule"),
+    ("--variance", "variance", str, "sampling variance: fixedlarge (beta_t) or fixedsmall (posterior); "
+     "it only affects sampling, so it may change on --resume (recorded in config.json and the "
+     "checkpoints written from then on)"),
     ("--steps", "steps", _positive(int), "total optimizer steps of the run (on resume: the new total)"),
     ("--batch-size", "batch_size", _positive(int), "global batch size, split evenly over the ranks"),
     ("--lr", "lr", _positive(float), "Adam learning rate after warm-up"),
     ("--warmup", "warmup", _nonneg_int, "linear learning-rate warm-up steps (lr * min(step/warmup, 1))"),
     ("--grad-clip", "grad_clip", _positive(float), "clip the global gradient norm to this value"),
-    ("--ema-decay", "ema_decay", float, "EMA decay of the weights used for sampling"),
+    ("--ema-decay", "ema_decay", _finite, "EMA decay of the weights used for sampling"),
     ("--precision", "precision", str, "fp32 | bf16 | fp16 (autocast; fp16 with dynamic loss scaling); "
      "default bf16 on a GPU that supports it, else fp32"),
     ("--device", "device", str, "cpu, cuda or cuda:N (default: cuda if available; under torchrun "
      "each rank uses cuda:LOCAL_RANK)"),
     ("--compile", "compile", str, "torch.compile the network for training: " + " | ".join(COMPILE_MODES)
      + " (reduce-overhead: CUDA graphs); the first steps pay the compilation"),
-    ("--seed", "seed", int, "seed of the weights, data order, noise and dropout"),
+    ("--seed", "seed", _seed, "seed of the weights, data order, noise and dropout"),
     ("--max-nonfinite", "max_nonfinite", _positive(int), "stop after this many consecutive steps "
      "with a non-finite loss or gradient (each is skipped and counted)"),
     ("--ckpt-every", "ckpt_every", _nonneg_int, "checkpoint every N steps (0: only at the end and on "
@@ -252,8 +292,11 @@ def build_parser():
                    help="starting configuration: cifar10 (the paper, default) or tiny (CPU demo)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR (its newest checkpoint; a file also works) with its "
-                   "saved config; flags given now override it, except ones that would change the run "
-                   "(model, diffusion, data, batch size, seed), which are refused")
+                   "saved config; flags given now override it, except ones that would change the run: "
+                   "the network, the beta schedule and T, the data, the batch size and the seed are "
+                   "refused (--variance, which only affects sampling, is allowed). With --out NEW the "
+                   "run continues in NEW, which must hold no other run; an older checkpoint of a folder "
+                   "that holds newer ones can only be resumed that way")
     for flag, name, typ, text in _FLAGS:
         default = getattr(base, name)
         if isinstance(default, tuple):
@@ -280,10 +323,9 @@ def config_from_args(argv=None):
             cfg.out = os.path.join("runs", cfg.preset)
         if cfg.data:
             cfg.data = os.path.abspath(cfg.data)
-        if ckpt_io.list_checkpoints(cfg.out):
-            raise CheckpointError(f"{cfg.out} already holds checkpoints of a run: continue it with "
-                                  f"--resume {cfg.out}, or choose another --out folder")
-        return _validated(cfg), None, None
+        _validated(cfg)
+        check_out_folder(cfg.out)
+        return cfg, None, None
     path = ckpt_io.resolve(resume)
     ckpt = ckpt_io.load(path)
     saved_train = (ckpt.get("config") or {}).get("train")
@@ -300,7 +342,9 @@ def config_from_args(argv=None):
     if "out" not in given:
         cfg.out = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(path))
     check_resumable(saved, cfg, path)
-    return _validated(cfg), ckpt, path
+    _validated(cfg)
+    check_out_folder(cfg.out, path, int(ckpt["step"]))
+    return cfg, ckpt, path
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig, path):
@@ -310,6 +354,59 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig, path):
         raise CheckpointError(f"cannot resume from {path}: it was written by a different "
                               "configuration (" + "; ".join(diff) + "). Start a new run in another "
                               "--out folder, or drop the flags that change it.")
+
+
+class RunFolderError(ValueError):
+    """--out cannot be used: not a writable folder, in use, or holding another run."""
+
+
+def _check_out_path(out):
+    """--out is, or can be created as, a writable folder (checked before anything is written)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunFolderError(f"--out {out} is a file, not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunFolderError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out {out}: {parent} is not writable")
+
+
+def _same_folder(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_out_folder(out, resume_path=None, resume_step=None):
+    """Refuse a run folder where writing would touch another run's files.
+
+    A folder holds a run when it has checkpoints or a non-empty metrics.jsonl.
+    A new run, or a resumed one continuing in a new folder, needs one that holds
+    none. A run resumed in its own folder must resume its newest checkpoint:
+    resuming an older one there would leave the newer ones (another future of the
+    run) to be pruned or resumed by mistake, so branching needs a new --out."""
+    _check_out_path(out)
+    ckpts = ckpt_io.list_checkpoints(out)
+    if resume_path is not None and _same_folder(os.path.dirname(os.path.abspath(resume_path)), out):
+        newer = [os.path.basename(p) for s, p in ckpts if s > resume_step]
+        if newer:
+            raise RunFolderError(
+                f"cannot resume {resume_path} (step {resume_step}) in {out}: the folder holds newer "
+                f"checkpoints of the run ({', '.join(newer)}), which resuming there would discard. "
+                f"Continue the newest with --resume {out}, or branch from step {resume_step} into a "
+                "new folder with --out NEW")
+        return
+    metrics = os.path.join(out, "metrics.jsonl")
+    held = [f"{len(ckpts)} checkpoint(s)"] if ckpts else []
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        held.append("metrics.jsonl")
+    if not held:
+        return
+    if resume_path is None:
+        raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): continue it with "
+                             f"--resume {out}, or choose another --out folder")
+    raise RunFolderError(f"cannot resume {resume_path} into {out}: that folder holds another run "
+                         f"({', '.join(held)}); choose a new or empty --out folder")
 
 
 def _validated(cfg: TrainConfig):
@@ -325,6 +422,15 @@ def _validated(cfg: TrainConfig):
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0 < cfg.beta_start <= cfg.beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {cfg.seed}")
+    if cfg.device is not None:
+        try:
+            dev = torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device {cfg.device!r} is not a device (cpu, cuda or cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {cfg.device}: fastddpm trains on cpu or cuda (cuda:N), not {dev.type}")
     cfg.model_config()  # UNetConfig validates the network fields
     if cfg.fid_every:
         from fastddpm.evaluate import check_training_fid
@@ -389,6 +495,10 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class _SamplingStopped(Exception):
+    """A stop signal arrived while writing a sample grid."""
+
+
 class Stopped(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
 
@@ -401,12 +511,17 @@ class Stopped(Exception):
 
 class Trainer:
     """UNet + GaussianDiffusion + data + Adam + EMA, one process of a (possibly
-    distributed) run. `resume`: a loaded checkpoint dict to continue from."""
+    distributed) run. `resume`: a loaded checkpoint dict to continue from, read
+    from `resume_path`. train() (or prepare_out() first) takes the run folder's
+    lock; close() releases it (main does)."""
 
-    def __init__(self, cfg: TrainConfig, resume=None, rank=0, world=1, log=print):
+    def __init__(self, cfg: TrainConfig, resume=None, rank=0, world=1, log=print, resume_path=None):
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
+        self.resume_path = resume_path
+        self._lock = None  # the run folder's lock file (rank 0), held while training
         self.device = self._pick_device(cfg.device)
         self.precision = cfg.precision or default_precision(self.device)
+        self._warn_slow_settings()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cuda" and cfg.tf32:
@@ -416,6 +531,9 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
 
         self.dataset = data_mod.open_dataset(cfg.data, cfg.image_size)
+        if getattr(self.dataset, "transparent", 0) and rank == 0:
+            log(f"fastddpm.train: {self.dataset.transparent} of {len(self.dataset)} images have "
+                "transparency: composited onto white (see fastddpm.data)")
         self.in_channels = self.dataset.image_shape[2]
         self.fingerprint = self.dataset.fingerprint()
         if len(self.dataset) < cfg.batch_size:
@@ -446,6 +564,20 @@ class Trainer:
         self.signal = None  # set by SIGINT/SIGTERM handlers
 
     # -- setup --
+    def _warn_slow_settings(self):
+        """One line on stderr for settings that run but are far slower than the alternative."""
+        if self.rank != 0:
+            return
+        warn = lambda m: print(f"fastddpm.train: warning: {m}", file=sys.stderr)  # noqa: E731
+        cores = _usable_cpus()
+        if self.cfg.threads > cores:
+            warn(f"--threads {self.cfg.threads} is more than the {cores} CPU cores this process may "
+                 "use; oversubscribed compute threads wait on each other and can run orders of "
+                 f"magnitude slower: use --threads {cores} or fewer (0: torch's default)")
+        if self.device.type == "cpu" and self.precision == "fp16":
+            warn("--precision fp16 on the CPU has no fast kernels and runs many times slower than "
+                 "fp32: use --precision fp32 (or bf16 on a CPU with native bf16 support)")
+
     def _pick_device(self, name):
         if name is None:
             if torch.cuda.is_available():
@@ -457,6 +589,9 @@ class Trainer:
                 raise ValueError(f"--device {name}: CUDA is not available in this torch/machine")
             if dev.index is None:
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if dev.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s)")
         return dev
 
     def _autocast(self):
@@ -633,12 +768,16 @@ class Trainer:
         state = self.state_dict()
         path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
         if self.rank == 0:
-            ckpt_io.atomic_save(state, path)
-            for _, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
-                try:
-                    os.unlink(old)
-                except FileNotFoundError:
-                    pass
+            try:
+                ckpt_io.atomic_save(state, path)
+            except OSError as e:
+                raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+            for step, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
+                if step < self.step:  # never a newer one (check_out_folder keeps them out anyway)
+                    try:
+                        os.unlink(old)
+                    except FileNotFoundError:
+                        pass
         if self.world > 1:
             dist.barrier()
         return path
@@ -650,41 +789,88 @@ class Trainer:
         from fastddpm.images import save_grid, to_uint8
         from fastddpm.sampling import sample
 
-        x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
-                   seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
+        def stop_pending(module, args):  # a SIGINT/SIGTERM ends sampling at the next network call
+            if self.signal is not None:
+                raise _SamplingStopped
+
+        # (single process only: under torchrun the ranks agree on a stop at sync points)
+        hook = self.ema.register_forward_pre_hook(stop_pending) if self.world == 1 else None
+        try:
+            x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
+                       seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
+        finally:
+            if hook is not None:
+                hook.remove()
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         save_grid(to_uint8(x), path)
         return path
 
-    def _prepare_out(self):
+    def prepare_out(self):
+        """Claim the run folder (rank 0; once): create it, lock it for the whole run (a
+        second trainer on it gets a RunFolderError), check again under the lock that it
+        holds no other run, remove temp files of killed writes, write config.json and cut
+        metrics.jsonl to the records of this run up to the step it starts from."""
         cfg = self.cfg
-        if self.rank != 0:
+        if self.rank != 0 or self._lock is not None:
             return
-        os.makedirs(cfg.out, exist_ok=True)
+        lock = os.path.join(cfg.out, ".lock")
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunFolderError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise RunFolderError(f"cannot lock {lock}: {e.strerror or e}") from e
+            raise RunFolderError(f"{cfg.out} is in use by another trainer (it holds {lock}): wait for "
+                                 "it to finish, or choose another --out folder") from None
+        self._lock = fd
+        try:
+            check_out_folder(cfg.out, self.resume_path, self.step if self.resume_path else None)
+        except BaseException:
+            self.close()
+            raise
         for n in os.listdir(cfg.out):  # temp files of writes killed half-way
             if n.startswith(".tmp-") and n.endswith(".pt"):
                 try:
                     os.unlink(os.path.join(cfg.out, n))
                 except FileNotFoundError:
                     pass
-        tmp = os.path.join(cfg.out, ".config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.config_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, os.path.join(cfg.out, "config.json"))
+        _write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(self.config_dict(), indent=2) + "\n")
         metrics = os.path.join(cfg.out, "metrics.jsonl")
-        if os.path.exists(metrics):  # drop records past the step we resume from
+        if os.path.exists(metrics):
             with open(metrics) as f:
-                lines = [ln for ln in f if ln.strip() and _record_step(ln) <= self.step]
-            with open(metrics, "w") as f:
-                f.writelines(lines)
+                lines = f.read().split("\n")
+            # lines[-1] is "" or a record torn by a kill; drop it and records past our step
+            kept = [ln + "\n" for ln in lines[:-1] if (st := _record_step(ln)) is not None and st <= self.step]
+            _write_atomic(metrics, "".join(kept))
+
+    def close(self):
+        """Release the run folder's lock."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _data_error(self, e, start_step, last_ckpt):
+        """A DataError met while training, after saving the steps done (single process)."""
+        path = last_ckpt[1] if last_ckpt and last_ckpt[0] == self.step else None
+        if path is None and self.world == 1 and self.step > start_step:
+            path = self.save()
+        then = (f"checkpoint {path} written; repair or replace the file (removing it makes other data, "
+                f"a new run), then continue with --resume {self.cfg.out}" if path else
+                f"no step trained since step {start_step}, nothing new saved; repair or replace the file")
+        return data_mod.DataError(f"{e} (training stopped at step {self.step}; {then})")
 
     def train(self):
-        """Run to cfg.steps. Returns a summary dict; raises TrainingDiverged or Stopped."""
+        """Run to cfg.steps. Returns a summary dict; raises TrainingDiverged, Stopped, DataError
+        (an unreadable image, after saving), CheckpointError or OSError (a failed write)."""
         from tqdm.auto import tqdm
 
         cfg, rank = self.cfg, self.rank
-        self._prepare_out()
+        self.prepare_out()
         if self.world > 1:
             dist.barrier()
         sampler = data_mod.ShardedBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
@@ -703,8 +889,10 @@ class Trainer:
             while self.step < cfg.steps:
                 try:
                     batch = next(it)
+                except data_mod.DataError as e:
+                    raise self._data_error(e, start_step, last_ckpt) from None
                 except (RuntimeError, StopIteration):
-                    if self.signal is not None:  # a Ctrl-C also reached the workers
+                    if self.signal is not None:  # a worker died of the stop signal too: the stop
                         break
                     raise
                 t, noise, flip = self.draw(self.step)
@@ -724,7 +912,7 @@ class Trainer:
                            "grad_norm": stats["grad_norm"], "images_per_s": ips,
                            "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
                            "skipped_steps": stats["skipped"], "nonfinite_streak": stats["streak"],
-                           "elapsed_s": time.perf_counter() - t_start}
+                           "window_steps": window_steps, "elapsed_s": time.perf_counter() - t_start}
                     if metrics:
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
@@ -741,7 +929,11 @@ class Trainer:
                     self.check_finite_streak()  # never checkpoint past a divergence
                     last_ckpt = (self.step, self.save())
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    last_samples = (self.step, self.write_samples())
+                    try:
+                        last_samples = (self.step, self.write_samples())
+                    except _SamplingStopped:
+                        path = last_ckpt[1] if last_ckpt and last_ckpt[0] == self.step else self.save()
+                        raise Stopped(self.signal, self.step, path) from None
                 if cfg.fid_every and self.step % cfg.fid_every == 0:
                     from fastddpm.evaluate import log_training_fid
                     log_training_fid(self, bar, metrics)
@@ -757,7 +949,10 @@ class Trainer:
         if last_ckpt is None or last_ckpt[0] != self.step:
             last_ckpt = (self.step, self.save())
         if cfg.sample_n and (last_samples is None or last_samples[0] != self.step):
-            last_samples = (self.step, self.write_samples())
+            try:
+                last_samples = (self.step, self.write_samples())
+            except _SamplingStopped:  # the checkpoint is written: stop now, not minutes later
+                raise Stopped(self.signal, self.step, last_ckpt[1]) from None
         steps_done = self.step - start_step
         return {"step": self.step, "steps": steps_done, "seconds": time.perf_counter() - t_start,
                 "train_seconds": train_time,
@@ -767,10 +962,18 @@ class Trainer:
 
 
 def _record_step(line):
+    """The step of a metrics.jsonl line; None for a line that is not a complete record."""
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 0
+        return int(json.loads(line)["step"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _write_atomic(path, text):
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 # ---- main ----------------------------------------------------------------------------
@@ -789,18 +992,31 @@ def _init_distributed():
     return rank, world
 
 
+def _os_error_line(e):
+    """An OSError as one line naming its file: 'FILE: No space left on device'."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def main(argv=None):
-    """The CLI. Returns the exit status: 0 done, 3 diverged, 128+signal when stopped."""
+    """The CLI. Returns the exit status: 0 done, 1 a write failed while training (disk
+    full: the message names the file), 2 bad input or data, 3 diverged, 128+signal when
+    stopped (a checkpoint written)."""
     rank, world = _init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    handlers = {}
+
+    def error(msg, code):
+        print(f"fastddpm.train: error: {msg}", file=sys.stderr)
+        return code
+
+    handlers, trainer = {}, None
     try:
         try:
             cfg, resume, resume_path = config_from_args(argv)
-            trainer = Trainer(cfg, resume=resume, rank=rank, world=world, log=say)
+            trainer = Trainer(cfg, resume=resume, rank=rank, world=world, log=say, resume_path=resume_path)
         except (CheckpointError, data_mod.DataError, ValueError) as e:
-            print(f"fastddpm.train: error: {e}", file=sys.stderr)
-            return 2
+            return error(e, 2)
 
         def on_signal(signum, frame):
             if trainer.signal is not None and signum == signal.SIGINT:
@@ -815,11 +1031,20 @@ def main(argv=None):
             say(f"fastddpm.train: {resume_path} is at step {trainer.step} >= --steps {cfg.steps}; "
                 "nothing to do (pass a larger --steps to train on)")
             return 0
+        try:
+            trainer.prepare_out()
+        except ValueError as e:
+            return error(e, 2)
+        except OSError as e:
+            return error(_os_error_line(e), 2)
         n_params = sum(p.numel() for p in trainer.model.parameters())
+        changed = ""
+        if resume is not None and resume["config"]["train"].get("variance") != cfg.variance:
+            changed = (f"sampling variance {resume['config']['train'].get('variance')} -> {cfg.variance}; ")
         say(f"fastddpm.train: {cfg.preset} preset, {n_params:,} parameters, {len(trainer.dataset):,} "
             f"images ({trainer.dataset.source}) at {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}"
             f" on {world} x {trainer.device}, {trainer.precision}; "
-            + (f"resuming {resume_path} at step {trainer.step}; " if resume is not None else "")
+            + (f"resuming {resume_path} at step {trainer.step}; {changed}" if resume is not None else "")
             + f"writing {cfg.out}")
         try:
             summary = trainer.train()
@@ -831,12 +1056,20 @@ def main(argv=None):
             say(f"fastddpm.train: {name} at step {e.step}: checkpoint {e.path} written; continue "
                 f"with: python -m fastddpm.train --resume {cfg.out}")
             return 128 + int(e.signum)
+        except data_mod.DataError as e:
+            return error(e, 2)
+        except CheckpointError as e:  # e.g. "cannot write checkpoint FILE: No space left on device"
+            return error(e, 1)
+        except OSError as e:  # metrics.jsonl, a sample grid
+            return error(_os_error_line(e) + f" (training stopped at step {trainer.step})", 1)
         say(f"done: step {summary['step']}/{cfg.steps}, {summary['steps']} steps in {summary['seconds']:.1f} s "
             f"({summary['images_per_s']:.1f} img/s training), loss {summary['loss']:.4f}, "
             f"{summary['skipped']} skipped; checkpoint {summary['checkpoint']}"
             + (f"; samples {summary['samples']}" if summary["samples"] else ""))
         return 0
     finally:
+        if trainer is not None:
+            trainer.close()
         for s, h in handlers.items():
             signal.signal(s, h)
         if world > 1 and dist.is_initialized():

@@ -65,6 +65,16 @@ def test_npz_bad_arrays_name_the_file(tmp_path, arr, words):
         assert w in str(e.value)
 
 
+def test_random_bytes_npz_is_not_called_pickled(tmp_path):
+    """np.load takes a non-zip file for a pickle ("contains pickled data"): say what it is."""
+    path = tmp_path / "random.npz"
+    path.write_bytes(_rng().integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError) as e:
+        open_dataset(str(path), 8)
+    msg = str(e.value)
+    assert str(path) in msg and "not a valid .npz" in msg and "pickle" not in msg and "\n" not in msg
+
+
 def test_corrupt_npz_names_the_file(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(b"PK\x03\x04 this is not a zip file" * 10)
@@ -156,16 +166,72 @@ def test_corrupt_image_names_the_file(tmp_path):
         open_dataset(str(tmp_path / "imgs"), 8)
 
 
-def test_truncated_image_fails_in_the_worker_naming_the_file(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_image_fails_in_the_main_process_naming_the_file(tmp_path, workers):
+    """The error comes out of the loader as a one-line DataError, not a worker's traceback."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "big.png")
     raw = (folder / "big.png").read_bytes()
     (folder / "big.png").write_bytes(raw[: len(raw) // 2])  # header fine, pixels cut off
     ds = data.ImageFolderDataset(str(folder), 8, check=False)
-    loader = data.make_loader(ds, ShardedBatchSampler(1, 1, 0, 0, 1), workers=1, pin_memory=False)
-    with pytest.raises(Exception, match="big.png"):
+    loader = data.make_loader(ds, ShardedBatchSampler(1, 1, 0, 0, 1), workers=workers, pin_memory=False)
+    with pytest.raises(DataError, match="big.png") as e:
         list(loader)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_truncated_jpeg_passes_the_header_check(tmp_path):
+    """verify() does not see a JPEG cut short: opening the folder succeeds (a full decode of
+    every file is left to training), and decoding it names the file."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "cut.jpg")
+    raw = (folder / "cut.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(raw[: len(raw) // 2])
+    ds = open_dataset(str(folder), 8)
+    with pytest.raises(DataError, match=r"cut\.jpg.*truncated"):
+        ds[[0]]
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    """Mid-grey 16-bit data decodes to ~128/255 (PIL's own convert clips it to 255)."""
+    v = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    v[0, 0] = 32896  # 128 * 257: mid-grey
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    out = data._load_image(str(tmp_path / "g16.png"), 8)
+    assert out.dtype == np.uint8 and out.shape == (8, 8, 3)
+    ref = np.rint(v / 257.0).astype(np.uint8)
+    assert out[0, 0].tolist() == [128, 128, 128]
+    assert np.array_equal(out[..., 0], ref) and np.array_equal(out[..., 2], ref)
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "grey.png")
+    assert abs(data._load_image(str(tmp_path / "grey.png"), 8).mean() - 128) < 1
+
+
+def test_transparency_is_composited_onto_white_and_counted(tmp_path):
+    """RGBA, LA and palette-with-tRNS images: alpha 0 -> white, 255 -> the colour, between
+    -> the blend; opening the folder counts them."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red everywhere; alpha 0 / 255 / 128 by row
+    rgba[:3, :, 3], rgba[3:6, :, 3], rgba[6:, :, 3] = 0, 255, 128
+    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
+    la = np.zeros((8, 8, 2), np.uint8)
+    la[..., 0], la[..., 1] = 50, 0  # fully transparent grey
+    Image.fromarray(la, "LA").save(folder / "b.png")
+    pal = Image.fromarray(np.zeros((8, 8), np.uint8), "P")
+    pal.putpalette([10, 20, 30] + [0] * 765)
+    pal.save(folder / "c.png", transparency=0)
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(folder / "d.png")  # opaque
+    ds = open_dataset(str(folder), 8)
+    assert ds.transparent == 3
+    a, b, c, d = (ds[[i]][0].numpy() for i in range(4))
+    assert a[0, 0].tolist() == [255, 255, 255]
+    assert a[4, 0].tolist() == [200, 0, 0]
+    assert np.abs(a[7, 0].astype(int) - [227, 127, 127]).max() <= 1  # 128/255 of red over white
+    assert (b == 255).all() and (c == 255).all() and (d == 7).all()
 
 
 # ---- order ------------------------------------------------------------------------------

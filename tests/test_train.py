@@ -2,6 +2,7 @@
 outputs, skipped non-finite steps (fp32 and fp16 with a real GradScaler),
 refused resumes. Tiny networks, a few steps each."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -213,3 +214,265 @@ def test_schedule_flag_builds_that_diffusion(tmp_path, capsys):
     assert torch.equal(trainer.diffusion.betas, ref.betas)
     assert main(TINY + ["--out", str(tmp_path / "bad"), "--schedule", "sigmoid"]) == 2
     assert "--schedule must be one of" in capsys.readouterr().err
+
+
+# ---- issue 10: what a careful user and an operator do -------------------------------
+
+def _code(args):
+    """main's exit status, also for argparse's own errors (SystemExit)."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code
+
+
+def _one_error_line(err, *words):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len([ln for ln in lines if "error" in ln]) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def _image_folder(folder, n=8, bad=None):
+    """n small PNGs of assorted sizes and kinds (RGB, 16-bit grey, RGBA); `bad`: the index
+    of one saved instead as a JPEG cut in half (its header still passes verify())."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        if i == bad:
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.jpg")
+            raw = (folder / f"{i:02d}.jpg").read_bytes()
+            (folder / f"{i:02d}.jpg").write_bytes(raw[:len(raw) // 2])
+        elif i % 4 == 1:
+            Image.fromarray(rng.integers(0, 65536, (9, 11), dtype=np.uint16)).save(folder / f"{i:02d}.png")
+        elif i % 4 == 2:
+            Image.fromarray(rng.integers(0, 256, (10, 10, 4), dtype=np.uint8), "RGBA").save(folder / f"{i:02d}.png")
+        else:
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_trains_on_an_image_folder_and_resumes(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "r"
+    args = TINY + ["--data", str(folder), "--batch-size", "4", "--workers", "1"]
+    assert main(args + ["--out", str(out), "--steps", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"images:{folder}" in stdout and "2 of 8 images have transparency" in stdout
+    assert C.load(out)["train_state"]["data"]["source"] == f"images:{folder}"
+    assert main(["--resume", str(out), "--steps", "3"]) == 0
+    assert C.load(out)["step"] == 3
+
+
+def test_unreadable_image_mid_training_is_one_line_after_a_checkpoint(tmp_path, capsys):
+    from fastddpm.data import epoch_permutation
+
+    bad = int(epoch_permutation(8, 0, 0)[4])  # first image of step 1's batch (batch 4, seed 0)
+    folder = _image_folder(tmp_path / "imgs", bad=bad)
+    out = tmp_path / "r"
+    code = main(TINY + ["--data", str(folder), "--batch-size", "4", "--workers", "1", "--out", str(out),
+                        "--steps", "4"])
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, f"{bad:02d}.jpg", "truncated", "step 1",
+                    C.checkpoint_name(1), "--resume")
+    assert C.load(out)["step"] == 1
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_resume_never_touches_another_run_or_newer_checkpoints(tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main(TINY + ["--out", str(b), "--steps", "4", "--ckpt-every", "2", "--log-every", "1"]) == 0
+    assert main(TINY + ["--out", str(a), "--steps", "2"]) == 0
+    capsys.readouterr()
+    before = _snapshot(b)
+    # another run's folder as --out: refused, nothing written
+    assert main(["--resume", str(a), "--out", str(b), "--steps", "6"]) == 2
+    _one_error_line(capsys.readouterr().err, str(b), "another run")
+    # an older checkpoint inside its own folder: refused (the newer one would be lost or resumed by mistake)
+    assert main(["--resume", str(b / C.checkpoint_name(2)), "--steps", "6"]) == 2
+    _one_error_line(capsys.readouterr().err, C.checkpoint_name(4), "--out")
+    assert _snapshot(b) == before
+    # branching into a new folder works and leaves the source alone; keep-N prunes only there
+    assert main(["--resume", str(b / C.checkpoint_name(2)), "--out", str(c), "--steps", "4",
+                 "--ckpt-every", "1", "--keep", "1"]) == 0
+    assert _snapshot(b) == before
+    assert [s for s, _ in C.list_checkpoints(c)] == [4]
+    final = capsys.readouterr().out.rsplit("checkpoint ", 1)[1].split()[0].rstrip(";")
+    assert os.path.exists(final) and os.path.samefile(final, c / C.checkpoint_name(4))
+    assert [json.loads(x)["step"] for x in open(c / "metrics.jsonl")] == [3, 4]  # (log-every 1 from b)
+    assert json.load(open(c / "config.json"))["train"]["out"] == str(c)
+
+
+def test_one_trainer_per_run_folder(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "r"
+    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 0
+    capsys.readouterr()
+    with open(out / ".lock", "w") as held:  # what a running trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["--resume", str(out), "--steps", "3"]) == 2
+        _one_error_line(capsys.readouterr().err, str(out), "in use by another trainer")
+        assert C.load(out)["step"] == 2
+    assert main(["--resume", str(out), "--steps", "3"]) == 0  # released: free again
+
+
+def test_bad_out_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("a file")
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        assert _code(TINY + ["--out", str(out), "--steps", "1"]) == 2
+        _one_error_line(capsys.readouterr().err, str(tmp_path / "f"), "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_folder_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert _code(TINY + ["--out", str(ro / "run"), "--steps", "1"]) == 2
+        _one_error_line(capsys.readouterr().err, str(ro), "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "foo"], ["foo", "not a device"]),
+    (["--device", "mps"], ["mps", "cpu or cuda"]),
+    (["--device", "meta"], ["meta", "cpu or cuda"]),
+    (["--seed", "-1"], ["--seed", "2**64"]),
+    (["--seed", str(2 ** 64)], ["--seed", "2**64"]),
+    (["--lr", "inf"], ["--lr", "finite number", "inf"]),
+    (["--lr", "nan"], ["--lr", "finite number"]),
+    (["--dropout", "nan"], ["--dropout", "finite number"]),
+])
+def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, words):
+    out = tmp_path / "r"
+    assert _code(TINY + ["--out", str(out), "--steps", "2"] + flags) == 2
+    _one_error_line(capsys.readouterr().err, *words)
+    assert not out.exists()
+
+
+def test_disk_full_while_checkpointing_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(C, "atomic_save", full)
+    out = tmp_path / "r"
+    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 1
+    _one_error_line(capsys.readouterr().err, "No space left on device", str(out / C.checkpoint_name(2)))
+
+
+def test_torn_metrics_line_is_cut_and_records_say_their_window(tmp_path):
+    out = tmp_path / "r"
+    assert main(TINY + ["--out", str(out), "--steps", "3", "--log-every", "2"]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.1')  # a kill in the middle of a write
+    assert main(["--resume", str(out), "--steps", "6"]) == 0
+    recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [(r["step"], r["window_steps"]) for r in recs] == [(2, 2), (3, 1), (4, 1), (6, 2)]
+
+
+def test_slow_settings_warn(tmp_path, capsys):
+    from fastddpm.train import _usable_cpus
+
+    for flags, words in ((["--threads", str(_usable_cpus() + 1)], ["--threads", "cores", "slower"]),
+                         (["--precision", "fp16", "--device", "cpu"], ["fp16", "CPU", "fp32"])):
+        cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "r")] + flags)
+        Trainer(cfg, log=lambda *a: None)
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "warning" in err, err
+        for w in words:
+            assert w in err, (w, err)
+    cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "r")])
+    Trainer(cfg, log=lambda *a: None)
+    assert capsys.readouterr().err == ""
+
+
+def test_variance_may_change_on_resume_as_the_help_says(tmp_path, capsys):
+    from fastddpm.train import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "--variance, which only affects sampling, is allowed" in text
+    assert "may change on --resume" in text
+    out = tmp_path / "r"
+    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 0
+    assert main(["--resume", str(out), "--steps", "3", "--variance", "fixedsmall"]) == 0
+    assert "sampling variance fixedlarge -> fixedsmall" in capsys.readouterr().out
+    ckpt = C.load(out)
+    assert ckpt["config"]["diffusion"]["variance"] == ckpt["config"]["train"]["variance"] == "fixedsmall"
+    assert json.load(open(out / "config.json"))["diffusion"]["variance"] == "fixedsmall"
+    assert C.load(out / C.checkpoint_name(2))["config"]["diffusion"]["variance"] == "fixedlarge"
+
+
+# ---- SIGTERM to the whole process group (Slurm's scancel, systemd) --------------------
+
+SMALL = ["--preset", "tiny", "--image-size", "8", "--ch", "8", "--ch-mult", "1", "--attn-resolutions", "",
+         "--num-groups", "4", "--batch-size", "4", "--no-progress", "--log-every", "1", "--threads", "1"]
+
+
+def _start(out, args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.Popen([sys.executable, "-m", "fastddpm.train", "--out", str(out)] + SMALL + args,
+                            start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(proc, ready, timeout=120):
+    import time
+
+    t = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def _kill_group_and_wait(proc, timeout=120):
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def test_sigterm_to_the_process_group_saves_and_exits_143(tmp_path):
+    """The signal reaches the data-loader workers too (two of them): they leave it to the
+    trainer, which saves and exits 128 + 15."""
+    out = tmp_path / "r"
+    proc = _start(out, ["--steps", "1000000", "--T", "20", "--ckpt-every", "0", "--sample-n", "0",
+                        "--workers", "2"])
+    metrics = out / "metrics.jsonl"
+    _wait_for(proc, lambda: metrics.exists() and metrics.stat().st_size > 0)  # training, workers up
+    stdout, stderr = _kill_group_and_wait(proc)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "SIGTERM at step" in stdout
+    step = C.load(out)["step"]
+    assert step >= 1 and C.checkpoint_name(step) in stdout
+
+
+def test_sigterm_during_the_final_sample_grid_stops_promptly(tmp_path):
+    out = tmp_path / "r"
+    # 4000 sampling steps: far longer than the test waits once the checkpoint is there
+    proc = _start(out, ["--steps", "1", "--T", "4000", "--sample-n", "2", "--sample-batch", "2",
+                        "--workers", "1"])
+    _wait_for(proc, lambda: (out / C.checkpoint_name(1)).exists())  # saved: now sampling
+    stdout, stderr = _kill_group_and_wait(proc, timeout=60)
+    assert proc.returncode == 143, (stdout, stderr)
+    assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
+    assert not list(out.glob("samples-*.png"))
+    assert C.load(out)["step"] == 1
