@@ -17,7 +17,8 @@ So a run stopped at step k and resumed is bit-identical on the CPU to one that
 never stopped, and it can resume on a different number of ranks.
 
 A run folder (--out) belongs to one run: a trainer holds a lock on it
-(.lock, fcntl.flock) while it runs; a new run, or a resumed one continuing in a
+(.lock, a POSIX fcntl.lockf lock: held by the trainer process alone, so data-loader
+workers it forked never keep it after a kill) while it runs; a new run, or a resumed one continuing in a
 new folder, is refused a folder that holds checkpoints or metrics of another
 run; a run resumes in its own folder only from its newest checkpoint (branch
 from an older one with --out NEW). Keep-N pruning deletes only older
@@ -820,7 +821,9 @@ class Trainer:
         except OSError as e:
             raise RunFolderError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # lockf, not flock: a flock is shared with every forked DataLoader worker and
+            # outlives a SIGKILLed trainer until they exit; a POSIX lock dies with the process
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):

@@ -310,16 +310,24 @@ def test_resume_never_touches_another_run_or_newer_checkpoints(tmp_path, capsys)
 
 
 def test_one_trainer_per_run_folder(tmp_path, capsys):
-    import fcntl
+    import subprocess
+    import sys
 
     out = tmp_path / "r"
     assert main(TINY + ["--out", str(out), "--steps", "2"]) == 0
     capsys.readouterr()
-    with open(out / ".lock", "w") as held:  # what a running trainer holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # another process holds the lock a running trainer holds (POSIX locks are per process)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(out / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         assert main(["--resume", str(out), "--steps", "3"]) == 2
         _one_error_line(capsys.readouterr().err, str(out), "in use by another trainer")
         assert C.load(out)["step"] == 2
+    finally:
+        holder.communicate("", timeout=30)
     assert main(["--resume", str(out), "--steps", "3"]) == 0  # released: free again
 
 
