@@ -127,8 +127,8 @@ def test_full_respacing_equals_the_diffusion_buffers():
         sigma = (0.5 * d.model_log_variance).exp()
         sigma[0] = 0
         for col, buf in zip(tab.unbind(1), (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod,
-                                            d.posterior_mean_coef2, d.posterior_mean_coef1, torch.zeros(1000, dtype=torch.float64),
-                                            sigma)):
+                                            d.posterior_mean_coef2, d.posterior_mean_coef1,
+                                            torch.zeros(1000, dtype=torch.float64), sigma)):
             torch.testing.assert_close(col, buf, rtol=1e-9, atol=1e-12)
 
 
@@ -186,7 +186,8 @@ def test_bad_sampler_arguments():
     for kw, match in [({"sampler": "euler"}, "unknown sampler"), ({"steps": 0}, "steps"), ({"steps": 11}, "steps"),
                       ({"steps": 2.5}, "steps"), ({"sampler": "ddim", "eta": -0.1}, "eta"),
                       ({"sampler": "ddim", "eta": 1.5}, "eta"), ({"sampler": "ddpm", "eta": 0.5}, "ddim sampler only"),
-                      ({"spacing": "cubic"}, "spacing"), ({"sampler": "ddim", "variance": "fixedsmall"}, "ddpm sampler only")]:
+                      ({"spacing": "cubic"}, "spacing"),
+                      ({"sampler": "ddim", "variance": "fixedsmall"}, "ddpm sampler only")]:
         with pytest.raises(ValueError, match=match):
             make_plan(d, **kw)
     m = _model()
