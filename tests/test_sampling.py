@@ -304,6 +304,30 @@ def test_graph_runner_falls_back_to_eager_when_capture_fails(monkeypatch):
     assert len(messages) == 1 and runner.disabled
 
 
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay() runs the recorded step."""
+
+    def __init__(self, step):
+        step()                   # the warm-up call, which advances the state as on a GPU
+        self.replay = step
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 3), ("dpmpp2m", 3)])
+def test_graph_runner_state_handling(monkeypatch, sampler, steps):
+    """The runner's own logic without a GPU: one recorded step replayed for every
+    step, buffers refilled per batch (the warm-up's advance undone), graphs
+    reused per shape and evicted beyond max_graphs; same samples as eager."""
+    monkeypatch.setattr(CudaGraphRunner, "_record", staticmethod(lambda step, device: _EagerGraph(step)))
+    model, d = _model(), GaussianDiffusion.linear(T=10)
+    plan = make_plan(d, sampler, steps)
+    runner = CudaGraphRunner(max_graphs=2)
+    kw = dict(plan=plan, device="cpu", progress=False)
+    for n, seed, first in [(3, 0, 0), (3, 1, 3), (2, 0, 6), (1, 0, 8), (3, 0, 0)]:
+        graphed = sample_batch(model, d, n, seed, first_sample=first, runner=runner, **kw)
+        assert torch.equal(graphed, sample_batch(model, d, n, seed, first_sample=first, **kw))
+    assert len(runner) == 2 and runner.disabled is None
+
+
 # ----------------------------------------------------------------------------- exact Gaussian model
 
 
