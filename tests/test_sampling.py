@@ -455,6 +455,15 @@ def test_sample_cli_bad_flags_are_one_line_errors(tmp_path, capsys, args, match)
     assert match in _cli_error(tmp_path, capsys, *args)
 
 
+@pytest.mark.parametrize("device", ["foo", "mps", "meta", "cuda:99"])
+def test_sample_cli_bad_device_is_one_line(tmp_path, capsys, device):
+    """Issue 10.8: --device foo / mps / meta gave tracebacks."""
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "o"), "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --device {device}") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("where", ["file", "under-file", "read-only"])
 def test_sample_cli_bad_out_fails_before_sampling(tmp_path, capsys, monkeypatch, where):
     """Issue 10.8: a bad --out is reported at once, not after minutes of sampling."""
