@@ -61,36 +61,37 @@ def parse_args(argv=None):
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] in each step")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
+    # bad values: one line and exit 2, like argparse's own errors
     if args.n < 1:
-        p.error(f"--n must be >= 1, got {args.n}")
+        _fail(f"--n must be >= 1, got {args.n}", code=2)
     if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        _fail(f"--batch-size must be >= 1, got {args.batch_size}", code=2)
     if not 0 <= args.seed <= MAX_SEED:
-        p.error(f"--seed must lie in [0, 2^63), got {args.seed}")
+        _fail(f"--seed must lie in [0, 2^63), got {args.seed}", code=2)
     if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
+        _fail(f"--steps must be >= 1, got {args.steps}", code=2)
     if args.eta is not None and args.sampler != "ddim":
-        p.error(f"--eta applies to --sampler ddim only, not {args.sampler}")
+        _fail(f"--eta applies to --sampler ddim only, not {args.sampler}", code=2)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        p.error(f"--eta must lie in [0, 1], got {args.eta}")
-    args.device = _parse_device(p, args.device)
+        _fail(f"--eta must lie in [0, 1], got {args.eta}", code=2)
+    args.device = _parse_device(args.device)
     return args
 
 
-def _parse_device(p, name):
+def _parse_device(name):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        p.error(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)")
+        _fail(f"--device {name}: not a device (use cpu, cuda or cuda:N)", code=2)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            p.error(f"--device {name}: CUDA is not available here")
+            _fail(f"--device {name}: CUDA is not available here", code=2)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            p.error(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+            _fail(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices", code=2)
     elif device.type != "cpu":
-        p.error(f"--device {name}: sampling runs on cpu or cuda, not {device.type}")
+        _fail(f"--device {name}: sampling runs on cpu or cuda, not {device.type}", code=2)
     return device
 
 

@@ -240,3 +240,28 @@ def test_config_round_trip(d):
     assert torch.equal(d2.model_log_variance, d.model_log_variance)
     custom = GaussianDiffusion([0.1, 0.2, 0.3], variance="fixedsmall")
     assert torch.equal(GaussianDiffusion.from_config(custom.config).betas, custom.betas)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_of_range_t_is_refused_once_on_every_backend(backend, monkeypatch):
+    """GaussianDiffusion checks t itself, then calls the ops with check_range=False:
+    one host read of t per call, on every backend; an out-of-range t never reaches a kernel."""
+    import fastddpm.ops as ops
+    from fastddpm.ops import _checks
+
+    d = GaussianDiffusion.linear(T=10)
+    x = torch.randn(2, 3, 4, 4)
+    reads = []
+    original = _checks._no_sync
+    monkeypatch.setattr(_checks, "_no_sync", lambda: reads.append(1) or original())
+    with ops.use_backend(backend):
+        for bad in (10, -1):
+            t = torch.tensor([1, bad])
+            with pytest.raises(ValueError, match=r"t must lie in \[0, 9\]"):
+                d.q_sample(x, t, torch.randn_like(x))
+            with pytest.raises(ValueError, match=r"t must lie in \[0, 9\]"):
+                d.p_sample_step(x, t, torch.randn_like(x), torch.randn_like(x))
+        reads.clear()
+        d.q_sample(x, torch.tensor([0, 9]), torch.randn_like(x))
+        d.p_sample_step(x, torch.tensor([0, 9]), torch.randn_like(x), torch.randn_like(x))
+    assert len(reads) == 2

@@ -674,3 +674,33 @@ def test_gpu_sample_step_real_shape(dtype):
     assert_close_rel(x0, x0_ref, dtype)
     z = _kernel_noise(rng, (1024, 3, 32, 32))
     torch.testing.assert_close(z, reference.philox_normal_ref(rng, z.shape), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_sample_step_graph_replays_draw_fresh_noise():
+    """rng advanced inside the graph: every replay draws the next offset's noise,
+    exactly reference.philox_normal_ref's; the step row is read on the device too."""
+    table = torch.tensor([[1.0, 0, 0, 0, 0, 1.0], [1.0, 0, 0, 0, 0, 2.0]], dtype=torch.float64, device="cuda")
+    x = torch.zeros(8, 3, 4, 4, device="cuda")
+    step = torch.zeros(1, dtype=torch.int64, device="cuda")
+    rng = torch.tensor([99, 1, 0], device="cuda")
+
+    def one():
+        with ops.use_backend("triton"):
+            out, _ = ops.sample_step(x, x, table, step, rng=rng, check_range=False)
+        step.add_(1)
+        rng[1:2].add_(1)
+        return out
+
+    graph, out = capture_cuda_graph(one, warmup=1)
+    step.zero_()
+    rng.copy_(torch.tensor([99, 1, 0]))
+    seen = []
+    for k in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        seen.append(out.clone())
+        expect = (k + 1) * reference.philox_normal_ref(torch.tensor([99, k + 1, 0], device="cuda"), x.shape)
+        torch.testing.assert_close(seen[-1], expect, rtol=1e-5, atol=1e-5)
+    assert (seen[0] * 2 - seen[1]).abs().mean() > 0.5
+    assert int(step) == 2 and int(rng[1]) == 3

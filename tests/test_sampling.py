@@ -127,8 +127,8 @@ def test_full_respacing_equals_the_diffusion_buffers():
         sigma = (0.5 * d.model_log_variance).exp()
         sigma[0] = 0
         for col, buf in zip(tab.unbind(1), (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod,
-                                            d.posterior_mean_coef2, d.posterior_mean_coef1, torch.zeros(1000, dtype=torch.float64),
-                                            sigma)):
+                                            d.posterior_mean_coef2, d.posterior_mean_coef1,
+                                            torch.zeros(1000, dtype=torch.float64), sigma)):
             torch.testing.assert_close(col, buf, rtol=1e-9, atol=1e-12)
 
 
@@ -186,7 +186,8 @@ def test_bad_sampler_arguments():
     for kw, match in [({"sampler": "euler"}, "unknown sampler"), ({"steps": 0}, "steps"), ({"steps": 11}, "steps"),
                       ({"steps": 2.5}, "steps"), ({"sampler": "ddim", "eta": -0.1}, "eta"),
                       ({"sampler": "ddim", "eta": 1.5}, "eta"), ({"sampler": "ddpm", "eta": 0.5}, "ddim sampler only"),
-                      ({"spacing": "cubic"}, "spacing"), ({"sampler": "ddim", "variance": "fixedsmall"}, "ddpm sampler only")]:
+                      ({"spacing": "cubic"}, "spacing"),
+                      ({"sampler": "ddim", "variance": "fixedsmall"}, "ddpm sampler only")]:
         with pytest.raises(ValueError, match=match):
             make_plan(d, **kw)
     m = _model()
@@ -301,6 +302,30 @@ def test_graph_runner_falls_back_to_eager_when_capture_fails(monkeypatch):
     assert torch.equal(out, sample_batch(model, d, 2, 7, **kw))
     sample_batch(model, d, 2, 7, runner=runner, **kw)        # said once, not per batch
     assert len(messages) == 1 and runner.disabled
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay() runs the recorded step."""
+
+    def __init__(self, step):
+        step()                   # the warm-up call, which advances the state as on a GPU
+        self.replay = step
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 3), ("dpmpp2m", 3)])
+def test_graph_runner_state_handling(monkeypatch, sampler, steps):
+    """The runner's own logic without a GPU: one recorded step replayed for every
+    step, buffers refilled per batch (the warm-up's advance undone), graphs
+    reused per shape and evicted beyond max_graphs; same samples as eager."""
+    monkeypatch.setattr(CudaGraphRunner, "_record", staticmethod(lambda step, device: _EagerGraph(step)))
+    model, d = _model(), GaussianDiffusion.linear(T=10)
+    plan = make_plan(d, sampler, steps)
+    runner = CudaGraphRunner(max_graphs=2)
+    kw = dict(plan=plan, device="cpu", progress=False)
+    for n, seed, first in [(3, 0, 0), (3, 1, 3), (2, 0, 6), (1, 0, 8), (3, 0, 0)]:
+        graphed = sample_batch(model, d, n, seed, first_sample=first, runner=runner, **kw)
+        assert torch.equal(graphed, sample_batch(model, d, n, seed, first_sample=first, **kw))
+    assert len(runner) == 2 and runner.disabled is None
 
 
 # ----------------------------------------------------------------------------- exact Gaussian model
@@ -428,6 +453,15 @@ def _cli_error(tmp_path, capsys, *args, code=2):
                                         (["--device", "mps"], "cpu or cuda"), (["--device", "meta"], "cpu or cuda")])
 def test_sample_cli_bad_flags_are_one_line_errors(tmp_path, capsys, args, match):
     assert match in _cli_error(tmp_path, capsys, *args)
+
+
+@pytest.mark.parametrize("device", ["foo", "mps", "meta", "cuda:99"])
+def test_sample_cli_bad_device_is_one_line(tmp_path, capsys, device):
+    """Issue 10.8: --device foo / mps / meta gave tracebacks."""
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "o"), "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --device {device}") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("where", ["file", "under-file", "read-only"])

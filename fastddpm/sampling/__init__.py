@@ -113,10 +113,10 @@ def denoise_step(model, state, precision, clip):
         raise ValueError(f"model output has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
     state.health.add_(eps.detach().sum(dtype=torch.float32))
     multistep = state.x0_prev.numel() > 0
-    x_next, x0 = ops.diffusion.sample_step(x, eps.detach(), state.table, state.step,
-                                           state.x0_prev if multistep else None,
-                                           rng=state.rng if state.stochastic else None, clip=clip,
-                                           return_x0=multistep, check_range=False)   # step built here
+    x_next, x0 = ops.sample_step(x, eps.detach(), state.table, state.step,
+                                 state.x0_prev if multistep else None,
+                                 rng=state.rng if state.stochastic else None, clip=clip,
+                                 return_x0=multistep, check_range=False)   # step built here
     x.copy_(x_next)
     if multistep:
         state.x0_prev.copy_(x0)

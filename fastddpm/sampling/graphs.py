@@ -68,14 +68,20 @@ class CudaGraphRunner:
     def _capture(self, model, plan, shape, device, precision, clip, seed, first_sample):
         state = StepState.allocate(plan, shape, device)
         state.reset(seed, first_sample)
-        # warm-up on a side stream: Triton compilation, cuDNN/cuBLAS handles and
-        # workspaces must exist before capture
+        graph = self._record(lambda: denoise_step(model, state, precision, clip), device)
+        return graph, state      # run() resets the state the warm-up step advanced
+
+    @staticmethod
+    def _record(step, device):
+        """A CUDA graph of one call of `step`, after one warm-up call on a side
+        stream (Triton compilation, cuDNN/cuBLAS handles and workspaces must
+        exist before capture)."""
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            denoise_step(model, state, precision, clip)
+            step()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):     # records only: the buffers keep their values
-            denoise_step(model, state, precision, clip)
-        return graph, state
+            step()
+        return graph

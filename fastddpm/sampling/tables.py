@@ -77,8 +77,10 @@ class SamplerPlan:
 
     @property
     def key(self) -> tuple:
-        """Identifies the plan (for caches): the sampler and its parameters."""
-        return (self.sampler, self.timesteps, self.eta, self.spacing, self.variance)
+        """Identifies the plan (for caches): the sampler, its parameters and its
+        coefficients (two schedules can share everything else)."""
+        return (self.sampler, self.timesteps, self.eta, self.spacing, self.variance,
+                self.table.numpy().tobytes())
 
     def describe(self) -> str:
         extra = {"ddpm": f"variance {self.variance}", "ddim": f"eta {self.eta:g}", "dpmpp2m": ""}[self.sampler]
