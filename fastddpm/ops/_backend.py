@@ -28,6 +28,19 @@ _impls: dict = {}
 # auto preference order per device type
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
+# The one place that says which ops "auto" runs on the C++ kernels on the CPU:
+# those where benchmarks/test_cpu.py measured them faster than the reference.
+# Values: reference time / C++ time, medians of interleaved runs in one process,
+# 2 threads, fp32, on the 2-core CI machine while 5 other jobs loaded it
+# (2026-12-01). An op missing here runs the reference under "auto" on the CPU.
+CPU_AUTO_CPP = {
+    "group_norm": "GN+SiLU fwd+bwd (8,128,32,32): x; with add+dropout vs unfused: x",
+    "q_sample": "x",
+    "simple_loss": "fwd+bwd x",
+    "p_sample_step": "x",
+    "p_sample_step_seeded": "same update as p_sample_step, reference noise",
+}
+
 
 def register(op: str, backend: str, fn) -> None:
     if backend not in BACKENDS or backend == "auto":
@@ -87,6 +100,8 @@ def pick(op: str, device: torch.device):
     if forced == "auto":
         # The Triton interpreter is for tests: auto never picks it on the CPU.
         order = _AUTO_ORDER.get(device.type, ("reference",))
+        if device.type == "cpu" and op not in CPU_AUTO_CPP:
+            order = tuple(b for b in order if b != "cpp")
         for b in order:
             if b in impls and _unavailable(b, device) is None:
                 return impls[b]

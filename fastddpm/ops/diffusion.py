@@ -4,7 +4,7 @@ Coefficient tables are 1-D tensors of length T on the inputs' device (any float
 dtype; GaussianDiffusion keeps them in float64); each sample's coefficients are
 gathered by its t. Callers (GaussianDiffusion) check t's range.
 
-Backends: "reference" (fastddpm.reference), "cpp" (q_sample) and "triton": the
+Backends: "reference" (fastddpm.reference), "cpp" (fastddpm/ops/_cpp.py) and "triton": the
 custom ops torch.ops.fastddpm.q_sample, .simple_loss and .p_sample_step (fake
 implementations, autograd for the first two), usable under torch.compile and
 inside CUDA graphs. The Triton kernels are imported on first use.
@@ -85,12 +85,6 @@ def p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2,
     if noise is not None:
         return _backend.pick("p_sample_step", x_t.device)(x_t, t, eps, *tables, noise, clip)
     return _backend.pick("p_sample_step_seeded", x_t.device)(x_t, t, eps, *tables, seed, offset, clip)
-
-
-def _q_sample_cpp(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
-    if x0.requires_grad or noise.requires_grad:  # the C++ op has no autograd
-        return reference.q_sample_ref(x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
-    return torch.ops.fastddpm_cpp.q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
 
 
 def seeded_noise(x_t, t, seed, offset=0):
@@ -257,7 +251,6 @@ def _p_sample_step_seeded_triton(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar
 
 
 _backend.register("q_sample", "reference", reference.q_sample_ref)
-_backend.register("q_sample", "cpp", _q_sample_cpp)
 _backend.register("q_sample", "triton", _q_sample_triton)
 _backend.register("simple_loss", "reference", reference.simple_loss_ref)
 _backend.register("simple_loss", "triton", _simple_loss_triton)
