@@ -6,7 +6,8 @@
 // caller picks one at run time. They include no torch header, so no inline
 // torch function is ever instantiated with AVX2 instructions (one such copy,
 // picked by the linker, would crash an older CPU). GCC vectorises their
-// fixed-width lane loops for the target of each copy.
+// fixed-width lane loops for the target of each copy; it needs
+// -fno-trapping-math (setup.py) to vectorise floorf and the clamps of exp.
 #pragma once
 #include <cstdint>
 
@@ -42,5 +43,6 @@ struct GnKernels {
 
 namespace gn_avx2 { extern const GnKernels kernels; }
 namespace gn_base { extern const GnKernels kernels; }
+namespace gn_avx512 { extern const GnKernels kernels; }
 
 }  // namespace fastddpm

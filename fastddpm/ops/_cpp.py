@@ -136,6 +136,24 @@ def new_seed():
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
+def dropout_keep_mask(seed, shape, p):
+    """The keep mask (bool, `shape` = (N, C, *spatial), logical NCHW order) that the
+    C++ GroupNorm applies for `seed` (a one-element int64 tensor) and probability p:
+    element i is kept iff splitmix64(seed, i) >> 40 >= ceil(p 2^24)."""
+    import math
+
+    import numpy as np
+    m64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        i = np.arange(math.prod(shape), dtype=np.uint64)
+        z = np.uint64(int(seed.reshape(()).item()) & int(m64)) + (i + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    keep = (z >> np.uint64(40)) >= np.uint64(math.ceil(p * 2**24))
+    return torch.from_numpy(keep).reshape(shape)
+
+
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
     if x.dtype not in _DTYPES or x.numel() == 0:
         return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
