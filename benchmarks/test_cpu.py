@@ -40,7 +40,8 @@ def _rel(a, b):
 
 
 def interleaved(providers, rounds=ROUNDS, warmup=2):
-    """{name: median seconds} of each zero-argument callable, timed round-robin."""
+    """Each zero-argument callable timed round-robin: ({name: median seconds},
+    {name: the per-round times})."""
     for fn in providers.values():
         for _ in range(warmup):
             fn()
@@ -50,12 +51,15 @@ def interleaved(providers, rounds=ROUNDS, warmup=2):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, times
 
 
 def report(benchmark, group, threads, providers, baseline="reference", ours="cpp", rounds=ROUNDS, **info):
-    med = interleaved(providers, rounds)
-    ratios = {f"{baseline}/{k}": med[baseline] / med[k] for k in med if k != baseline}
+    """Ratios are medians of per-round ratios (each round runs every provider
+    back to back), which a shared, bursty machine disturbs less than a ratio of medians."""
+    med, times = interleaved(providers, rounds)
+    ratios = {f"{baseline}/{k}": statistics.median(b / o for b, o in zip(times[baseline], times[k]))
+              for k in med if k != baseline}
     benchmark.group = group
     benchmark.extra_info.update(threads=threads, rounds=rounds, **info,
                                 **{f"median_ms_{k}": v * 1e3 for k, v in med.items()},

@@ -13,8 +13,11 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <ATen/Dispatch.h>
+
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "group_norm_kernel.h"
 
@@ -23,8 +26,10 @@ namespace {
 
 const GnKernels& pick_kernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2 ? gn_avx2::kernels : gn_base::kernels;
+  return avx512 ? gn_avx512::kernels : avx2 ? gn_avx2::kernels : gn_base::kernels;
 #else
   return gn_base::kernels;
 #endif
@@ -116,6 +121,26 @@ void run_tasks(const GnArgs& args, bool nhwc, bool backward) {
   }
 }
 
+// a (C,) tensor of `dtype`: column sums of the (N, C) doubles in a fixed order
+// (deterministic), or the (N, C) values themselves when sum_rows is false
+at::Tensor from_doubles(const double* p, int64_t N, int64_t C, bool sum_rows, at::ScalarType dtype,
+                        const at::TensorOptions& opts) {
+  auto out = sum_rows ? at::empty({C}, opts.dtype(dtype)) : at::empty({N, C}, opts.dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "group_norm_grad_out", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (sum_rows) {
+      for (int64_t c = 0; c < C; ++c) {
+        double acc = 0.0;
+        for (int64_t n = 0; n < N; ++n) acc += p[n * C + c];
+        o[c] = static_cast<scalar_t>(acc);
+      }
+    } else {
+      for (int64_t i = 0; i < N * C; ++i) o[i] = static_cast<scalar_t>(p[i]);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
@@ -162,28 +187,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_c
   const auto w = param_float(weight), b = param_float(bias), a = param_float(add);
   auto mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   auto dx = at::empty_like(xf);
-  auto opts = x.options().dtype(at::kDouble);
-  auto dw_part = at::empty({N, C}, opts), db_part = at::empty({N, C}, opts);
-  auto dadd = add_grad ? at::empty({N, C}, opts) : at::Tensor();
+  // per-sample partial sums, one buffer: (N, C) each for dweight, dbias, dadd
+  std::vector<double> part(static_cast<size_t>(3 * N * C), 0.0);
   GnArgs args = make_args(xf, w, b, a, num_groups, 1.0, silu, p, seed);
   args.dy = dyf.data_ptr<float>();
   args.out = dx.data_ptr<float>();
   args.mean = mean_c.data_ptr<double>();
   args.rstd = rstd_c.data_ptr<double>();
-  args.dw_part = dw_part.data_ptr<double>();
-  args.db_part = db_part.data_ptr<double>();
-  args.dadd = add_grad ? dadd.data_ptr<double>() : nullptr;
-  if (args.HW == 0) {  // empty spatial dims: nothing flows back
-    dw_part.zero_();
-    db_part.zero_();
-    if (add_grad) dadd.zero_();
-  }
-  run_tasks(args, nhwc, true);
+  args.dw_part = part.data();
+  args.db_part = part.data() + N * C;
+  args.dadd = add_grad ? part.data() + 2 * N * C : nullptr;
+  run_tasks(args, nhwc, true);  // (empty spatial dims: the zeros stay)
   auto none = [&] { return at::empty({0}, x.options()); };
-  // the sum over the batch runs in a fixed order: deterministic
-  auto dweight = weight_grad ? dw_part.sum(0).to(weight->scalar_type()) : none();
-  auto dbias = bias_grad ? db_part.sum(0).to(bias->scalar_type()) : none();
-  auto dadd_out = add_grad ? dadd.to(add->scalar_type()) : none();
+  const auto o = x.options();
+  auto dweight = weight_grad ? from_doubles(args.dw_part, N, C, true, weight->scalar_type(), o) : none();
+  auto dbias = bias_grad ? from_doubles(args.db_part, N, C, true, bias->scalar_type(), o) : none();
+  auto dadd_out = add_grad ? from_doubles(args.dadd, N, C, false, add->scalar_type(), o) : none();
   return {dx.scalar_type() == x.scalar_type() ? dx : dx.to(x.scalar_type()), dweight, dbias, dadd_out};
 }
 

@@ -1,9 +1,11 @@
 // The GroupNorm(+add)(+SiLU)(+dropout) CPU kernels, float32 only, one call per
 // task (one (n, group) of an NCHW tensor, or one sample n of an NHWC one).
 //
-// The kernels live in group_norm_kernel.inc, compiled twice: for AVX2+FMA
-// (group_norm_avx2.cpp) and for baseline x86-64 (group_norm_base.cpp); the
-// caller picks one at run time. They include no torch header, so no inline
+// The kernels live in group_norm_kernel.inc, compiled three times: for
+// AVX-512 (group_norm_avx512.cpp), AVX2+FMA (group_norm_avx2.cpp) and baseline
+// x86-64 (group_norm_base.cpp); group_norm.cpp picks one at run time. (Not
+// at::vec: in an extension it compiles to its scalar fallback unless the file
+// is built per instruction set, which is what this does without it.) They include no torch header, so no inline
 // torch function is ever instantiated with AVX2 instructions (one such copy,
 // picked by the linker, would crash an older CPU). GCC vectorises their
 // fixed-width lane loops for the target of each copy; it needs

@@ -29,17 +29,32 @@ _impls: dict = {}
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
 # The one place that says which ops "auto" runs on the C++ kernels on the CPU:
-# those where benchmarks/test_cpu.py measured them faster than the reference.
-# Values: reference time / C++ time, medians of interleaved runs in one process,
-# 2 threads, fp32, on the 2-core CI machine while 5 other jobs loaded it
-# (2026-12-01). An op missing here runs the reference under "auto" on the CPU.
+# only where benchmarks/test_cpu.py measured them faster than the reference.
+# An op missing here runs the reference under "auto" on the CPU; a value other
+# than None is a predicate on the op's arguments (the C++ wrapper asks it).
+# Measured 2026-12-01 on the 2-core CI machine while 5 other agents loaded it:
+# fp32, medians of per-round ratios reference / C++ of interleaved runs, 1 thread:
+#   p_sample_step (256, 3, 32, 32): ~9x;  q_sample + L_simple fwd+bwd: ~1.4x;
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): channels_last ~4.5x (2 threads),
+#   NCHW 0.8-1.3x; with add + dropout vs the unfused reference: ~4x;
+#   NCHW GroupNorm at the tiny UNet's sizes (C 16-64, HW 16-256): ~0.6x (slower).
 CPU_AUTO_CPP = {
-    "group_norm": "GN+SiLU fwd+bwd (8,128,32,32): x; with add+dropout vs unfused: x",
-    "q_sample": "x",
-    "simple_loss": "fwd+bwd x",
-    "p_sample_step": "x",
-    "p_sample_step_seeded": "same update as p_sample_step, reference noise",
+    "q_sample": None,
+    "simple_loss": None,
+    "p_sample_step": None,
+    "p_sample_step_seeded": None,
+    # channels_last, or the fused ResBlock dropout: C++; plain NCHW: the reference
+    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)),
 }
+
+
+def auto_wants_cpp(op: str, *args, **kwargs) -> bool:
+    """Whether "auto" on the CPU should run `op` on these arguments in C++ (see CPU_AUTO_CPP)."""
+    if op not in CPU_AUTO_CPP:
+        return False
+    rule = CPU_AUTO_CPP[op]
+    return rule is None or bool(rule(*args, **kwargs))
 
 
 def register(op: str, backend: str, fn) -> None:

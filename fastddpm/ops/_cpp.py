@@ -155,7 +155,8 @@ def dropout_keep_mask(seed, shape, p):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
-    if x.dtype not in _DTYPES or x.numel() == 0:
+    if (x.dtype not in _DTYPES or x.numel() == 0
+            or (_backend.current_backend() == "auto" and not _backend.auto_wants_cpp("group_norm", x, dropout=dropout))):
         return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
     seed = new_seed() if dropout > 0 else None
     return torch.ops.fastddpm_cpp.group_norm(x, num_groups, weight, bias, float(eps), act == "silu", add,
