@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C n
 
 THREADS = [1, 2]
 ROUNDS = 15
+MODEL_ROUNDS = 7
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
@@ -269,8 +270,8 @@ def test_tiny_unet_train_step(benchmark, threads):
         assert _rel(out, ours(x0, t)) < 1e-5
     assert theirs(x0, t).sample.shape == out.shape
     report(benchmark, "tiny UNet train step, batch 32, fp32", threads,
-           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "diffusers": diffusers_step},
-           params_ours=n_ours, params_diffusers=n_theirs)
+           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "auto": ours_step("auto"),
+            "diffusers": diffusers_step}, rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs)
 
 
 def test_tiny_unet_sampler_step(benchmark, threads):
@@ -301,5 +302,5 @@ def test_tiny_unet_sampler_step(benchmark, threads):
     assert _rel(ours_step("cpp")(), ours_step("reference")()) < 1e-5
     assert diffusers_step().shape == x.shape
     report(benchmark, "tiny UNet sampler step, batch 64, fp32", threads,
-           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "diffusers": diffusers_step},
-           params_ours=n_ours, params_diffusers=n_theirs)
+           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "auto": ours_step("auto"),
+            "diffusers": diffusers_step}, rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs)

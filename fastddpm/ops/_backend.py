@@ -32,12 +32,16 @@ _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference
 # only where benchmarks/test_cpu.py measured them faster than the reference.
 # An op missing here runs the reference under "auto" on the CPU; a value other
 # than None is a predicate on the op's arguments (the C++ wrapper asks it).
-# Measured 2026-12-01 on the 2-core CI machine while 5 other agents loaded it:
-# fp32, medians of per-round ratios reference / C++ of interleaved runs, 1 thread:
-#   p_sample_step (256, 3, 32, 32): ~9x;  q_sample + L_simple fwd+bwd: ~1.4x;
-#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): channels_last ~4.5x (2 threads),
-#   NCHW 0.8-1.3x; with add + dropout vs the unfused reference: ~4x;
-#   NCHW GroupNorm at the tiny UNet's sizes (C 16-64, HW 16-256): ~0.6x (slower).
+# Measured 2026-12-01 09:30-09:38 UTC by benchmarks/test_cpu.py on the 2-core CI
+# machine (AMD EPYC, AVX-512) while 5 other agents loaded it (load average ~4):
+# fp32, medians of per-round ratios reference / C++, 1 thread (2-thread runs
+# were dominated by contention), two runs:
+#   p_sample_step (256, 3, 32, 32): 2.7-2.8x;  q_sample + L_simple fwd+bwd: 1.25-1.33x;
+#   GroupNorm+add+SiLU+dropout fwd+bwd (8, 128, 32, 32) vs the unfused reference: 3.5-3.7x;
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.0-1.2x, channels_last 0.86-0.94x
+#   (2 threads 1.05-1.37x, and torch's channels_last result is wrong at mean 3000);
+#   NCHW GroupNorm at the tiny UNet's sizes (C 16-64, HW 16-256): slower (the
+#   whole tiny train step 0.93x on "cpp", 0.97-0.99x on "auto").
 CPU_AUTO_CPP = {
     "q_sample": None,
     "simple_loss": None,
