@@ -146,18 +146,17 @@ def _sample_inputs(dtype):
     x, w, b, a = _gn_case((2, 6, 5, 3), 3, dtype, "nchw", add=True)
     xc = x.to(memory_format=torch.channels_last)
     seed = torch.tensor([42], dtype=torch.int64)
-    rg = dict(requires_grad=True)
     return [
         (x.requires_grad_(), 3, w.requires_grad_(), b.requires_grad_(), 1e-6, True, a.requires_grad_(), 0.2, seed),
         (xc.detach().requires_grad_(), 3, None, None, 1e-5, False, None, 0.0, None),
         (x.detach().reshape(2, 6, 15).requires_grad_(), 2, w.detach(), None, 1e-6, True, None, 0.0, None),
-    ], rg
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_group_norm(dtype):
     fresh_seed()
-    samples, _ = _sample_inputs(dtype)
+    samples = _sample_inputs(dtype)
     for args in samples:
         torch.library.opcheck(CPP.group_norm, args)
         y, mean, rstd = CPP.group_norm(*args)

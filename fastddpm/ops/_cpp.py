@@ -14,6 +14,8 @@ that torch's CPU generator supplies (torch.manual_seed makes it repeatable),
 and regenerate it in the backward, so no mask is stored. Its distribution is
 F.dropout's (keep with probability 1 - p, scale 1 / (1 - p)); its stream is not.
 """
+import math
+
 import torch
 
 from fastddpm import reference
@@ -140,8 +142,6 @@ def dropout_keep_mask(seed, shape, p):
     """The keep mask (bool, `shape` = (N, C, *spatial), logical NCHW order) that the
     C++ GroupNorm applies for `seed` (a one-element int64 tensor) and probability p:
     element i is kept iff splitmix64(seed, i) >> 40 >= ceil(p 2^24)."""
-    import math
-
     import numpy as np
     m64 = np.uint64(0xFFFFFFFFFFFFFFFF)
     with np.errstate(over="ignore"):
@@ -155,8 +155,9 @@ def dropout_keep_mask(seed, shape, p):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
-    if (x.dtype not in _DTYPES or x.numel() == 0
-            or (_backend.current_backend() == "auto" and not _backend.auto_wants_cpp("group_norm", x, dropout=dropout))):
+    auto_says_no = _backend.current_backend() == "auto" and not _backend.auto_wants_cpp("group_norm", x,
+                                                                                          dropout=dropout)
+    if x.dtype not in _DTYPES or x.numel() == 0 or auto_says_no:
         return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
     seed = new_seed() if dropout > 0 else None
     return torch.ops.fastddpm_cpp.group_norm(x, num_groups, weight, bias, float(eps), act == "silu", add,
