@@ -1,13 +1,45 @@
 """Loads the optional C++ extension fastddpm._C. A missing or broken build never
 breaks `import fastddpm`: the error is kept and reported by
-`fastddpm.ops.available_backends`."""
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+`fastddpm.ops.available_backends`.
+
+An extension built against another torch can crash the process when loaded
+(C++ ABI), so it is loaded only when the torch version recorded at build time
+(fastddpm/_C.torch_version, written by setup.py) equals the running one.
+"""
+import importlib.util
+import os
+
+import torch  # loads libc10/libtorch, which _C links against
 
 _error = None
-try:
-    from fastddpm import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
-except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
-    _error = f"{type(e).__name__}: {e}"
+_VERSION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.torch_version")
+_REBUILD = "rebuild it with `python setup.py build_ext --inplace` (or reinstall fastddpm)"
+
+
+def _built_for():
+    try:
+        with open(_VERSION_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _load():
+    if importlib.util.find_spec("fastddpm._C") is None:
+        return "fastddpm._C is not built; " + _REBUILD
+    built = _built_for()
+    if built is None:
+        return f"fastddpm._C has no record of the torch it was built for ({_VERSION_FILE}); " + _REBUILD
+    if built != torch.__version__:
+        return f"fastddpm._C was built for torch {built} but torch {torch.__version__} is running; " + _REBUILD
+    try:
+        from fastddpm import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
+    except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_error = _load()
 
 
 def has_extension() -> bool:
@@ -17,11 +49,3 @@ def has_extension() -> bool:
 def extension_error():
     """Why fastddpm._C could not be loaded, or None when it is loaded."""
     return _error
-
-
-if _error is None:
-    @torch.library.register_fake("fastddpm_cpp::q_sample")
-    def _q_sample_fake(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
-        torch._check(noise.shape == x0.shape, lambda: "q_sample: noise shape must equal x0 shape")
-        torch._check(t.dim() == 1 and t.shape[0] == x0.shape[0], lambda: "q_sample: t must be (B,)")
-        return torch.empty_like(x0, memory_format=torch.contiguous_format)

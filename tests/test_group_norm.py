@@ -460,6 +460,14 @@ def test_fused_torch_compile_fullgraph():
     assert all(torch.isfinite(t.grad).all() for t in leaves)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+def test_bool_num_groups_is_refused_on_every_backend(backend):
+    # issue 10: True passed isinstance(int) and ran as 1 group on the Triton path
+    x = torch.randn(2, 4, 3, 3, device=DEV)
+    with ops.use_backend(backend), pytest.raises(ValueError, match="num_groups must be a positive int"):
+        ops.group_norm(x, True)
+
+
 def test_fused_bad_input():
     x = torch.randn(2, 6, 3, 3, device=DEV)
     with pytest.raises(ValueError, match="add must have shape"):

@@ -28,6 +28,38 @@ _impls: dict = {}
 # auto preference order per device type
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
+# The one place that says which ops "auto" runs on the C++ kernels on the CPU:
+# only where benchmarks/test_cpu.py measured them faster than the reference.
+# An op missing here runs the reference under "auto" on the CPU; a value other
+# than None is a predicate on the op's arguments (the C++ wrapper asks it).
+# Measured 2026-12-01 09:30-09:38 UTC by benchmarks/test_cpu.py on the 2-core CI
+# machine (AMD EPYC, AVX-512) while 5 other agents loaded it (load average ~4):
+# fp32, medians of per-round ratios reference / C++, 1 thread (2-thread runs
+# were dominated by contention), two runs:
+#   p_sample_step (256, 3, 32, 32): 2.7-2.8x;  q_sample + L_simple fwd+bwd: 1.25-1.33x;
+#   GroupNorm+add+SiLU+dropout fwd+bwd (8, 128, 32, 32) vs the unfused reference: 3.5-3.7x;
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.0-1.2x, channels_last 0.86-0.94x
+#   (2 threads 1.05-1.37x, and torch's channels_last result is wrong at mean 3000);
+#   NCHW GroupNorm at the tiny UNet's sizes (C 16-64, HW 16-256): slower (the
+#   whole tiny train step 0.93x on "cpp", 0.97-0.99x on "auto").
+CPU_AUTO_CPP = {
+    "q_sample": None,
+    "simple_loss": None,
+    "p_sample_step": None,
+    "p_sample_step_seeded": None,
+    # channels_last, or the fused ResBlock dropout: C++; plain NCHW: the reference
+    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)),
+}
+
+
+def auto_wants_cpp(op: str, *args, **kwargs) -> bool:
+    """Whether "auto" on the CPU should run `op` on these arguments in C++ (see CPU_AUTO_CPP)."""
+    if op not in CPU_AUTO_CPP:
+        return False
+    rule = CPU_AUTO_CPP[op]
+    return rule is None or bool(rule(*args, **kwargs))
+
 
 def register(op: str, backend: str, fn) -> None:
     if backend not in BACKENDS or backend == "auto":
@@ -87,6 +119,8 @@ def pick(op: str, device: torch.device):
     if forced == "auto":
         # The Triton interpreter is for tests: auto never picks it on the CPU.
         order = _AUTO_ORDER.get(device.type, ("reference",))
+        if device.type == "cpu" and op not in CPU_AUTO_CPP:
+            order = tuple(b for b in order if b != "cpp")
         for b in order:
             if b in impls and _unavailable(b, device) is None:
                 return impls[b]

@@ -9,10 +9,11 @@ that built t themselves and pass check_range=False (GaussianDiffusion, the
 samplers) to avoid a device sync. The kernels clamp t in any case, so they never
 read out of bounds.
 
-Backends: "reference" (fastddpm.reference), "cpp" (q_sample) and "triton": the
-custom ops torch.ops.fastddpm.q_sample, .simple_loss, .p_sample_step and
-.sample_step (fake implementations, autograd for the first two), usable under
-torch.compile and inside CUDA graphs. The Triton kernels are imported on first use.
+Backends: "reference" (fastddpm.reference), "cpp" (fastddpm/ops/_cpp.py) and
+"triton": the custom ops torch.ops.fastddpm.q_sample, .simple_loss,
+.p_sample_step and .sample_step (fake implementations, autograd for the first
+two), usable under torch.compile and inside CUDA graphs. The Triton kernels are
+imported on first use.
 
 Ancestral-step noise: `p_sample_step(..., noise=z)` adds the given z (every
 backend gives the same result). `p_sample_step(..., noise=None, seed=s, offset=o)`
@@ -163,12 +164,6 @@ def _check_device_ints(name, x, shape, device):
 
 def _sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
     return reference.sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip)
-
-
-def _q_sample_cpp(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
-    if x0.requires_grad or noise.requires_grad:  # the C++ op has no autograd
-        return reference.q_sample_ref(x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
-    return torch.ops.fastddpm_cpp.q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
 
 
 def seeded_noise(x_t, t, seed, offset=0):
@@ -357,7 +352,6 @@ def _sample_step_triton(x_t, eps, table, step, x0_prev, noise, rng, clip, return
 
 
 _backend.register("q_sample", "reference", reference.q_sample_ref)
-_backend.register("q_sample", "cpp", _q_sample_cpp)
 _backend.register("q_sample", "triton", _q_sample_triton)
 _backend.register("simple_loss", "reference", reference.simple_loss_ref)
 _backend.register("simple_loss", "triton", _simple_loss_triton)

@@ -27,7 +27,8 @@ def _check(x, num_groups, weight, bias, eps, act, add=None, dropout=0.0):
     if x.dim() < 2:
         raise ValueError(f"group_norm: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
     C = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups <= 0:
+    # bool is an int to Python, but GroupNorm(True) is a caller's mistake: refuse it on every backend
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
     if C % num_groups != 0:
         raise ValueError(f"group_norm: channels {C} are not divisible by num_groups {num_groups}")
@@ -157,3 +158,6 @@ def _group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-6, act=None
 
 _backend.register("group_norm", "reference", reference.group_norm_ref)
 _backend.register("group_norm", "triton", _group_norm_triton)
+
+# the "cpp" backend of every op (C++ kernels of fastddpm._C) registers itself
+from fastddpm.ops import _cpp  # noqa: E402,F401

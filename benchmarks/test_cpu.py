@@ -1,0 +1,306 @@
+"""CPU benchmarks: the C++ backend ("cpp") against the plain-PyTorch reference
+(and torch.compile of it where that compiles in reasonable time, and
+diffusers' UNet2DModel of the same configuration for the whole-model steps).
+
+Every test first asserts that the providers agree (C++ vs reference), then
+times them interleaved in one process (round-robin A, B, C, A, B, C, ...) with
+the thread count pinned, and reports medians and ratios (reference / C++) in
+extra_info and on stdout. pytest-benchmark's own table times the C++ provider.
+These run without a GPU; the whole file takes a few minutes on 2 cores.
+
+Run: pytest benchmarks/test_cpu.py --benchmark-only -s
+"""
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastddpm.ops as ops
+from fastddpm import GaussianDiffusion, UNet, UNetConfig, _ext, reference
+
+pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C not loaded: {_ext.extension_error()}")
+
+THREADS = [1, 2]
+ROUNDS = 15
+MODEL_ROUNDS = 7
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def interleaved(providers, rounds=ROUNDS, warmup=2):
+    """Each zero-argument callable timed round-robin: ({name: median seconds},
+    {name: the per-round times})."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in providers}
+    for _ in range(rounds):
+        for k, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def report(benchmark, group, threads, providers, baseline="reference", ours="cpp", rounds=ROUNDS, **info):
+    """Ratios are medians of per-round ratios (each round runs every provider
+    back to back), which a shared, bursty machine disturbs less than a ratio of medians."""
+    med, times = interleaved(providers, rounds)
+    ratios = {f"{baseline}/{k}": statistics.median(b / o for b, o in zip(times[baseline], times[k]))
+              for k in med if k != baseline}
+    benchmark.group = group
+    benchmark.extra_info.update(threads=threads, rounds=rounds, **info,
+                                **{f"median_ms_{k}": v * 1e3 for k, v in med.items()},
+                                **{f"ratio_{k}": v for k, v in ratios.items()})
+    line = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+    print(f"\n[{group}, {threads} thread(s)] {line}; " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
+    benchmark.pedantic(providers[ours], rounds=5, iterations=1)
+    return ratios
+
+
+# ----------------------------------------------------------------------------- GroupNorm
+
+
+def _gn_inputs(shape=(8, 128, 32, 32), channels_last=False):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    C = shape[1]
+    w, b, a = torch.randn(C) * 0.5 + 1, torch.randn(C) * 0.5, torch.randn(shape[:2])
+    dy = torch.randn_like(x)
+    return [t.requires_grad_() for t in (x, w, b, a)] + [dy]
+
+
+def _fwd_bwd(fn, x, w, b, a, dy):
+    def run():
+        for t in (x, w, b, a):
+            t.grad = None
+        fn(x, w, b, a).backward(dy)
+    return run
+
+
+def _gn_silu(backend):
+    def fn(x, w, b, a):
+        with ops.use_backend(backend):
+            return ops.group_norm(x, 32, w, b, 1e-6, "silu")
+    return fn
+
+
+def _ref_silu(x, w, b, a):
+    return F.silu(F.group_norm(x, 32, w, b, 1e-6))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_silu_fwd_bwd(benchmark, threads, channels_last):
+    x, w, b, a, dy = _gn_inputs(channels_last=channels_last)
+    y = _gn_silu("cpp")(x, w, b, a)
+    assert _rel(y, _ref_silu(x, w, b, a)) < 1e-5
+    providers = {"reference": _fwd_bwd(_gn_silu("reference"), x, w, b, a, dy),
+                 "cpp": _fwd_bwd(_gn_silu("cpp"), x, w, b, a, dy)}
+    if not channels_last and threads == 2:  # one compile is enough to place it
+        compiled = torch.compile(_ref_silu)
+        t0 = time.perf_counter()
+        compiled(x, w, b, a).backward(dy)
+        compile_s = time.perf_counter() - t0
+        providers["compiled"] = _fwd_bwd(compiled, x, w, b, a, dy)
+        benchmark.extra_info["compile_s"] = compile_s
+    report(benchmark, "GroupNorm+SiLU fwd+bwd (8, 128, 32, 32) fp32", threads, providers,
+           layout="channels_last" if channels_last else "nchw")
+
+
+def test_group_norm_add_dropout_fwd_bwd(benchmark, threads):
+    x, w, b, a, dy = _gn_inputs()
+
+    def fused(x, w, b, a):
+        with ops.use_backend("cpp"):
+            return ops.group_norm(x, 32, w, b, 1e-6, "silu", add=a, dropout=0.1)
+
+    def unfused(x, w, b, a):  # the ResBlock as plain PyTorch writes it
+        return F.dropout(F.silu(F.group_norm(x + a[:, :, None, None], 32, w, b, 1e-6)), 0.1, training=True)
+
+    with ops.use_backend("cpp"):  # equivalence without dropout (the streams differ)
+        y = ops.group_norm(x, 32, w, b, 1e-6, "silu", add=a)
+    assert _rel(y, reference.group_norm_ref(x, 32, w, b, 1e-6, "silu", add=a)) < 1e-5
+    report(benchmark, "GroupNorm+add+SiLU+dropout(0.1) fwd+bwd (8, 128, 32, 32) fp32", threads,
+           {"reference": _fwd_bwd(unfused, x, w, b, a, dy), "cpp": _fwd_bwd(fused, x, w, b, a, dy)})
+
+
+def test_group_norm_large_mean_accuracy(benchmark):
+    """Not a timing: torch's CPU GroupNorm vs ours against float64 at mean 3000, channels_last."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64, 16, 16) + 3000.0).to(memory_format=torch.channels_last)
+    ref = reference.group_norm_ref(x.double(), 16)
+    with ops.use_backend("cpp"):
+        ours = _rel(ops.group_norm(x, 16), ref)
+    theirs = _rel(F.group_norm(x, 16, eps=1e-6), ref)
+    print(f"\n[GroupNorm mean 3000 channels_last fp32] rel err vs float64: cpp {ours:.2e}, torch {theirs:.2e}")
+    assert ours < 1e-6
+    benchmark.group = "accuracy"
+    benchmark.extra_info.update(rel_err_cpp=ours, rel_err_torch=theirs)
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+# ----------------------------------------------------------------------------- diffusion ops
+
+
+def _tables(T=1000):
+    d = GaussianDiffusion.linear(T=T)
+    return d, (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod, d.posterior_mean_coef1,
+               d.posterior_mean_coef2, d.model_log_variance)
+
+
+def test_q_sample_and_simple_loss_fwd_bwd(benchmark, threads):
+    d, _ = _tables()
+    torch.manual_seed(0)
+    x0, noise = torch.randn(64, 3, 32, 32), torch.randn(64, 3, 32, 32)
+    eps = torch.randn(64, 3, 32, 32, requires_grad=True)
+    t = torch.randint(0, 1000, (64,))
+
+    def step(backend):
+        def run():
+            eps.grad = None
+            with ops.use_backend(backend):
+                xt = ops.q_sample(x0, t, noise, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod)
+                loss = ops.simple_loss(eps + 1e-3 * xt, noise)
+            loss.backward()
+            return loss
+        return run
+
+    assert _rel(step("cpp")(), step("reference")()) < 1e-6
+    report(benchmark, "q_sample + L_simple fwd+bwd (64, 3, 32, 32) fp32", threads,
+           {"reference": step("reference"), "cpp": step("cpp")})
+
+
+def test_p_sample_step(benchmark, threads):
+    _, tabs = _tables()
+    torch.manual_seed(0)
+    x, e, z = (torch.randn(256, 3, 32, 32) for _ in range(3))
+    t = torch.full((256,), 500)
+
+    def step(backend):
+        def run():
+            with ops.use_backend(backend):
+                return ops.p_sample_step(x, t, e, *tabs, noise=z)
+        return run
+
+    assert _rel(step("cpp")(), step("reference")()) < 1e-6
+    report(benchmark, "p_sample_step (256, 3, 32, 32) fp32", threads,
+           {"reference": step("reference"), "cpp": step("cpp")})
+
+
+# ----------------------------------------------------------------------------- whole model
+
+TINY = UNetConfig.tiny()
+
+
+def _diffusers_tiny(cfg=TINY):
+    """diffusers' UNet2DModel of the tiny config (random weights: a speed peer)."""
+    diffusers = pytest.importorskip("diffusers")
+    levels = len(cfg.ch_mult)
+    res = [cfg.image_size // 2 ** i for i in range(levels)]
+    down = tuple("AttnDownBlock2D" if r in cfg.attn_resolutions else "DownBlock2D" for r in res)
+    up = tuple("AttnUpBlock2D" if r in cfg.attn_resolutions else "UpBlock2D" for r in reversed(res))
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
+        down_block_types=down, up_block_types=up, norm_num_groups=cfg.num_groups, norm_eps=cfg.eps,
+        attention_head_dim=cfg.ch * max(cfg.ch_mult), downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+        dropout=cfg.dropout, act_fn="silu", time_embedding_type="positional")
+
+
+def _models():
+    torch.manual_seed(0)
+    ours = UNet(TINY)
+    with torch.no_grad():  # undo the zero init so every path carries signal
+        for p in ours.parameters():
+            if p.abs().max() == 0:
+                p.normal_(std=0.05)
+    theirs = _diffusers_tiny()
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    return ours, theirs, n_ours, n_theirs
+
+
+def test_tiny_unet_train_step(benchmark, threads):
+    """One training step of the tiny preset's network (batch 32): L_simple,
+    backward, Adam. C++ backend vs reference backend vs diffusers."""
+    ours, theirs, n_ours, n_theirs = _models()
+    d = GaussianDiffusion.linear()
+    torch.manual_seed(1)
+    x0 = torch.rand(32, 3, 16, 16) * 2 - 1
+    t, noise = torch.randint(0, 1000, (32,)), torch.randn(32, 3, 16, 16)
+    opts = {id(m): torch.optim.Adam(m.parameters(), lr=1e-7) for m in (ours, theirs)}
+
+    def ours_step(backend):
+        def run():
+            with ops.use_backend(backend):
+                loss = d.training_loss(ours, x0, t, noise)
+            loss.backward()
+            opts[id(ours)].step()
+            opts[id(ours)].zero_grad(set_to_none=True)
+            return loss
+        return run
+
+    def diffusers_step():
+        with ops.use_backend("reference"):
+            x_t = ops.q_sample(x0, t, noise, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod)
+        loss = F.mse_loss(theirs(x_t, t).sample, noise)
+        loss.backward()
+        opts[id(theirs)].step()
+        opts[id(theirs)].zero_grad(set_to_none=True)
+        return loss
+
+    with ops.use_backend("cpp"):
+        out = ours(x0, t)
+    with ops.use_backend("reference"):
+        assert _rel(out, ours(x0, t)) < 1e-5
+    assert theirs(x0, t).sample.shape == out.shape
+    report(benchmark, "tiny UNet train step, batch 32, fp32", threads,
+           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "auto": ours_step("auto"),
+            "diffusers": diffusers_step}, rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs)
+
+
+def test_tiny_unet_sampler_step(benchmark, threads):
+    """One ancestral sampler step of the tiny network (batch 64, no grad):
+    net forward + p_sample_step. C++ vs reference vs diffusers (+ its DDPMScheduler)."""
+    diffusers = pytest.importorskip("diffusers")
+    ours, theirs, n_ours, n_theirs = _models()
+    ours.eval()
+    theirs.eval()
+    d, tabs = _tables()
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large")
+    torch.manual_seed(1)
+    x, z = torch.randn(64, 3, 16, 16), torch.randn(64, 3, 16, 16)
+    t = torch.full((64,), 500)
+
+    def ours_step(backend):
+        @torch.no_grad()
+        def run():
+            with ops.use_backend(backend):
+                return d._p_sample_step(x, t, ours(x, t), z)
+        return run
+
+    @torch.no_grad()
+    def diffusers_step():
+        gen = torch.Generator().manual_seed(0)
+        return sched.step(theirs(x, t).sample, 500, x, generator=gen).prev_sample
+
+    assert _rel(ours_step("cpp")(), ours_step("reference")()) < 1e-5
+    assert diffusers_step().shape == x.shape
+    report(benchmark, "tiny UNet sampler step, batch 64, fp32", threads,
+           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "auto": ours_step("auto"),
+            "diffusers": diffusers_step}, rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs)

@@ -1,0 +1,204 @@
+// CPU implementations of the diffusion ops: q_sample, simple_loss (L_simple
+// with its gradient) and p_sample_step (the ancestral update with given
+// noise). One pass over the data each; per-sample coefficients are gathered
+// from the float64-or-float32 tables on the host, arithmetic in float32
+// (double for double), outputs contiguous in the input dtype.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace fastddpm {
+namespace {
+
+void check_float_cpu(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op, ": ", name,
+              " must be a floating tensor, got ", dt);
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& y, const at::Tensor& x) {
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": ", name, " shape ", y.sizes(), " must equal ", x.sizes());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", y.scalar_type(), " must equal ",
+              x.scalar_type());
+  TORCH_CHECK(y.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", y.device());
+}
+
+// t as a host int64 vector of length B, each in [0, T)
+std::vector<int64_t> timesteps(const char* op, const at::Tensor& t, int64_t B, int64_t T) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": t must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": t must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": t must have shape (", B, ",), got ", t.sizes());
+  auto tc = t.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  std::vector<int64_t> out(tp, tp + B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(out[b] >= 0 && out[b] < T, op, ": t[", b, "] = ", out[b], " is outside [0, ", T - 1, "]");
+  }
+  return out;
+}
+
+// table[t[b]] for every b, as double
+std::vector<double> gather(const char* op, const char* name, const at::Tensor& table, const std::vector<int64_t>& t,
+                           int64_t T) {
+  TORCH_CHECK(table.device().is_cpu() && table.is_floating_point() && table.dim() == 1 && table.size(0) == T, op,
+              ": ", name, " must be a 1-D float CPU tensor of length ", T, ", got ", table.sizes());
+  auto d = table.to(at::kDouble).contiguous();
+  const double* p = d.data_ptr<double>();
+  std::vector<double> out(t.size());
+  for (size_t b = 0; b < t.size(); ++b) out[b] = p[t[b]];
+  return out;
+}
+
+}  // namespace
+
+at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& noise,
+                        const at::Tensor& sqrt_abar, const at::Tensor& sqrt_one_minus_abar) {
+  check_float_cpu("q_sample", "x0", x0);
+  check_like("q_sample", "noise", noise, x0);
+  TORCH_CHECK(x0.dim() >= 1, "q_sample: x0 needs a batch dimension");
+  const int64_t B = x0.size(0), T = sqrt_abar.dim() == 1 ? sqrt_abar.size(0) : -1;
+  TORCH_CHECK(T > 0, "q_sample: sqrt_abar must be a non-empty 1-D table");
+  const auto tv = timesteps("q_sample", t, B, T);
+  const auto ca = gather("q_sample", "sqrt_abar", sqrt_abar, tv, T);
+  const auto cs = gather("q_sample", "sqrt_one_minus_abar", sqrt_one_minus_abar, tv, T);
+  const int64_t n = B == 0 ? 0 : x0.numel() / B;
+  auto xc = x0.contiguous();
+  auto nc = noise.contiguous();
+  auto out = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "q_sample_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* np = nc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const acc_t a = static_cast<acc_t>(ca[b]), s = static_cast<acc_t>(cs[b]);
+        const scalar_t* __restrict x = xp + b * n;
+        const scalar_t* __restrict z = np + b * n;
+        scalar_t* __restrict o = op + b * n;
+        for (int64_t i = 0; i < n; ++i)
+          o[i] = static_cast<scalar_t>(a * static_cast<acc_t>(x[i]) + s * static_cast<acc_t>(z[i]));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> simple_loss_cpu(const at::Tensor& eps_hat, const at::Tensor& noise,
+                                                   bool compute_grad) {
+  check_float_cpu("simple_loss", "eps_hat", eps_hat);
+  check_like("simple_loss", "noise", noise, eps_hat);
+  auto ec = eps_hat.contiguous();
+  auto nc = noise.contiguous();
+  const int64_t numel = ec.numel();
+  const bool dbl = ec.scalar_type() == at::kDouble;
+  auto grad = compute_grad ? at::empty_like(ec) : at::empty({0}, ec.options());
+  // fixed chunks, partial sums in double added in order: the result does not
+  // depend on the thread count
+  constexpr int64_t kChunk = 16384;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ec.scalar_type(), "simple_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ep = ec.data_ptr<scalar_t>();
+    const scalar_t* np = nc.data_ptr<scalar_t>();
+    scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    const acc_t gscale = static_cast<acc_t>(2.0 / static_cast<double>(numel > 0 ? numel : 1));
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i0 = c * kChunk, i1 = std::min(numel, i0 + kChunk);
+        constexpr int L = 16;
+        acc_t acc[L] = {};
+        int64_t i = i0;
+        for (; i + L <= i1; i += L)
+          for (int j = 0; j < L; ++j) {
+            const acc_t d = static_cast<acc_t>(ep[i + j]) - static_cast<acc_t>(np[i + j]);
+            acc[j] += d * d;
+          }
+        for (; i < i1; ++i) {
+          const acc_t d = static_cast<acc_t>(ep[i]) - static_cast<acc_t>(np[i]);
+          acc[0] += d * d;
+        }
+        double s = 0.0;
+        for (int j = 0; j < L; ++j) s += acc[j];
+        partial[c] = s;
+        if (gp) {
+          for (int64_t k = i0; k < i1; ++k)
+            gp[k] = static_cast<scalar_t>(gscale * (static_cast<acc_t>(ep[k]) - static_cast<acc_t>(np[k])));
+        }
+      }
+    });
+  });
+  double total = 0.0;
+  for (double s : partial) total += s;
+  const double loss = numel > 0 ? total / static_cast<double>(numel) : std::nan("");
+  auto out = at::scalar_tensor(loss, ec.options().dtype(dbl ? at::kDouble : at::kFloat));
+  return {out, grad};
+}
+
+at::Tensor p_sample_step_cpu(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& eps,
+                             const at::Tensor& sqrt_recip_abar, const at::Tensor& sqrt_recipm1_abar,
+                             const at::Tensor& coef1, const at::Tensor& coef2, const at::Tensor& log_var,
+                             const at::Tensor& noise, bool clip) {
+  const char* op = "p_sample_step";
+  check_float_cpu(op, "x_t", x_t);
+  check_like(op, "eps", eps, x_t);
+  check_like(op, "noise", noise, x_t);
+  TORCH_CHECK(x_t.dim() >= 1, op, ": x_t needs a batch dimension");
+  const int64_t B = x_t.size(0), T = sqrt_recip_abar.dim() == 1 ? sqrt_recip_abar.size(0) : -1;
+  TORCH_CHECK(T > 0, op, ": sqrt_recip_abar must be a non-empty 1-D table");
+  const auto tv = timesteps(op, t, B, T);
+  const auto ra = gather(op, "sqrt_recip_abar", sqrt_recip_abar, tv, T);
+  const auto rm = gather(op, "sqrt_recipm1_abar", sqrt_recipm1_abar, tv, T);
+  const auto c1 = gather(op, "coef1", coef1, tv, T);
+  const auto c2 = gather(op, "coef2", coef2, tv, T);
+  const auto lv = gather(op, "log_var", log_var, tv, T);
+  const int64_t n = B == 0 ? 0 : x_t.numel() / B;
+  auto xc = x_t.contiguous(), ec = eps.contiguous(), zc = noise.contiguous();
+  auto out = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "p_sample_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* ep = ec.data_ptr<scalar_t>();
+    const scalar_t* zp = zc.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    // (sample, chunk) tasks: a batch of one still uses every thread
+    constexpr int64_t kChunk = 8192;
+    const int64_t per = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+    at::parallel_for(0, B * per, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = k / per, i0 = (k % per) * kChunk, i1 = std::min(n, i0 + kChunk);
+        // the reference rounds each gathered coefficient to the compute dtype first
+        const acc_t a = static_cast<acc_t>(ra[b]), m = static_cast<acc_t>(rm[b]);
+        const acc_t k1c = static_cast<acc_t>(c1[b]), k2c = static_cast<acc_t>(c2[b]);
+        const acc_t sd = tv[b] == 0 ? acc_t(0) : std::exp(acc_t(0.5) * static_cast<acc_t>(lv[b]));
+        const scalar_t* __restrict x = xp + b * n;
+        const scalar_t* __restrict e = ep + b * n;
+        const scalar_t* __restrict z = zp + b * n;
+        scalar_t* __restrict o = op_ + b * n;
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t xv = static_cast<acc_t>(x[i]);
+          acc_t x0 = a * xv - m * static_cast<acc_t>(e[i]);
+          if (clip) x0 = x0 < acc_t(-1) ? acc_t(-1) : (x0 > acc_t(1) ? acc_t(1) : x0);
+          o[i] = static_cast<scalar_t>(k1c * x0 + k2c * xv + sd * static_cast<acc_t>(z[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fastddpm_cpp, CPU, m) {
+  m.impl("q_sample", &q_sample_cpu);
+  m.impl("simple_loss", &simple_loss_cpu);
+  m.impl("p_sample_step", &p_sample_step_cpu);
+}
+
+}  // namespace fastddpm
