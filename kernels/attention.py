@@ -177,9 +177,11 @@ def _attention_fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < L
-        kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)          # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale                 # (BLOCK_M, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
+        # the scores exactly as the backward kernels recompute them (same operands,
+        # same order), so that its P is the forward's P at any logit size
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
         s = tl.where(n_valid[None, :], s, float("-inf"))
         # every key block holds at least one valid column, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -211,8 +213,10 @@ def _attention_bwd_dq_kernel(
     V,                                      # (B, H, L, D)
     O,                                      # (B, H, L, D) forward output
     DO,                                     # (B, H, L, D) grad of O
-    LSE,                                    # (B, H, L) fp32 contiguous, from the forward
+    LSE,                                    # (B, H, L) fp32 contiguous, from the forward (checked, not read)
     DELTA,                                  # (B, H, L) fp32 contiguous, written: rowsum(dO * O)
+    ROWMAX,                                 # (B, H, L) fp32 contiguous, written: row max of the base-2 scores
+    INVSUM,                                 # (B, H, L) fp32 contiguous, written: 1 / sum_j exp2(s_j - rowmax)
     DQ,                                     # (B, H, L, D) written
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -249,26 +253,55 @@ def _attention_bwd_dq_kernel(
                  mask=md_mask, other=0.0)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
                 mask=md_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                       # (BLOCK_M,)
+    # delta = rowsum(dO * O) as the diagonal of dO O^T: the same products, in the
+    # same order and precision, as dP = dO V^T. Where a row's softmax is one-hot
+    # (O = v_j exactly), dP_j - delta is then exactly 0, as the true dS ~ 0
+    # (a plain sum cancelled to ulps of |dO||v|, times |k| in dQ: errors up to
+    # 1e1 at |q.k| ~ 1e8). One (BLOCK_M x BLOCK_M) product per program.
+    do_ot = tl.dot(do, tl.trans(o), input_precision=DOT_PRECISION)                # (BLOCK_M, BLOCK_M)
+    eye = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+    delta = tl.sum(tl.where(eye, do_ot, 0.0), 1)                                   # (BLOCK_M,)
     row = bh.to(tl.int64) * L + offs_m
     tl.store(DELTA + row, delta, mask=m_valid)
-    lse2 = tl.load(LSE + row, mask=m_valid, other=0.0) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    # Pass 1: the row max and sum of exactly the scores this backward recomputes
+    # (the dK/dV kernel computes them in the same (q, k) operand order). P =
+    # exp2(s - max) / sum is then exact where the forward was, at any logit
+    # size: the saved lse cannot be used for it, because at |q.k| ~ 1e4 and up
+    # its rounding (and that of scores recomputed in another order) is ulps of
+    # |s|, and exp2(s - lse) of that error gave dq/dk errors of 1e-3 .. inf.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < L
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    tl.store(ROWMAX + row, m_i, mask=m_valid)
+    tl.store(INVSUM + row, inv_l, mask=m_valid)
+
+    # Pass 2: dQ = scale * dS K
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < L
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None] * stride_vd,
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)          # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
         p = tl.where(n_valid[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)                           # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                 # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     dq = dq * scale
@@ -284,8 +317,9 @@ def _attention_bwd_dkdv_kernel(
     K,                                      # (B, H, L, D)
     V,                                      # (B, H, L, D)
     DO,                                     # (B, H, L, D) grad of O
-    LSE,                                    # (B, H, L) fp32 contiguous, from the forward
     DELTA,                                  # (B, H, L) fp32 contiguous, from _attention_bwd_dq_kernel
+    ROWMAX,                                 # (B, H, L) fp32 contiguous, from _attention_bwd_dq_kernel
+    INVSUM,                                 # (B, H, L) fp32 contiguous, from _attention_bwd_dq_kernel
     DK,                                     # (B, H, L, D) written
     DV,                                     # (B, H, L, D) written
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -336,15 +370,18 @@ def _attention_bwd_dkdv_kernel(
                     mask=md_mask, other=0.0)                                         # (BLOCK_M, BLOCK_D)
         do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=md_mask, other=0.0)                                        # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        m_row = tl.load(ROWMAX + row_base + offs_m, mask=m_valid, other=0.0)
+        inv_l = tl.load(INVSUM + row_base + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale      # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(st - lse2[None, :])
-        pt = tl.where(m_valid[None, :], pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)               # (BLOCK_N, BLOCK_M)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        # the scores in the dQ kernel's operand order (q rows x k rows), so that they
+        # equal the ones its row max was taken over, bit for bit; then transposed
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(tl.minimum(s - m_row[:, None], 0.0)) * inv_l[:, None]
+        p = tl.where(m_valid[:, None], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                 # (BLOCK_M, BLOCK_N), as in dQ
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=nd_mask)
@@ -482,6 +519,7 @@ def attention_bwd(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, de
     dk = _new_or_check(dk, "dk", q.shape, q.dtype, q.device, like=k)
     dv = _new_or_check(dv, "dv", q.shape, q.dtype, q.device, like=v)
     delta = _lse_buffer(delta, "delta", (B, H, L), q.device)
+    rowmax, invsum = new_empty((2, B, H, L), torch.float32, q.device).unbind(0)  # row stats of the backward's P
     prec = _precision(q.dtype, input_precision)
     block_d = _block_d(D)
 
@@ -492,13 +530,13 @@ def attention_bwd(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, de
         return (triton.cdiv(L, meta["BLOCK_N"]) * B * H,)
 
     _attention_bwd_dq_kernel[grid_m](
-        q, k, v, o, do, lse, delta, dq,
+        q, k, v, o, do, lse, delta, rowmax, invsum, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         H, L, D, scale,
         BLOCK_D=block_d, DOT_PRECISION=prec,
     )
     _attention_bwd_dkdv_kernel[grid_n](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, delta, rowmax, invsum, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, L, D, scale,
         BLOCK_D=block_d, DOT_PRECISION=prec,
