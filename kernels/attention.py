@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm.kernels import overlaps
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 512
 # Test hook: when True, every buffer allocated here (new_empty, new_empty_like,
@@ -114,13 +116,29 @@ def _pruner(tables, budget):
         d, elem, L = a["BLOCK_D"], a["Q"].element_size(), a["L"]
         listed = [c for c in configs if _tile(c) in tables[max(64, d)]]
         lpow = max(16, triton.next_power_of_2(L))
-        keep = [c for c in listed
-                if _fits(c, d, elem, *budget(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
-                and c.kwargs["BLOCK_M"] <= max(32, lpow) and c.kwargs["BLOCK_N"] <= lpow]
-        return keep or [min(listed or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        fitting = [c for c in listed if _fits(c, d, elem, *budget(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))]
+        keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= max(32, lpow) and c.kwargs["BLOCK_N"] <= lpow]
+        if keep:
+            return keep
+        # Nothing both fits and stays within L (short rows, e.g. L = 16 in the 4x4
+        # middle block): the smallest tile that fits the register budget (the
+        # smallest tile outright spilled 33 KB per thread there in fp32), more
+        # warps first; only if none fits, the smallest listed.
+        def size(c):
+            return (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -c.num_warps)
+        return [min(fitting or listed or configs, key=size)]
     return prune
 
 
+# Autotune keys: what changes the compiled code besides the dtypes (which the
+# autotuner adds itself): L, the padded head dimension, the dot precision and
+# the layout (the head-dimension strides: 1 row-major, L for q/k/v viewed out
+# of a (B, 3C, L) conv output).
+_FWD_KEY = ["L", "BLOCK_D", "DOT_PRECISION", "stride_qd", "stride_kd", "stride_vd", "stride_od"]
+_DQ_KEY = ["L", "BLOCK_D", "DOT_PRECISION", "stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod",
+           "stride_dqd"]
+_DKDV_KEY = ["L", "BLOCK_D", "DOT_PRECISION", "stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_dkd",
+             "stride_dvd"]
 # (acc_rows, streamed rows per stage, resident rows) of each kernel
 _prune_fwd = _pruner(_FWD_TILES, lambda m, n: (m, 2 * n, m))           # acc; k, v streamed; q
 _prune_dq = _pruner(_BWD_TILES, lambda m, n: (m, 2 * n, 3 * m))        # dq; k, v; q, do, o
@@ -130,8 +148,8 @@ _prune_dkdv = _pruner(_BWD_TILES, lambda m, n: (2 * n, 2 * m, 2 * n))  # dk, dv;
 # ----------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_FWD_TILES), key=["L", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.autotune(configs=_configs(_FWD_TILES), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd},
+                 cache_results=True)
 @triton.jit
 def _attention_fwd_kernel(
     Q,                                      # (B, H, L, D) input dtype
@@ -204,8 +222,8 @@ def _attention_fwd_kernel(
 # ----------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_dq})
+@triton.autotune(configs=_configs(_BWD_TILES), key=_DQ_KEY, prune_configs_by={"early_config_prune": _prune_dq},
+                 cache_results=True)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q,                                      # (B, H, L, D)
@@ -309,8 +327,8 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
-@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.autotune(configs=_configs(_BWD_TILES), key=_DKDV_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dkdv}, cache_results=True)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q,                                      # (B, H, L, D)
@@ -473,6 +491,17 @@ def _lse_buffer(t, name, shape, device):
     return t
 
 
+def _check_no_alias(outputs, inputs):
+    """Outputs must not overlap inputs: the autotuner reruns the kernels on the
+    first call of a key, and a run that overwrote an input would feed the next
+    one wrong data (the check is by byte span, so it also refuses interleaved
+    views of one buffer). Outputs may share a buffer (the packed op's dq, dk, dv)."""
+    for name, t in outputs:
+        for other, u in inputs:
+            if overlaps(t, u):
+                raise ValueError(f"attention: {name} must not share memory with {other}")
+
+
 def attention_fwd(q, k, v, scale=None, o=None, lse=None, input_precision=None):
     """softmax(q k^T * scale) v for q, k, v of shape (B, H, L, D), any strides.
 
@@ -486,6 +515,7 @@ def attention_fwd(q, k, v, scale=None, o=None, lse=None, input_precision=None):
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     o = _new_or_check(o, "o", q.shape, q.dtype, q.device, like=q)
     lse = _lse_buffer(lse, "lse", (B, H, L), q.device)
+    _check_no_alias((("o", o), ("lse", lse)), (("q", q), ("k", k), ("v", v)))
     prec = _precision(q.dtype, input_precision)
 
     def grid(meta):
@@ -519,6 +549,8 @@ def attention_bwd(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, de
     dk = _new_or_check(dk, "dk", q.shape, q.dtype, q.device, like=k)
     dv = _new_or_check(dv, "dv", q.shape, q.dtype, q.device, like=v)
     delta = _lse_buffer(delta, "delta", (B, H, L), q.device)
+    _check_no_alias((("dq", dq), ("dk", dk), ("dv", dv), ("delta", delta)),
+                    (("do", do), ("q", q), ("k", k), ("v", v), ("o", o), ("lse", lse)))
     rowmax, invsum = new_empty((2, B, H, L), torch.float32, q.device).unbind(0)  # row stats of the backward's P
     prec = _precision(q.dtype, input_precision)
     block_d = _block_d(D)

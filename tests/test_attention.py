@@ -282,6 +282,22 @@ def test_zero_head_dim_is_a_value_error():
                 ops.attention_packed(torch.randn(1, 0, 8, device=DEV), 1)
 
 
+def test_kernel_outputs_aliasing_inputs_are_refused():
+    """attention_fwd(o=q) and gradients written over inputs: the autotuner reruns
+    the kernels on the first call of a key, so a run that overwrote q fed the
+    next one wrong data. Refused."""
+    q, k, v = _inputs((1, 2, 20, 16), torch.float32)
+    for name, o in (("q", q), ("v", v)):
+        with pytest.raises(ValueError, match=f"o must not share memory with {name}"):
+            attention_kernels.attention_fwd(q, k, v, o=o)
+    o, lse = attention_kernels.attention_fwd(q, k, v)
+    with pytest.raises(ValueError, match="dq must not share memory with q"):
+        attention_kernels.attention_bwd(torch.randn_like(o), q, k, v, o, lse, dq=q)
+    with pytest.raises(ValueError, match="dv must not share memory with do"):
+        do = torch.randn_like(o)
+        attention_kernels.attention_bwd(do, q, k, v, o, lse, dv=do)
+
+
 @pytest.mark.parametrize("scaled", ["q", "q_and_k"])
 def test_kernel_backward_large_logits(scaled):
     """|q.k| from 1 to 1e8 (issue 10 item 9). The backward used to recompute P
