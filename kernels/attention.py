@@ -105,6 +105,10 @@ def _fits(c, block_d, elem, acc_rows, tiles_per_stage, resident_rows):
     # fp32 accumulators (acc_rows x D) plus the resident input tiles, per thread
     regs = (acc_rows * block_d * 4 + resident_rows * block_d * elem) / 4 / threads
     smem = c.num_stages * tiles_per_stage * block_d * elem
+    if elem == 4:
+        # fp32 products run on the FMA units, which stage the resident tiles in
+        # shared memory too (sm_90 ptxas, D = 256: up to 279 KB, over the 227 KB limit)
+        smem += resident_rows * block_d * elem
     return regs <= 192 and smem <= 200 * 1024
 
 
