@@ -8,10 +8,23 @@ log, (B, H, L) contiguous). The backward (FlashAttention-2 style, no atomics):
 
 * `_attention_bwd_dq_kernel`, one program per query block: computes
   delta = rowsum(dO * O) (fp32, written for the next kernel; this is the
-  "preprocess" step, fused here because the program reads dO anyway), then
-  recomputes P block by block and accumulates dQ = scale * dS K.
-* `_attention_bwd_dkdv_kernel`, one program per key block: recomputes P^T and
+  "preprocess" step, fused here because the program reads dO anyway), takes
+  the row max and sum of the scores in a first sweep over the keys (written
+  for the next kernel too), then recomputes P block by block and accumulates
+  dQ = scale * dS K.
+* `_attention_bwd_dkdv_kernel`, one program per key block: recomputes P and
   accumulates dV = P^T dO and dK = scale * dS^T Q, dS = P * (dP - delta).
+
+Robust at any logit size (|q.k| up to 1e8 and beyond tested): all three
+kernels compute the scores as dot(q, k^T) with the same operands in the same
+order, so they agree bit for bit; the backward's P = exp2(s - rowmax) / rowsum
+from its own statistics is then the forward's P, one-hot exactly where the
+forward's was (recomputing P from the saved lse instead put ulps of |q.k| into
+the exponent: dq/dk errors of 1e-3 .. inf). delta is the diagonal of dO O^T,
+the same products in the same order and precision as dP = dO V^T, so dP -
+delta is exactly 0 on a one-hot row, as the true gradient ~0. The lse is
+still returned (the op's output) and checked, but the kernels do not read it.
+The cost: one more Q K^T sweep and one (BLOCK_M x BLOCK_M) product per dQ program.
 
 Precision: fp16/bf16 inputs run tl.dot on the tensor cores with fp32
 accumulation; P and dS are rounded to the input dtype before their matmuls (as
@@ -28,8 +41,11 @@ loads/stores). Larger D raises ValueError; fastddpm.ops.attention falls back
 to the reference for it.
 
 Launch policy: on the GPU each kernel is autotuned over the few tiles listed
-for its padded head dimension (_FWD_TILES, _BWD_TILES; key: L, BLOCK_D and
-the dtypes; tiles over a rough register/shared-memory budget are pruned).
+for its padded head dimension (_FWD_TILES, _BWD_TILES; key: L, BLOCK_D, the dot
+precision, the head-dimension strides (layout) and the dtypes; results cached
+on disk; tiles over a rough register/shared-memory budget are pruned, and when
+none fits within L the smallest tile that fits the budget runs). Outputs must
+not overlap inputs (refused: the autotuner reruns the kernels on a first call).
 Under TRITON_INTERPRET=1 a single small config runs so that the CPU tests
 exercise several blocks and the masks. Autotuning benchmarks on the first call for a new key, so warm up
 before capturing a CUDA graph.

@@ -5,7 +5,12 @@ Layout: x is viewed as (N, C, S) with S = prod(spatial) and explicit strides
 channels_last (stride_c == 1) natively; any other layout whose spatial dims do
 not collapse into one stride is made contiguous once by the launcher.
 
-One program handles one (sample, group). A group is a (C/G, S) tile:
+One program handles one (sample, group). C_PER_G is a compile-time constant:
+in channels_last a group's channels are contiguous, and only a constant count
+(mask and alignment known to the compiler) lets them load as 16-byte vectors
+(as a run-time int they compiled to 2-byte scalar loads; tests/test_compile_sm90.py
+checks the PTX). Launchers refuse an `out` overlapping an input (the autotuner
+reruns the kernel on the first call of a key). A group is a (C/G, S) tile:
   * ONE_PASS: the whole group is held on chip; mean, then the centred variance
     from the registers (two-pass on chip, never E[x^2] - E[x]^2), then write.
   * looped: tiles of (BLOCK_C, BLOCK_S); the statistics are combined tile by
