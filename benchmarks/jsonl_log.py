@@ -8,6 +8,10 @@ duration, the skip reason or the failure's last lines, and for pytest-benchmark
 tests the timing stats, group and extra_info (GPU times, GB/s, ...). Appends
 are whole lines with O_APPEND, so parallel pytest processes can share a file.
 
+With $FASTDDPM_DONE set to an earlier run's JSONL, the tests recorded there as
+passed, failed or skipped are deselected: a rerun does only what is left. A
+collection error (a test file that does not import) is recorded too.
+
 As a script, it turns such a file into the pytest-benchmark JSON that
 benchmarks/render.py reads:
 
@@ -67,6 +71,23 @@ def pytest_runtest_makereport(item, call):
     if bench is not None:
         rec["benchmark"] = bench
     append(rec)
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        append({"type": "collect", "stage": os.environ.get("FASTDDPM_STAGE"), "nodeid": report.nodeid,
+                "outcome": "error", "error": str(report.longrepr)[-3000:], "time": round(time.time(), 3)})
+
+
+def pytest_collection_modifyitems(config, items):
+    done_path = os.environ.get("FASTDDPM_DONE")
+    if not done_path:
+        return
+    done = {r["nodeid"] for r in read(done_path) if r.get("type") == "test"}
+    keep = [it for it in items if it.nodeid not in done]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it.nodeid in done])
+        items[:] = keep
 
 
 def read(path):

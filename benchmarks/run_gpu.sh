@@ -5,10 +5,13 @@
 #   STAGES="model ablations" BUDGET_S=540 bash benchmarks/run_gpu.sh   rerun what is left
 #   DRY_RUN=1 bash benchmarks/run_gpu.sh       no build step; on a CPU the CUDA tests and
 #                                             benchmarks skip, so it shows the stages and files
+#   PREVIOUS=path/results.jsonl ...           an earlier run's records: its finished tests are
+#                                             not run again, and its records carry over
 #
 # Stages, in this order; each runs under `timeout` with its cap (seconds; CAP_<STAGE>=N
 # overrides), cut to the budget left; with under 15 s of the budget left a stage is skipped:
-#   setup        device info, fastddpm.kernels importable, C++ extension built in place    (100)
+#   setup        C++ extension built in place, imports checked (every run first writes
+#                device.json and makes fastddpm.kernels importable)                       (100)
 #   correctness  pytest tests -m gpu, not the torch.compile ones, in PROCS (4) processes
 #                at once so that Triton compiles and autotuning overlap                    (170)
 #   kernels      kernel-target benchmarks: test_kernels.py, test_attention.py, eager        (100)
@@ -49,6 +52,17 @@ RESERVE=10                   # seconds kept for the final merge and summary
 LEFT=()                      # stages that did not finish (timed out or skipped)
 status=0
 export FASTDDPM_JSONL=$JSONL PYTHONUNBUFFERED=1
+if [ -n "${PREVIOUS:-}" ]; then
+  [ -f "$PREVIOUS" ] || { echo "run_gpu.sh: PREVIOUS=$PREVIOUS is not a file" >&2; exit 2; }
+  grep -h '"type": "test"' "$PREVIOUS" >"$WORK/done.jsonl" || true
+  if [ "$(cd "$(dirname "$PREVIOUS")" && pwd)/$(basename "$PREVIOUS")" != "$JSONL" ]; then
+    cp "$WORK/done.jsonl" "$JSONL"
+  fi
+  export FASTDDPM_DONE=$WORK/done.jsonl
+else
+  : >"$JSONL"
+fi
+: >"$LOG"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}:$ROOT/benchmarks"   # benchmarks/: the jsonl_log plugin
 
 cap_of() {  # default cap of a stage, or CAP_<STAGE>
@@ -85,37 +99,6 @@ PYEOF
 
 stage_setup() {
   local cap=$1
-  "$PY" - "$OUT/device.json" <<'PYEOF'
-import datetime, json, platform, subprocess, sys
-import torch
-info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-try:
-    import triton
-    info["triton"] = triton.__version__
-except ImportError:
-    info["triton"] = None
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    info.update(device=p.name, sm=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                multiprocessors=p.multi_processor_count)
-try:
-    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm",
-                                     "--format=csv,noheader"], capture_output=True, text=True,
-                                    timeout=20).stdout.strip()
-except Exception as e:  # no nvidia-smi
-    info["driver"] = f"unknown ({type(e).__name__})"
-try:
-    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-except Exception:
-    info["commit"] = None
-json.dump(info, open(sys.argv[1], "w"), indent=2)
-print(json.dumps(info))
-PYEOF
-  [ $? -eq 0 ] || { echo "run_gpu.sh: torch is not importable" >&2; return 2; }
-  # fastddpm.kernels is the top-level kernels/ (setup.py's package_dir); a checkout
-  # without an install reaches it through a link
-  [ -e fastddpm/kernels ] || ln -s ../kernels fastddpm/kernels
   if [ "$DRY_RUN" != 1 ]; then
     timeout -k 5 $(( cap - 20 > 10 ? cap - 20 : 10 )) "$PY" setup.py -q build_ext --inplace \
       || echo "run_gpu.sh: C++ extension not built; the cpp backend is off, Triton runs" >&2
@@ -175,12 +158,47 @@ record_stage() {  # name status rc cap elapsed
     "$1" "$2" "$3" "$4" "$5" "$(date +%s)" >>"$JSONL"
 }
 
+device_info() {  # device.json: written first by every run, reruns too
+  "$PY" - "$OUT/device.json" <<'PYEOF'
+import datetime, json, platform, subprocess, sys
+import torch
+info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(device=p.name, sm=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
+                multiprocessors=p.multi_processor_count)
+try:
+    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm",
+                                     "--format=csv,noheader"], capture_output=True, text=True,
+                                    timeout=20).stdout.strip()
+except Exception as e:  # no nvidia-smi
+    info["driver"] = f"unknown ({type(e).__name__})"
+try:
+    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except Exception:
+    info["commit"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info))
+PYEOF
+}
+
 for st in "${STAGES[@]}"; do
   if ! declare -F "stage_$st" >/dev/null; then
     echo "run_gpu.sh: unknown stage '$st' (setup correctness kernels model ablations rest compile)" >&2
     exit 2
   fi
 done
+
+# fastddpm.kernels is the top-level kernels/ (setup.py's package_dir); a checkout
+# without an install (a fresh device machine, any stage) reaches it through a link
+[ -e fastddpm/kernels ] || ln -s ../kernels fastddpm/kernels
+device_info >>"$LOG" 2>&1 || { echo "run_gpu.sh: torch is not importable (see $LOG)" >&2; exit 2; }
 
 for st in "${STAGES[@]}"; do
   left=$(( BUDGET_S - $(elapsed) - RESERVE ))
@@ -213,6 +231,8 @@ done
   echo "run_gpu.sh: ${STAGES[*]} in $(elapsed) s of BUDGET_S=$BUDGET_S (DRY_RUN=$DRY_RUN)"
   "$PY" benchmarks/jsonl_log.py summary "$JSONL"
   if [ ${#LEFT[@]} -gt 0 ]; then
+    # a fresh machine needs setup again (the C++ extension build)
+    [[ " ${LEFT[*]} " == *" setup "* ]] || LEFT=(setup "${LEFT[@]}")
     echo "left: STAGES=\"${LEFT[*]}\" BUDGET_S=540 bash benchmarks/run_gpu.sh"
   else
     echo "left: nothing"

@@ -94,8 +94,18 @@ def test_dry_run_stages_files_and_rerun_line(tmp_path):
     assert not any("default" in rec["nodeid"] or "reduce-overhead" in rec["nodeid"] for rec in model_tests), \
         "torch.compile variants belong to the compile stage"
     summary = (out / "summary.txt").read_text()
-    assert 'left: STAGES="ablations" BUDGET_S=540 bash benchmarks/run_gpu.sh' in summary, summary
+    assert 'left: STAGES="setup ablations" BUDGET_S=540 bash benchmarks/run_gpu.sh' in summary, summary
     assert any(f.endswith(".json") and f != "device.json" for f in files)   # the benchmark JSON for render.py
+
+    # rerun with the first run's records: its finished tests are carried over, not run again
+    out2 = tmp_path / "out2"
+    r = subprocess.run(["bash", SCRIPT], env=_env(OUT=str(out2), DRY_RUN="1", STAGES="model", BUDGET_S="300",
+                                                  PREVIOUS=str(out / "results.jsonl")),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs2 = [rec for rec in _records(out2 / "results.jsonl") if rec["type"] == "test"]
+    assert sorted(rec["nodeid"] for rec in recs2) == sorted(rec["nodeid"] for rec in recs if rec["type"] == "test")
+    assert "deselected" in (out2 / "run.log").read_text()
 
 
 def test_unknown_stage_is_refused(tmp_path):
