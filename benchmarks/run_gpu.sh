@@ -20,8 +20,9 @@
 #   rest         every other benchmark file (test_cpu.py, new ones), eager                  (40)
 #   compile      torch.compile variants only: benchmarks -m compile (the marker
 #                benchmarks/conftest.py gives compiled providers), GPU tests -k compile     (rest)
-# Autotune results are cached on disk (cache_results), so later stages and processes
-# reuse what earlier ones tuned.
+# Autotune results are cached on disk (cache_results), so a later benchmark stage
+# reuses what an earlier one tuned (the test processes, which tune side by side on
+# one GPU, keep a cache of their own).
 #
 # Under $OUT (default benchmarks/results/latest), 6 files, each rewritten as the run goes:
 #   device.json             GPU, driver, torch/triton/CUDA versions, date, git commit
@@ -49,6 +50,10 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/run_gpu.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
 RESERVE=10                   # seconds kept for the final merge and summary
+# Tests run in parallel processes that share the GPU, so their autotuning times
+# are contended: they get a Triton cache of their own, and the benchmarks (one
+# process at a time) never reuse a config that such a run picked.
+TESTS_CACHE=$WORK/triton-cache-tests
 LEFT=()                      # stages that did not finish (timed out or skipped)
 status=0
 export FASTDDPM_JSONL=$JSONL PYTHONUNBUFFERED=1
@@ -116,7 +121,7 @@ stage_correctness() {  # GPU tests by file, dealt over PROCS processes (largest 
   for i in "${!files[@]}"; do buckets[$(( i % PROCS ))]+=" ${files[$i]}"; done
   for i in "${!buckets[@]}"; do
     # shellcheck disable=SC2086
-    pt "$cap" "$WORK/correctness.$i.log" ${buckets[$i]} -m gpu -k "not compile" &
+    TRITON_CACHE_DIR=$TESTS_CACHE pt "$cap" "$WORK/correctness.$i.log" ${buckets[$i]} -m gpu -k "not compile" &
     pids+=($!)
   done
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; cat "$WORK/correctness.$i.log" >>"$LOG"; done
@@ -147,7 +152,7 @@ stage_rest() {
 stage_compile() {  # compiled benchmarks and the GPU torch.compile tests, side by side
   local cap=$1 rc=0 p1 p2
   pt "$cap" "$WORK/compile.0.log" benchmarks/ --benchmark-only -m compile & p1=$!
-  pt "$cap" "$WORK/compile.1.log" tests/ -m gpu -k compile & p2=$!
+  TRITON_CACHE_DIR=$TESTS_CACHE pt "$cap" "$WORK/compile.1.log" tests/ -m gpu -k compile & p2=$!
   wait $p1 || rc=$?; wait $p2 || rc=$?
   cat "$WORK/compile.0.log" "$WORK/compile.1.log" >>"$LOG"
   return $rc
