@@ -135,7 +135,8 @@ def main(argv):
             print(f"  {stage:12s} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
         for r in records:
             if r.get("type") == "stage":
-                print(f"  stage {r['stage']}: {r['status']} after {r.get('elapsed_s', 0):.0f} s (cap {r.get('cap_s')} s)")
+                print(f"  stage {r['stage']}: {r['status']} after {r.get('elapsed_s', 0):.0f} s "
+                      f"(cap {r.get('cap_s')} s)")
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -79,8 +79,8 @@ out = []
 for dtype, tname, prec in ((torch.bfloat16, "bf16", "tf32"), (torch.float32, "fp32", "ieee")):
     ptrs = {n: f"*{tname}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     ptrs.update({n: "*fp32" for n in ("LSE", "DELTA", "ROWMAX", "INVSUM")}, qk_scale="fp32", scale="fp32")
-    aligned = set(ptrs) | {"L", "D"} | {n for n in ka._attention_bwd_dq_kernel.fn.arg_names + ka._attention_bwd_dkdv_kernel.fn.arg_names
-                                      if n.startswith("stride") and not n.endswith("l")}
+    args = ka._attention_bwd_dq_kernel.fn.arg_names + ka._attention_bwd_dkdv_kernel.fn.arg_names
+    aligned = set(ptrs) | {"L", "D"} | {n for n in args if n.startswith("stride") and not n.endswith("l")}
     for L in (256, 16):
         q = torch.empty(1, 1, L, 256, dtype=dtype)
         for name, kern, prune in (("fwd", ka._attention_fwd_kernel, ka._prune_fwd),
