@@ -58,3 +58,20 @@ def gpu_bench():
         pytest.skip("needs a CUDA device")
     torch.cuda.reset_peak_memory_stats()
     return _gpu_bench
+
+
+# Parameter values that put torch.compile in the timed code: such benchmarks get
+# the `compile` marker, so that run_gpu.sh runs them in a stage of their own
+# (each one compiles for tens of seconds to minutes) and new files fall in too.
+COMPILE_PARAMS = {"compiled", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: times torch.compile'd code (run_gpu.sh stage `compile`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, str) and (v in COMPILE_PARAMS or "compile" in v) for v in params.values()):
+            item.add_marker(pytest.mark.compile)

@@ -1,30 +1,170 @@
 #!/usr/bin/env bash
-# One script for the GPU machine: build, GPU tests, all benchmarks, device info.
+# The first GPU run as one command that fits a 9-minute device call:
 #
-#   OUT=/some/dir bash benchmarks/run_gpu.sh [build] [tests] [bench]   (default: all three)
-#   BENCH_K="not test_model" ... bench    only the benchmarks pytest -k selects (to fit a
-#                                          10-minute call: kernels first, then -k test_model)
+#   bash benchmarks/run_gpu.sh                                  every stage, within BUDGET_S (520 s)
+#   STAGES="model ablations" BUDGET_S=540 bash benchmarks/run_gpu.sh   rerun what is left
+#   DRY_RUN=1 bash benchmarks/run_gpu.sh       no build step; on a CPU the CUDA tests and
+#                                             benchmarks skip, so it shows the stages and files
+#   PREVIOUS=path/results.jsonl ...           an earlier run's records: its finished tests are
+#                                             not run again, and its records carry over
 #
-# Writes under $OUT (default benchmarks/results/latest):
-#   device.json               GPU, driver, torch/triton/CUDA versions, date, git commit
-#   gpu_tests.txt             output of `pytest tests -m gpu`
-#   bench.json                pytest-benchmark JSON of `pytest benchmarks/ --benchmark-only`
-#   <device>-<date>[-<k>].json  bench.json with device.json merged in (<k>: BENCH_K, slugged): copy it to
-#                             benchmarks/results/ and run `python benchmarks/render.py`
-#   BENCHMARKS.md             a preview rendered from that file alone
-# Never reinstalls torch: the package goes in with --no-deps. The GPU machine may
-# have no network: pytest-benchmark then comes from wheels in ./.whl if present.
+# Stages, in this order; each runs under `timeout` with its cap (seconds; CAP_<STAGE>=N
+# overrides), cut to the budget left; with under 15 s of the budget left a stage is skipped:
+#   setup        C++ extension built in place, imports checked (every run first writes
+#                device.json and makes fastddpm.kernels importable)                       (100)
+#   correctness  pytest tests -m gpu, not the torch.compile ones, in PROCS (4) processes
+#                at once so that Triton compiles and autotuning overlap                    (170)
+#   kernels      kernel-target benchmarks: test_kernels.py, test_attention.py, eager        (100)
+#   model        whole model, reference vs fused, eager: test_model.py, test_sampling.py    (90)
+#   ablations    fusion ablations (-k resblock_tail / projection / ablation)                (50)
+#   rest         every other benchmark file (test_cpu.py, new ones), eager                  (40)
+#   compile      torch.compile variants only: benchmarks -m compile (the marker
+#                benchmarks/conftest.py gives compiled providers), GPU tests -k compile     (rest)
+# Autotune results are cached on disk (cache_results), so a later benchmark stage
+# reuses what an earlier one tuned (the test processes, which tune side by side on
+# one GPU, keep a cache of their own).
+#
+# Under $OUT (default benchmarks/results/latest), 6 files, each rewritten as the run goes:
+#   device.json             GPU, driver, torch/triton/CUDA versions, date, git commit
+#   results.jsonl           one line per finished test or benchmark (benchmarks/jsonl_log.py),
+#                           appended the moment it finishes, plus one line per stage
+#   run.log                 every stage's pytest output
+#   <device>-<date>.json    the benchmarks so far as pytest-benchmark JSON with device.json
+#                           merged in: copy it to benchmarks/results/, run benchmarks/render.py
+#   BENCHMARKS.md           a preview rendered from that file alone
+#   summary.txt             per stage: outcome counts, status; the command that reruns what is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}  # the GPU image's torch lives in python3
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests bench)
-want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}        # the GPU image's torch lives in python3
+BUDGET_S=${BUDGET_S:-520}
+PROCS=${PROCS:-4}
+DRY_RUN=${DRY_RUN:-0}
+read -r -a STAGES <<< "${STAGES:-setup correctness kernels model ablations rest compile}"
+JSONL=$OUT/results.jsonl
+LOG=$OUT/run.log
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/run_gpu.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+START=$(date +%s)
+RESERVE=10                   # seconds kept for the final merge and summary
+# Tests run in parallel processes that share the GPU, so their autotuning times
+# are contended: they get a Triton cache of their own, and the benchmarks (one
+# process at a time) never reuse a config that such a run picked.
+TESTS_CACHE=$WORK/triton-cache-tests
+LEFT=()                      # stages that did not finish (timed out or skipped)
 status=0
+export FASTDDPM_JSONL=$JSONL PYTHONUNBUFFERED=1
+if [ -n "${PREVIOUS:-}" ]; then
+  [ -f "$PREVIOUS" ] || { echo "run_gpu.sh: PREVIOUS=$PREVIOUS is not a file" >&2; exit 2; }
+  grep -h '"type": "test"' "$PREVIOUS" >"$WORK/done.jsonl" || true
+  if [ "$(cd "$(dirname "$PREVIOUS")" && pwd)/$(basename "$PREVIOUS")" != "$JSONL" ]; then
+    cp "$WORK/done.jsonl" "$JSONL"
+  fi
+  export FASTDDPM_DONE=$WORK/done.jsonl
+else
+  : >"$JSONL"
+fi
+: >"$LOG"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}:$ROOT/benchmarks"   # benchmarks/: the jsonl_log plugin
 
-"$PY" - "$OUT/device.json" <<'PYEOF'
+cap_of() {  # default cap of a stage, or CAP_<STAGE>
+  local var="CAP_${1^^}" def
+  case $1 in setup) def=100 ;; correctness) def=170 ;; kernels) def=100 ;; model) def=90 ;;
+             ablations) def=50 ;; rest) def=40 ;; *) def=$BUDGET_S ;; esac
+  echo "${!var:-$def}"
+}
+elapsed() { echo $(( $(date +%s) - START )); }
+existing() { local f; for f in "$@"; do [ -f "$f" ] && echo "$f"; done; }
+
+# pytest with the JSONL plugin, under a cap; output to a log of its own (appended to run.log)
+pt() {
+  local cap=$1 log=$2; shift 2
+  timeout -k 10 "$cap" "$PY" -m pytest -p jsonl_log -p no:cacheprovider -q -rfE "$@" >"$log" 2>&1
+  local rc=$?
+  [ $rc -eq 5 ] && rc=0      # nothing selected
+  return $rc
+}
+
+merge() {  # results so far -> <device>-<date>.json + BENCHMARKS.md (cheap; after every stage)
+  local name
+  name=$("$PY" - "$OUT" <<'PYEOF'
+import json, os, re, sys
+out = sys.argv[1]
+dev = json.load(open(f"{out}/device.json")) if os.path.exists(f"{out}/device.json") else {}
+slug = re.sub(r"[^a-z0-9]+", "-", (dev.get("device") or "device").lower()).strip("-")
+print(f"{out}/{slug}-{(dev.get('date') or 'undated')[:10]}.json")
+PYEOF
+)
+  "$PY" benchmarks/jsonl_log.py bench "$JSONL" "$OUT/device.json" "$name" >/dev/null \
+    && "$PY" benchmarks/render.py --results "$OUT" --out "$OUT/BENCHMARKS.md" >/dev/null
+}
+
+stage_setup() {
+  local cap=$1
+  if [ "$DRY_RUN" != 1 ]; then
+    timeout -k 5 $(( cap - 20 > 10 ? cap - 20 : 10 )) "$PY" setup.py -q build_ext --inplace \
+      || echo "run_gpu.sh: C++ extension not built; the cpp backend is off, Triton runs" >&2
+  fi
+  "$PY" -c "import pytest_benchmark" 2>/dev/null || { [ -d .whl ] && "$PY" -m pip install -q --no-index \
+      --find-links .whl pytest-benchmark; } || echo "run_gpu.sh: pytest-benchmark is missing" >&2
+  "$PY" -c "import fastddpm.ops as o; print('backends on cuda:', o.available_backends('cuda'))"
+}
+
+stage_correctness() {  # GPU tests by file, dealt over PROCS processes (largest files first)
+  local cap=$1 i pids=() rc=0
+  mapfile -t files < <(grep -c "mark.gpu" tests/test_*.py | awk -F: '$2 > 0 {print $2, $1}' | sort -rn | cut -d' ' -f2)
+  [ ${#files[@]} -eq 0 ] && return 0
+  local -a buckets
+  for i in "${!files[@]}"; do buckets[$(( i % PROCS ))]+=" ${files[$i]}"; done
+  for i in "${!buckets[@]}"; do
+    # shellcheck disable=SC2086
+    TRITON_CACHE_DIR=$TESTS_CACHE pt "$cap" "$WORK/correctness.$i.log" ${buckets[$i]} -m gpu -k "not compile" &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; cat "$WORK/correctness.$i.log" >>"$LOG"; done
+  return $rc
+}
+
+KERNEL_FILES=(benchmarks/test_kernels.py benchmarks/test_attention.py)
+MODEL_FILES=(benchmarks/test_model.py benchmarks/test_sampling.py)
+ABLATIONS="resblock_tail or projection or ablation"
+
+bench_stage() {  # cap, name, pytest args...
+  local cap=$1 name=$2 rc; shift 2
+  pt "$cap" "$WORK/$name.log" --benchmark-only --benchmark-columns=median,iqr,rounds "$@"; rc=$?
+  cat "$WORK/$name.log" >>"$LOG"
+  return $rc
+}
+stage_kernels() { bench_stage "$1" kernels $(existing "${KERNEL_FILES[@]}") -m "not compile" -k "not ($ABLATIONS)"; }
+stage_model() { bench_stage "$1" model $(existing "${MODEL_FILES[@]}") -m "not compile"; }
+stage_ablations() { bench_stage "$1" ablations $(existing "${KERNEL_FILES[@]}") -m "not compile" -k "$ABLATIONS"; }
+stage_rest() {
+  local f files=()
+  for f in benchmarks/test_*.py; do
+    [[ " ${KERNEL_FILES[*]} ${MODEL_FILES[*]} " == *" $f "* ]] || files+=("$f")
+  done
+  [ ${#files[@]} -eq 0 ] && return 0
+  bench_stage "$1" rest "${files[@]}" -m "not compile"
+}
+stage_compile() {  # compiled benchmarks and the GPU torch.compile tests, side by side
+  local cap=$1 rc=0 p1 p2
+  pt "$cap" "$WORK/compile.0.log" benchmarks/ --benchmark-only -m compile & p1=$!
+  TRITON_CACHE_DIR=$TESTS_CACHE pt "$cap" "$WORK/compile.1.log" tests/ -m gpu -k compile & p2=$!
+  wait $p1 || rc=$?; wait $p2 || rc=$?
+  cat "$WORK/compile.0.log" "$WORK/compile.1.log" >>"$LOG"
+  return $rc
+}
+
+record_stage() {  # name status rc cap elapsed
+  printf '{"type": "stage", "stage": "%s", "status": "%s", "rc": %d, "cap_s": %d, "elapsed_s": %d, "time": %d}\n' \
+    "$1" "$2" "$3" "$4" "$5" "$(date +%s)" >>"$JSONL"
+}
+
+device_info() {  # device.json: written first by every run, reruns too
+  "$PY" - "$OUT/device.json" <<'PYEOF'
 import datetime, json, platform, subprocess, sys
 import torch
 info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -51,48 +191,56 @@ except Exception:
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info))
 PYEOF
-[ $? -eq 0 ] || { echo "run_gpu.sh: torch is not importable" >&2; exit 2; }
+}
 
-if want build; then
-  echo "== build" >&2
-  "$PY" -m pip install -q -e . --no-build-isolation --no-deps || { echo "run_gpu.sh: build failed" >&2; status=1; }
-  for mod in numpy tqdm PIL; do
-    "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q --no-index --find-links .whl "$([ $mod = PIL ] && echo pillow || echo $mod)" \
-      || "$PY" -m pip install -q "$([ $mod = PIL ] && echo pillow || echo $mod)" || echo "run_gpu.sh: $mod missing" >&2
-  done
-  if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-    { [ -d .whl ] && "$PY" -m pip install -q --no-index --find-links .whl pytest-benchmark; } \
-      || "$PY" -m pip install -q pytest-benchmark || echo "run_gpu.sh: pytest-benchmark is missing" >&2
+for st in "${STAGES[@]}"; do
+  if ! declare -F "stage_$st" >/dev/null; then
+    echo "run_gpu.sh: unknown stage '$st' (setup correctness kernels model ablations rest compile)" >&2
+    exit 2
   fi
-  "$PY" -c "import fastddpm.ops as o; print('backends on cuda:', o.available_backends('cuda'))" >&2
-fi
+done
 
-if want tests; then
-  echo "== pytest tests -m gpu" >&2
-  "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
+# fastddpm.kernels is the top-level kernels/ (setup.py's package_dir); a checkout
+# without an install (a fresh device machine, any stage) reaches it through a link
+[ -e fastddpm/kernels ] || ln -s ../kernels fastddpm/kernels
+device_info >>"$LOG" 2>&1 || { echo "run_gpu.sh: torch is not importable (see $LOG)" >&2; exit 2; }
 
-if want bench; then
-  echo "== pytest benchmarks/ --benchmark-only" >&2
-  "$PY" -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} \
-      --benchmark-columns=median,iqr,rounds -q -p no:cacheprovider 2>&1 | tee "$OUT/bench.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  if [ -f "$OUT/bench.json" ]; then
-    "$PY" - "$OUT" "${BENCH_K:-}" <<'PYEOF'
-import json, re, sys
-out, k = sys.argv[1], sys.argv[2]
-bench = json.load(open(f"{out}/bench.json"))
-dev = json.load(open(f"{out}/device.json"))
-bench["fastddpm_device"] = dev
-slug = re.sub(r"[^a-z0-9]+", "-", (dev.get("device") or "device").lower()).strip("-")
-tag = "-" + re.sub(r"[^a-z0-9]+", "-", k.lower()).strip("-") if k else ""
-bench["fastddpm_device"]["selection"] = k or "all"
-name = f"{out}/{slug}-{dev['date'][:10]}{tag}.json"
-json.dump(bench, open(name, "w"), indent=1)
-print(name)
-PYEOF
-    "$PY" benchmarks/render.py --results "$OUT" --out "$OUT/BENCHMARKS.md" || status=1
+for st in "${STAGES[@]}"; do
+  left=$(( BUDGET_S - $(elapsed) - RESERVE ))
+  cap=$(cap_of "$st")
+  (( cap > left )) && cap=$left
+  if (( left < 15 )); then
+    echo "== $st: skipped, $left s of the budget left" | tee -a "$LOG" >&2
+    record_stage "$st" skipped 0 "$cap" 0
+    LEFT+=("$st")
+    continue
   fi
-fi
+  echo "== $st (cap ${cap} s, at $(elapsed) s)" | tee -a "$LOG" >&2
+  t0=$(date +%s)
+  if [ "$st" = setup ]; then
+    FASTDDPM_STAGE=$st stage_setup "$cap" >>"$LOG" 2>&1; rc=$?
+  else
+    FASTDDPM_STAGE=$st "stage_$st" "$cap"; rc=$?
+  fi
+  dt=$(( $(date +%s) - t0 ))
+  if (( rc == 124 || rc == 137 )); then s=timeout; LEFT+=("$st")
+  elif (( rc == 0 )); then s=ok
+  else s=failed; status=1
+  fi
+  record_stage "$st" "$s" "$rc" "$cap" "$dt"
+  echo "== $st: $s after ${dt} s" | tee -a "$LOG" >&2
+  merge
+done
+
+{
+  echo "run_gpu.sh: ${STAGES[*]} in $(elapsed) s of BUDGET_S=$BUDGET_S (DRY_RUN=$DRY_RUN)"
+  "$PY" benchmarks/jsonl_log.py summary "$JSONL"
+  if [ ${#LEFT[@]} -gt 0 ]; then
+    # a fresh machine needs setup again (the C++ extension build)
+    [[ " ${LEFT[*]} " == *" setup "* ]] || LEFT=(setup "${LEFT[@]}")
+    echo "left: STAGES=\"${LEFT[*]}\" BUDGET_S=540 bash benchmarks/run_gpu.sh"
+  else
+    echo "left: nothing"
+  fi
+} | tee "$OUT/summary.txt"
 exit $status

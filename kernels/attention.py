@@ -8,10 +8,23 @@ log, (B, H, L) contiguous). The backward (FlashAttention-2 style, no atomics):
 
 * `_attention_bwd_dq_kernel`, one program per query block: computes
   delta = rowsum(dO * O) (fp32, written for the next kernel; this is the
-  "preprocess" step, fused here because the program reads dO anyway), then
-  recomputes P block by block and accumulates dQ = scale * dS K.
-* `_attention_bwd_dkdv_kernel`, one program per key block: recomputes P^T and
+  "preprocess" step, fused here because the program reads dO anyway), takes
+  the row max and sum of the scores in a first sweep over the keys (written
+  for the next kernel too), then recomputes P block by block and accumulates
+  dQ = scale * dS K.
+* `_attention_bwd_dkdv_kernel`, one program per key block: recomputes P and
   accumulates dV = P^T dO and dK = scale * dS^T Q, dS = P * (dP - delta).
+
+Robust at any logit size (|q.k| up to 1e8 and beyond tested): all three
+kernels compute the scores as dot(q, k^T) with the same operands in the same
+order, so they agree bit for bit; the backward's P = exp2(s - rowmax) / rowsum
+from its own statistics is then the forward's P, one-hot exactly where the
+forward's was (recomputing P from the saved lse instead put ulps of |q.k| into
+the exponent: dq/dk errors of 1e-3 .. inf). delta is the diagonal of dO O^T,
+the same products in the same order and precision as dP = dO V^T, so dP -
+delta is exactly 0 on a one-hot row, as the true gradient ~0. The lse is
+still returned (the op's output) and checked, but the kernels do not read it.
+The cost: one more Q K^T sweep and one (BLOCK_M x BLOCK_M) product per dQ program.
 
 Precision: fp16/bf16 inputs run tl.dot on the tensor cores with fp32
 accumulation; P and dS are rounded to the input dtype before their matmuls (as
@@ -28,8 +41,11 @@ loads/stores). Larger D raises ValueError; fastddpm.ops.attention falls back
 to the reference for it.
 
 Launch policy: on the GPU each kernel is autotuned over the few tiles listed
-for its padded head dimension (_FWD_TILES, _BWD_TILES; key: L, BLOCK_D and
-the dtypes; tiles over a rough register/shared-memory budget are pruned).
+for its padded head dimension (_FWD_TILES, _BWD_TILES; key: L, BLOCK_D, the dot
+precision, the head-dimension strides (layout) and the dtypes; results cached
+on disk; tiles over a rough register/shared-memory budget are pruned, and when
+none fits within L the smallest tile that fits the budget runs). Outputs must
+not overlap inputs (refused: the autotuner reruns the kernels on a first call).
 Under TRITON_INTERPRET=1 a single small config runs so that the CPU tests
 exercise several blocks and the masks. Autotuning benchmarks on the first call for a new key, so warm up
 before capturing a CUDA graph.
@@ -46,6 +62,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from fastddpm.kernels import overlaps
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 512
@@ -65,11 +83,12 @@ _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # in seconds. Large heads get small tiles (the fp32 accumulators live in
 # registers); the backward's dK/dV program keeps two (BLOCK_N, D) accumulators.
 # For D = 256 (sm_90, bf16, ptxas -v of the UNet's L-contiguous qkv views with
-# the 16-byte alignment hints the JIT gives aligned tensors; 2026-11-25): the
-# forward tiles (128, 32), (64, 64) and (64, 32) at 8 warps and dQ (64, 32)
-# compile to wgmma with no spills; the dK/dV wgmma tiles spill a little (44-232
-# bytes) while its (64, 32) / (64, 16) tiles do not spill but fall back to
-# mma.sync (the dot's M — BLOCK_M, or BLOCK_N in dK/dV — below 64). The
+# the 16-byte alignment hints the JIT gives aligned tensors; 2026-12-01, after
+# the backward took its own row statistics): every forward tile compiles to
+# wgmma with no spills; dQ spills 100 bytes at (64, 64) and none elsewhere (its
+# BLOCK_M < 64 tiles fall back to mma.sync); dK/dV spills 112-204 bytes at
+# (64, 64), (64, 32), (32, 64) and none at (64, 16), (16, 64), (32, 32).
+# tests/test_compile_sm90.py bounds these (shared memory, spills) in CI. The
 # autotuner measures which wins.
 _FWD_TILES = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
@@ -103,6 +122,10 @@ def _fits(c, block_d, elem, acc_rows, tiles_per_stage, resident_rows):
     # fp32 accumulators (acc_rows x D) plus the resident input tiles, per thread
     regs = (acc_rows * block_d * 4 + resident_rows * block_d * elem) / 4 / threads
     smem = c.num_stages * tiles_per_stage * block_d * elem
+    if elem == 4:
+        # fp32 products run on the FMA units, which stage the resident tiles in
+        # shared memory too (sm_90 ptxas, D = 256: up to 279 KB, over the 227 KB limit)
+        smem += resident_rows * block_d * elem
     return regs <= 192 and smem <= 200 * 1024
 
 
@@ -114,13 +137,29 @@ def _pruner(tables, budget):
         d, elem, L = a["BLOCK_D"], a["Q"].element_size(), a["L"]
         listed = [c for c in configs if _tile(c) in tables[max(64, d)]]
         lpow = max(16, triton.next_power_of_2(L))
-        keep = [c for c in listed
-                if _fits(c, d, elem, *budget(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
-                and c.kwargs["BLOCK_M"] <= max(32, lpow) and c.kwargs["BLOCK_N"] <= lpow]
-        return keep or [min(listed or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        fitting = [c for c in listed if _fits(c, d, elem, *budget(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))]
+        keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= max(32, lpow) and c.kwargs["BLOCK_N"] <= lpow]
+        if keep:
+            return keep
+        # Nothing both fits and stays within L (short rows, e.g. L = 16 in the 4x4
+        # middle block): the smallest tile that fits the register budget (the
+        # smallest tile outright spilled 33 KB per thread there in fp32), more
+        # warps first; only if none fits, the smallest listed.
+        def size(c):
+            return (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -c.num_warps)
+        return [min(fitting or listed or configs, key=size)]
     return prune
 
 
+# Autotune keys: what changes the compiled code besides the dtypes (which the
+# autotuner adds itself): L, the padded head dimension, the dot precision and
+# the layout (the head-dimension strides: 1 row-major, L for q/k/v viewed out
+# of a (B, 3C, L) conv output).
+_FWD_KEY = ["L", "BLOCK_D", "DOT_PRECISION", "stride_qd", "stride_kd", "stride_vd", "stride_od"]
+_DQ_KEY = ["L", "BLOCK_D", "DOT_PRECISION", "stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod",
+           "stride_dqd"]
+_DKDV_KEY = ["L", "BLOCK_D", "DOT_PRECISION", "stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_dkd",
+             "stride_dvd"]
 # (acc_rows, streamed rows per stage, resident rows) of each kernel
 _prune_fwd = _pruner(_FWD_TILES, lambda m, n: (m, 2 * n, m))           # acc; k, v streamed; q
 _prune_dq = _pruner(_BWD_TILES, lambda m, n: (m, 2 * n, 3 * m))        # dq; k, v; q, do, o
@@ -130,8 +169,8 @@ _prune_dkdv = _pruner(_BWD_TILES, lambda m, n: (2 * n, 2 * m, 2 * n))  # dk, dv;
 # ----------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_FWD_TILES), key=["L", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.autotune(configs=_configs(_FWD_TILES), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd},
+                 cache_results=True)
 @triton.jit
 def _attention_fwd_kernel(
     Q,                                      # (B, H, L, D) input dtype
@@ -177,9 +216,11 @@ def _attention_fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < L
-        kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)          # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale                 # (BLOCK_M, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
+        # the scores exactly as the backward kernels recompute them (same operands,
+        # same order), so that its P is the forward's P at any logit size
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
         s = tl.where(n_valid[None, :], s, float("-inf"))
         # every key block holds at least one valid column, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -202,8 +243,8 @@ def _attention_fwd_kernel(
 # ----------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_dq})
+@triton.autotune(configs=_configs(_BWD_TILES), key=_DQ_KEY, prune_configs_by={"early_config_prune": _prune_dq},
+                 cache_results=True)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q,                                      # (B, H, L, D)
@@ -211,8 +252,10 @@ def _attention_bwd_dq_kernel(
     V,                                      # (B, H, L, D)
     O,                                      # (B, H, L, D) forward output
     DO,                                     # (B, H, L, D) grad of O
-    LSE,                                    # (B, H, L) fp32 contiguous, from the forward
+    LSE,                                    # (B, H, L) fp32 contiguous, from the forward (checked, not read)
     DELTA,                                  # (B, H, L) fp32 contiguous, written: rowsum(dO * O)
+    ROWMAX,                                 # (B, H, L) fp32 contiguous, written: row max of the base-2 scores
+    INVSUM,                                 # (B, H, L) fp32 contiguous, written: 1 / sum_j exp2(s_j - rowmax)
     DQ,                                     # (B, H, L, D) written
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -249,26 +292,55 @@ def _attention_bwd_dq_kernel(
                  mask=md_mask, other=0.0)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
                 mask=md_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                       # (BLOCK_M,)
+    # delta = rowsum(dO * O) as the diagonal of dO O^T: the same products, in the
+    # same order and precision, as dP = dO V^T. Where a row's softmax is one-hot
+    # (O = v_j exactly), dP_j - delta is then exactly 0, as the true dS ~ 0
+    # (a plain sum cancelled to ulps of |dO||v|, times |k| in dQ: errors up to
+    # 1e1 at |q.k| ~ 1e8). One (BLOCK_M x BLOCK_M) product per program.
+    do_ot = tl.dot(do, tl.trans(o), input_precision=DOT_PRECISION)                # (BLOCK_M, BLOCK_M)
+    eye = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+    delta = tl.sum(tl.where(eye, do_ot, 0.0), 1)                                   # (BLOCK_M,)
     row = bh.to(tl.int64) * L + offs_m
     tl.store(DELTA + row, delta, mask=m_valid)
-    lse2 = tl.load(LSE + row, mask=m_valid, other=0.0) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    # Pass 1: the row max and sum of exactly the scores this backward recomputes
+    # (the dK/dV kernel computes them in the same (q, k) operand order). P =
+    # exp2(s - max) / sum is then exact where the forward was, at any logit
+    # size: the saved lse cannot be used for it, because at |q.k| ~ 1e4 and up
+    # its rounding (and that of scores recomputed in another order) is ulps of
+    # |s|, and exp2(s - lse) of that error gave dq/dk errors of 1e-3 .. inf.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < L
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    tl.store(ROWMAX + row, m_i, mask=m_valid)
+    tl.store(INVSUM + row, inv_l, mask=m_valid)
+
+    # Pass 2: dQ = scale * dS K
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < L
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None] * stride_vd,
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)          # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
         p = tl.where(n_valid[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)                           # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                 # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     dq = dq * scale
@@ -276,16 +348,17 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
-@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "BLOCK_D"],
-                 prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.autotune(configs=_configs(_BWD_TILES), key=_DKDV_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dkdv}, cache_results=True)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q,                                      # (B, H, L, D)
     K,                                      # (B, H, L, D)
     V,                                      # (B, H, L, D)
     DO,                                     # (B, H, L, D) grad of O
-    LSE,                                    # (B, H, L) fp32 contiguous, from the forward
     DELTA,                                  # (B, H, L) fp32 contiguous, from _attention_bwd_dq_kernel
+    ROWMAX,                                 # (B, H, L) fp32 contiguous, from _attention_bwd_dq_kernel
+    INVSUM,                                 # (B, H, L) fp32 contiguous, from _attention_bwd_dq_kernel
     DK,                                     # (B, H, L, D) written
     DV,                                     # (B, H, L, D) written
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -336,15 +409,18 @@ def _attention_bwd_dkdv_kernel(
                     mask=md_mask, other=0.0)                                         # (BLOCK_M, BLOCK_D)
         do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=md_mask, other=0.0)                                        # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+        m_row = tl.load(ROWMAX + row_base + offs_m, mask=m_valid, other=0.0)
+        inv_l = tl.load(INVSUM + row_base + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale      # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(st - lse2[None, :])
-        pt = tl.where(m_valid[None, :], pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)               # (BLOCK_N, BLOCK_M)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        # the scores in the dQ kernel's operand order (q rows x k rows), so that they
+        # equal the ones its row max was taken over, bit for bit; then transposed
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(tl.minimum(s - m_row[:, None], 0.0)) * inv_l[:, None]
+        p = tl.where(m_valid[:, None], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                 # (BLOCK_M, BLOCK_N), as in dQ
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=nd_mask)
@@ -436,6 +512,17 @@ def _lse_buffer(t, name, shape, device):
     return t
 
 
+def _check_no_alias(outputs, inputs):
+    """Outputs must not overlap inputs: the autotuner reruns the kernels on the
+    first call of a key, and a run that overwrote an input would feed the next
+    one wrong data (the check is by byte span, so it also refuses interleaved
+    views of one buffer). Outputs may share a buffer (the packed op's dq, dk, dv)."""
+    for name, t in outputs:
+        for other, u in inputs:
+            if overlaps(t, u):
+                raise ValueError(f"attention: {name} must not share memory with {other}")
+
+
 def attention_fwd(q, k, v, scale=None, o=None, lse=None, input_precision=None):
     """softmax(q k^T * scale) v for q, k, v of shape (B, H, L, D), any strides.
 
@@ -449,6 +536,7 @@ def attention_fwd(q, k, v, scale=None, o=None, lse=None, input_precision=None):
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     o = _new_or_check(o, "o", q.shape, q.dtype, q.device, like=q)
     lse = _lse_buffer(lse, "lse", (B, H, L), q.device)
+    _check_no_alias((("o", o), ("lse", lse)), (("q", q), ("k", k), ("v", v)))
     prec = _precision(q.dtype, input_precision)
 
     def grid(meta):
@@ -482,6 +570,9 @@ def attention_bwd(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, de
     dk = _new_or_check(dk, "dk", q.shape, q.dtype, q.device, like=k)
     dv = _new_or_check(dv, "dv", q.shape, q.dtype, q.device, like=v)
     delta = _lse_buffer(delta, "delta", (B, H, L), q.device)
+    _check_no_alias((("dq", dq), ("dk", dk), ("dv", dv), ("delta", delta)),
+                    (("do", do), ("q", q), ("k", k), ("v", v), ("o", o), ("lse", lse)))
+    rowmax, invsum = new_empty((2, B, H, L), torch.float32, q.device).unbind(0)  # row stats of the backward's P
     prec = _precision(q.dtype, input_precision)
     block_d = _block_d(D)
 
@@ -492,13 +583,13 @@ def attention_bwd(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, de
         return (triton.cdiv(L, meta["BLOCK_N"]) * B * H,)
 
     _attention_bwd_dq_kernel[grid_m](
-        q, k, v, o, do, lse, delta, dq,
+        q, k, v, o, do, lse, delta, rowmax, invsum, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         H, L, D, scale,
         BLOCK_D=block_d, DOT_PRECISION=prec,
     )
     _attention_bwd_dkdv_kernel[grid_n](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, delta, rowmax, invsum, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, L, D, scale,
         BLOCK_D=block_d, DOT_PRECISION=prec,

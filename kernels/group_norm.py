@@ -5,7 +5,12 @@ Layout: x is viewed as (N, C, S) with S = prod(spatial) and explicit strides
 channels_last (stride_c == 1) natively; any other layout whose spatial dims do
 not collapse into one stride is made contiguous once by the launcher.
 
-One program handles one (sample, group). A group is a (C/G, S) tile:
+One program handles one (sample, group). C_PER_G is a compile-time constant:
+in channels_last a group's channels are contiguous, and only a constant count
+(mask and alignment known to the compiler) lets them load as 16-byte vectors
+(as a run-time int they compiled to 2-byte scalar loads; tests/test_compile_sm90.py
+checks the PTX). Launchers refuse an `out` overlapping an input (the autotuner
+reruns the kernel on the first call of a key). A group is a (C/G, S) tile:
   * ONE_PASS: the whole group is held on chip; mean, then the centred variance
     from the registers (two-pass on chip, never E[x^2] - E[x]^2), then write.
   * looped: tiles of (BLOCK_C, BLOCK_S); the statistics are combined tile by
@@ -32,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.kernels import interpreting
+from fastddpm.kernels import interpreting, overlaps
 
 # Largest group tile (elements) kept on chip in one pass; above it the kernels loop.
 ONE_PASS_MAX = 16384
@@ -47,6 +52,32 @@ def _configs():
     if interpreting():
         return [triton.Config({}, num_warps=4)]
     return [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
+
+
+# One-pass tiles at least this large spill at 2-4 warps (sm_90 ptxas, bf16, 8-16K
+# elements: 1-17 KB of stack per thread); 8 and 16 warps never spill.
+_SPILL_TILE = 8192
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    """early_config_prune of both kernels: drop the warp counts that cannot win, so
+    the first call of a key benchmarks fewer configs. A one-pass tile of
+    _SPILL_TILE+ elements at 2-4 warps spills; more threads than tile elements
+    (warps with no element) only add reduction cost. Never empty."""
+    a = {**nargs, **kwargs}
+    tile = a["BLOCK_C"] * a["BLOCK_S"]
+    keep = [c for c in configs
+            if not (a["ONE_PASS"] and tile >= _SPILL_TILE and c.num_warps < 8) and 32 * c.num_warps <= max(tile, 64)]
+    return keep or [min(configs, key=lambda c: c.num_warps)]
+
+
+# What changes the compiled code (and so the best config) besides the dtypes,
+# which the autotuner adds itself: sizes, tiles, fusions, and the layout
+# (the spatial strides: 1 in NCHW, C in channels_last).
+_FWD_KEY = ["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_WEIGHT", "HAS_BIAS", "ACT_SILU", "HAS_ADD",
+            "DROPOUT", "WRITE_Y", "WRITE_AFFINE", "stride_xs", "stride_ys"]
+_BWD_KEY = ["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_WEIGHT", "HAS_BIAS", "WRITE_DB", "ACT_SILU",
+            "HAS_ADD", "DROPOUT", "stride_xs", "stride_dys", "stride_dxs"]
 
 
 @triton.jit
@@ -74,8 +105,8 @@ def _dropout_mask_kernel(Seed, Keep, S, p, BLOCK_S: tl.constexpr):
         tl.store(Keep + row.to(tl.int64) * S + offs, keep.to(tl.uint8), mask=offs < S)
 
 
-@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_ADD", "DROPOUT",
-                                         "WRITE_Y"])
+@triton.autotune(configs=_configs(), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+                 cache_results=True)
 @triton.jit
 def _group_norm_fwd_kernel(
     X,          # (N, C, S) input, any float dtype, strides (stride_xn, stride_xc, stride_xs)
@@ -94,7 +125,7 @@ def _group_norm_fwd_kernel(
     stride_yn,  # elements between samples of Y
     stride_yc,  # elements between channels of Y
     stride_ys,  # elements between spatial positions of Y
-    C_PER_G,    # channels per group
+    C_PER_G: tl.constexpr,  # channels per group: a constant, so channels_last loads vectorise
     S,          # spatial positions per channel
     G,          # number of groups
     numel,      # C_PER_G * S as a float (elements per group)
@@ -243,7 +274,8 @@ def _group_norm_bwd_tile(
     return xhat, dz, dxhat
 
 
-@triton.autotune(configs=_configs(), key=["C_PER_G", "S", "ONE_PASS", "BLOCK_C", "BLOCK_S", "HAS_ADD", "DROPOUT"])
+@triton.autotune(configs=_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+                 cache_results=True)
 @triton.jit
 def _group_norm_bwd_kernel(
     DY,         # (N, C, S) upstream gradient, strides (stride_dyn, stride_dyc, stride_dys)
@@ -268,7 +300,7 @@ def _group_norm_bwd_kernel(
     stride_dxc,  # elements between channels of DX
     stride_dxs,  # elements between spatial positions of DX
     C,          # channels (row length of DWp / DBp)
-    C_PER_G,    # channels per group
+    C_PER_G: tl.constexpr,  # channels per group: a constant, so channels_last loads vectorise
     S,          # spatial positions per channel
     G,          # number of groups
     numel,      # C_PER_G * S as a float (elements per group)
@@ -502,6 +534,10 @@ def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *,
     y = empty_output_like(x) if out is None else out
     if y.shape != x.shape or y.dtype != x.dtype or spatial_stride(y) is None:
         raise ValueError("group_norm_fwd: out must have x's shape and dtype and collapsible spatial dims")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add)):
+        if out is not None and t is not None and overlaps(out, t):
+            raise ValueError(f"group_norm_fwd: out must not share memory with {name} (no in-place: the "
+                             f"autotuner reruns the kernel on the first call)")
     mean, rstd = _launch_fwd(x, num_groups, weight, bias, eps, act, add, seed, p, y, None, max_tile)
     return y, mean, rstd
 

@@ -312,6 +312,18 @@ def test_autocast_casts_weight_not_normalised_x():
         assert_close_rel(fused - t["residual"], ref - t["residual"].double(), torch.bfloat16, backend)
 
 
+def test_kernel_out_aliasing_an_input_is_refused():
+    """out over x (an in-place conv) or over the residual: the autotuner reruns the
+    kernel on the first call of a key, each run reading what the last wrote."""
+    x = torch.randn(2, 8, 12, device=DEV)
+    w = torch.randn(8, 8, device=DEV)
+    with pytest.raises(ValueError, match="share memory with x"):
+        kconv.conv1x1_fwd(x, w, out=x)
+    r = torch.randn(2, 8, 12, device=DEV)
+    with pytest.raises(ValueError, match="share memory with residual"):
+        kconv.conv1x1_fwd(x, w, residual=r, out=r)
+
+
 def test_bad_input_errors():
     t = _inputs(2, 6, 4, (3, 3), "norm+residual")
     x, w, b, r = t["x"], t["weight"], t["bias"], t["residual"]

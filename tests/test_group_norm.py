@@ -289,6 +289,21 @@ def test_bad_input_raises_clear_errors():
         kgn.group_norm_bwd(y[:1], x, None, None, m, r, 3)
 
 
+def test_fwd_out_aliasing_an_input_is_refused():
+    """group_norm_fwd(out=x): on the GPU the autotuner runs the kernel once per
+    config on the first call of a key, each run reading the previous one's output
+    as x, so the first answer was wrong. Refused (any overlap, views too)."""
+    x = torch.randn(2, 6, 5, 5, device=DEV)
+    w = torch.randn(6, device=DEV)
+    with pytest.raises(ValueError, match="share memory with x"):
+        kgn.group_norm_fwd(x, 3, out=x)
+    with pytest.raises(ValueError, match="share memory with x"):
+        buf = torch.randn(3, 6, 5, 5, device=DEV)
+        kgn.group_norm_fwd(buf[1:], 3, out=buf[:2])
+    y, _, _ = kgn.group_norm_fwd(x, 3, w, out=torch.empty_like(x))    # a separate buffer is fine
+    assert_close_rel(y, reference.group_norm_ref(x.double(), 3, w.double()), torch.float32)
+
+
 _COMPILE_SCRIPT = """
 from fastddpm.kernels import compile_ptx, group_norm as k
 sig = dict(X="*bf16", Y="*bf16", W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32", eps="fp32", numel="fp32",

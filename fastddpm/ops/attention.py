@@ -58,6 +58,8 @@ def attention(q, k, v):
         raise ValueError(f"attention: q must be (B, heads, L, d), got shape {tuple(q.shape)}")
     check_same("k", k, "q", q)
     check_same("v", v, "q", q)
+    if q.shape[-1] < 1:  # the softmax scale is 1/sqrt(d)
+        raise ValueError(f"attention: head dimension d must be >= 1, got shape {tuple(q.shape)}")
     return _backend.pick("attention", q.device)(q, k, v)
 
 
