@@ -90,7 +90,9 @@ def test_dry_run_stages_files_and_rerun_line(tmp_path):
     stages = {rec["stage"]: rec["status"] for rec in recs if rec["type"] == "stage"}
     assert stages == {"setup": "ok", "model": "ok", "ablations": "timeout"}, stages
     model_tests = [rec for rec in recs if rec["type"] == "test" and rec["stage"] == "model"]
-    assert model_tests and all(rec["nodeid"].startswith("benchmarks/test_model.py") for rec in model_tests)
+    assert model_tests and all(rec["nodeid"].startswith(("benchmarks/test_model.py", "benchmarks/test_sampling.py"))
+                               for rec in model_tests)
+    assert any(rec["nodeid"].startswith("benchmarks/test_sampling.py") for rec in model_tests)  # the sampler loop
     assert not any("default" in rec["nodeid"] or "reduce-overhead" in rec["nodeid"] for rec in model_tests), \
         "torch.compile variants belong to the compile stage"
     summary = (out / "summary.txt").read_text()
