@@ -437,9 +437,6 @@ def load_folder(path) -> dict:
     cfg = unet_config_from_diffusers(_read_json(cfg_path), cfg_path)
     weights_path, raw = _read_weights(unet_dir)
     state = state_dict_from_diffusers(raw, cfg, weights_path)
-    if not clip:
-        warnings.warn(f"{path}: the scheduler has clip_sample=false; fastddpm.sample clips x0_hat unless "
-                      "given --no-clip", stacklevel=2)
     config = {"model": cfg.to_dict(), "source": {"format": source, "path": os.path.abspath(path)},
               "sampling": {"clip": clip}}
     if diffusion is not None:

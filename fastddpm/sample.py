@@ -145,12 +145,17 @@ def main(argv=None):
     except ValueError as e:
         _fail(str(e), code=2)
     _check_out(args.out)
+    # a diffusers scheduler with clip_sample=false was trained/sampled without clipping x0_hat
+    clip = not args.no_clip and (ckpt.get("config") or {}).get("sampling", {}).get("clip", True)
+    if not clip and not args.no_clip:
+        print("note: the checkpoint's scheduler has clip_sample=false: x0_hat is not clipped",
+              file=sys.stderr)
     model.to(device)
     cuda_graphs = device.type == "cuda" and not args.no_cuda_graphs and args.compile == "none"
     t0 = time.perf_counter()
     try:
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,
-                   seed=args.seed, device=device, precision=precision, clip=not args.no_clip,
+                   seed=args.seed, device=device, precision=precision, clip=clip,
                    progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
                    spacing=plan.spacing, cuda_graphs=cuda_graphs)
     except NonFiniteSamplesError as e:

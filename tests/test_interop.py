@@ -6,7 +6,6 @@ DDPMScheduler; what fastddpm cannot express is refused by name."""
 import json
 import math
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -460,11 +459,17 @@ def test_convert_cli_both_ways(tmp_path, capsys):
         assert err.startswith("error:") and msg in err and "\n" not in err, err
 
 
-def test_clip_sample_false_is_recorded_and_warned(tmp_path):
+def test_clip_sample_false_is_recorded_and_followed_by_the_sample_cli(tmp_path, monkeypatch, capsys):
     folder = _pipeline_folder(tmp_path, clip_sample=False)
-    with pytest.warns(UserWarning, match="clip_sample=false"):
-        ckpt = C.load(folder)
-    assert ckpt["config"]["sampling"] == {"clip": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert C.load(_pipeline_folder(tmp_path / "b"))["config"]["sampling"] == {"clip": True}
+    assert C.load(folder)["config"]["sampling"] == {"clip": False}
+    other = _pipeline_folder(tmp_path / "b")
+    assert C.load(other)["config"]["sampling"] == {"clip": True}
+    import fastddpm.sample as S
+    seen = []
+    real = S.sample
+    monkeypatch.setattr(S, "sample", lambda *a, **k: seen.append(k["clip"]) or real(*a, **k))
+    for src, extra in ((folder, []), (other, []), (other, ["--no-clip"])):
+        S.main(["--checkpoint", str(src), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
+                "--device", "cpu", "--no-progress"] + extra)
+    assert seen == [False, True, False]
+    assert "clip_sample=false" in capsys.readouterr().err
