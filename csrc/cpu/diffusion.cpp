@@ -1,6 +1,6 @@
 // CPU implementations of the diffusion ops: q_sample, simple_loss (L_simple
-// with its gradient) and p_sample_step (the ancestral update with given
-// noise). One pass over the data each; per-sample coefficients are gathered
+// with its gradient), p_sample_step (the ancestral update with given noise) and
+// sample_step (every sampler's update, with given, drawn or no noise). One pass over the data each; per-sample coefficients are gathered
 // from the float64-or-float32 tables on the host, arithmetic in float32
 // (double for double), outputs contiguous in the input dtype.
 #include <ATen/Dispatch.h>
@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <vector>
 
@@ -195,10 +196,160 @@ at::Tensor p_sample_step_cpu(const at::Tensor& x_t, const at::Tensor& t, const a
   return out;
 }
 
+namespace {
+
+// Philox-4x32-10 (Salmon et al. 2011), as reference.philox4x32_ref: the first
+// two output words of counter (c0, c1, c2, c3) under key (k0, k1).
+inline void philox_w01(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1, uint32_t& w0,
+                       uint32_t& w1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = static_cast<uint64_t>(c2) * 0xCD9E8D57u;
+    const uint64_t pa = static_cast<uint64_t>(c0) * 0xD2511F53u;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0, n1 = static_cast<uint32_t>(pb);
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1, n3 = static_cast<uint32_t>(pa);
+    c0 = n0, c1 = n1, c2 = n2, c3 = n3;
+    k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+  }
+  w0 = c0, w1 = c1;
+}
+
+// src[i0, i0 + n) of a float tensor of any kernel dtype as float32
+void load_float(const at::Tensor& t, int64_t i0, int64_t n, float* __restrict dst) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sample_step_load", [&] {
+    const scalar_t* __restrict s = t.const_data_ptr<scalar_t>() + i0;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+  });
+}
+
+template <typename scalar_t>
+void store(const float* __restrict src, int64_t n, scalar_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+}  // namespace
+
+// reference.sample_step_ref for float32 / float16 / bfloat16 x_t (eps and noise
+// of any of those dtypes): float32 math in chunks; each chunk's inputs are read
+// into float32 buffers, combined, and written out in x_t's dtype. With rng the
+// noise is drawn here: Philox-4x32-10 words as in reference.philox_normal_ref
+// (bit-exact), Box-Muller in float32 (logf / cosf: within an ulp or so of torch).
+std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const at::Tensor& eps,
+                                                   const at::Tensor& table, const at::Tensor& step,
+                                                   const c10::optional<at::Tensor>& x0_prev,
+                                                   const c10::optional<at::Tensor>& noise,
+                                                   const c10::optional<at::Tensor>& rng, bool clip, bool write_x0) {
+  const char* op = "sample_step";
+  const auto dt = x_t.scalar_type();
+  TORCH_CHECK(x_t.device().is_cpu(), op, ": x_t must be on the CPU, got ", x_t.device());
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x_t must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x_t.dim() >= 1, op, ": x_t needs a batch dimension");
+  auto check_in = [&](const char* name, const at::Tensor& y, bool same_dtype) {
+    TORCH_CHECK(y.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", y.device());
+    TORCH_CHECK(y.sizes() == x_t.sizes(), op, ": ", name, " shape ", y.sizes(), " must equal x_t's ", x_t.sizes());
+    const auto yt = y.scalar_type();
+    TORCH_CHECK(yt == at::kFloat || yt == at::kHalf || yt == at::kBFloat16, op, ": ", name,
+                " must be float32, float16 or bfloat16, got ", yt);
+    TORCH_CHECK(!same_dtype || yt == dt, op, ": ", name, " dtype ", yt, " must equal x_t's ", dt);
+  };
+  check_in("eps", eps, false);
+  if (x0_prev.has_value()) check_in("x0_prev", *x0_prev, true);
+  TORCH_CHECK(!(noise.has_value() && rng.has_value()), op, ": give noise or rng, not both");
+  if (noise.has_value()) check_in("noise", *noise, false);
+  TORCH_CHECK(table.device().is_cpu() && table.is_floating_point() && table.dim() == 2 && table.size(1) == 6 &&
+                  table.size(0) >= 1,
+              op, ": table must be a (S, 6) float CPU tensor, got ", table.sizes(), " ", table.scalar_type());
+  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kLong && step.numel() == 1, op,
+              ": step must be a one-element int64 CPU tensor");
+  const int64_t s = step.reshape({}).item<int64_t>();
+  TORCH_CHECK(s >= 0 && s < table.size(0), op, ": step ", s, " is outside [0, ", table.size(0) - 1, "]");
+  // the row rounded to float32 straight from the table's dtype, as the reference
+  const auto row = table.select(0, s).to(at::kFloat).contiguous();
+  const float* cf = row.const_data_ptr<float>();
+  const float a_x = cf[0], a_e = cf[1], c_x = cf[2], c_0 = cf[3], c_p = cf[4], sigma = cf[5];
+  const int64_t B = x_t.size(0), n = B == 0 ? 0 : x_t.numel() / B;
+  uint32_t k0 = 0, k1 = 0, o0 = 0, o1 = 0;
+  uint64_t first = 0;
+  if (rng.has_value()) {
+    TORCH_CHECK(rng->device().is_cpu() && rng->scalar_type() == at::kLong && rng->numel() == 3, op,
+                ": rng must be a (3,) int64 CPU tensor");
+    TORCH_CHECK(n < (int64_t(1) << 32), op, ": in-kernel noise needs fewer than 2^32 elements per sample, got ", n);
+    const auto rc = rng->contiguous();
+    const int64_t* r = rc.const_data_ptr<int64_t>();
+    const uint64_t key = static_cast<uint64_t>(r[0]), off = static_cast<uint64_t>(r[1]);
+    k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+    o0 = static_cast<uint32_t>(off), o1 = static_cast<uint32_t>(off >> 32);
+    first = static_cast<uint64_t>(r[2]);
+  }
+  const auto xc = x_t.contiguous(), ec = eps.contiguous();
+  const auto pc = x0_prev.has_value() ? x0_prev->contiguous() : at::Tensor();
+  const auto zc = noise.has_value() ? noise->contiguous() : at::Tensor();
+  auto out = at::empty(x_t.sizes(), x_t.options().memory_format(at::MemoryFormat::Contiguous));
+  auto x0_out = write_x0 ? at::empty_like(out) : at::empty({0}, x_t.options());
+  const bool has_prev = pc.defined(), has_z = zc.defined(), draw = rng.has_value();
+  constexpr int64_t kChunk = 2048;
+  const int64_t per = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sample_step_cpu", [&] {
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    scalar_t* x0p = write_x0 ? x0_out.data_ptr<scalar_t>() : nullptr;
+    // (sample, chunk) tasks: a batch of one still uses every thread
+    at::parallel_for(0, B * per, 1, [&](int64_t t0, int64_t t1) {
+      alignas(64) float xb[kChunk], eb[kChunk], x0b[kChunk], ob[kChunk], zb[kChunk];
+      for (int64_t k = t0; k < t1; ++k) {
+        const int64_t b = k / per, j0 = (k % per) * kChunk, len = std::min(n, j0 + kChunk) - j0;
+        const int64_t i0 = b * n + j0;
+        load_float(xc, i0, len, xb);
+        load_float(ec, i0, len, eb);
+        for (int64_t i = 0; i < len; ++i) {
+          // separate roundings, as the reference's tensor ops
+          const float ax = a_x * xb[i], ae = a_e * eb[i];
+          float v = ax - ae;
+          if (clip) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+          x0b[i] = v;
+          const float cx = c_x * xb[i], c0 = c_0 * v;
+          ob[i] = cx + c0;
+        }
+        if (has_prev) {
+          load_float(pc, i0, len, eb);
+          for (int64_t i = 0; i < len; ++i) {
+            const float cp = c_p * eb[i];
+            ob[i] = ob[i] + cp;
+          }
+        }
+        if (has_z || draw) {
+          if (has_z) {
+            load_float(zc, i0, len, zb);
+          } else {
+            const uint32_t c1 = static_cast<uint32_t>(first + static_cast<uint64_t>(b));
+            uint32_t* w0 = reinterpret_cast<uint32_t*>(zb);
+            uint32_t* w1 = reinterpret_cast<uint32_t*>(eb);
+            for (int64_t i = 0; i < len; ++i) philox_w01(static_cast<uint32_t>(j0 + i), c1, o0, o1, k0, k1, w0[i], w1[i]);
+            const float two_pi = static_cast<float>(2.0 * M_PI);
+            for (int64_t i = 0; i < len; ++i) {
+              const float u1 = (static_cast<float>(w0[i] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+              const float u2 = (static_cast<float>(w1[i] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+              const float m2l = -2.0f * std::log(u1);
+              zb[i] = std::sqrt(m2l) * std::cos(two_pi * u2);
+            }
+          }
+          for (int64_t i = 0; i < len; ++i) {
+            const float sz = sigma * zb[i];
+            ob[i] = ob[i] + sz;
+          }
+        }
+        store(ob, len, op_ + i0);
+        if (x0p) store(x0b, len, x0p + i0);
+      }
+    });
+  });
+  return {out, x0_out};
+}
+
 TORCH_LIBRARY_IMPL(fastddpm_cpp, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
   m.impl("simple_loss", &simple_loss_cpu);
   m.impl("p_sample_step", &p_sample_step_cpu);
+  m.impl("sample_step", &sample_step_cpu);
 }
 
 }  // namespace fastddpm
