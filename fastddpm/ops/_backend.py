@@ -37,6 +37,9 @@ _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference
 # fp32, medians of per-round ratios reference / C++, 1 thread (2-thread runs
 # were dominated by contention), two runs:
 #   p_sample_step (256, 3, 32, 32): 2.7-2.8x;  q_sample + L_simple fwd+bwd: 1.25-1.33x;
+#   sample_step (256, 3, 32, 32) (measured 2026-12-01 09:59 UTC, load average ~2.6, 1 thread;
+#   2 threads in brackets): Philox noise drawn in the op 16-23x (32-37x), given noise +
+#   x0_prev 2.9x (1.9x), no noise (DDIM) 3.3x (1.7x);
 #   GroupNorm+add+SiLU+dropout fwd+bwd (8, 128, 32, 32) vs the unfused reference: 3.5-3.7x;
 #   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.0-1.2x, channels_last 0.86-0.94x
 #   (2 threads 1.05-1.37x, and torch's channels_last result is wrong at mean 3000);
@@ -47,6 +50,7 @@ CPU_AUTO_CPP = {
     "simple_loss": None,
     "p_sample_step": None,
     "p_sample_step_seeded": None,
+    "sample_step": None,
     # channels_last, or the fused ResBlock dropout: C++; plain NCHW: the reference
     "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or (
         x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)),
