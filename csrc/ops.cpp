@@ -30,4 +30,8 @@ TORCH_LIBRARY(fastddpm_cpp, m) {
   // One ancestral step with the given noise: see fastddpm.reference.p_sample_step_ref.
   m.def("p_sample_step(Tensor x_t, Tensor t, Tensor eps, Tensor sqrt_recip_abar, Tensor sqrt_recipm1_abar, "
         "Tensor coef1, Tensor coef2, Tensor log_var, Tensor noise, bool clip) -> Tensor");
+  // One step of any sampler: see fastddpm.reference.sample_step_ref. Returns
+  // (x_next, x0_hat if write_x0 else an empty (0,) tensor), contiguous in x_t's dtype.
+  m.def("sample_step(Tensor x_t, Tensor eps, Tensor table, Tensor step, Tensor? x0_prev, Tensor? noise, "
+        "Tensor? rng, bool clip, bool write_x0) -> (Tensor, Tensor)");
 }

@@ -234,6 +234,104 @@ def test_seeded_step_uses_reference_noise():
     assert rel_err(outs[1], outs[0]) < 1e-6
 
 
+def _step_case(dtype, eps_dtype, noise_mode, prev, B=3, shape=(3, 5, 7)):
+    x = torch.randn(B, *shape).to(dtype)
+    eps = torch.randn(B, *shape).to(eps_dtype)
+    x0_prev = (torch.randn(B, *shape) * 0.7).to(dtype) if prev else None
+    table = torch.rand(4, 6, dtype=torch.float64) * 1.5 - 0.25
+    kw = {}
+    if noise_mode == "noise":
+        kw["noise"] = torch.randn(B, *shape).to(eps_dtype)
+    elif noise_mode == "rng":
+        kw["rng"] = torch.tensor([(1 << 62) + 12345, (1 << 33) + 9, 6])
+    return x, eps, table, torch.tensor([2]), x0_prev, kw
+
+
+@pytest.mark.parametrize("noise_mode", ("noise", "rng", "none"))
+@pytest.mark.parametrize("dtype,eps_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
+                         ids=str)
+def test_sample_step_matches_float64(poisoned, dtype, eps_dtype, noise_mode):
+    fresh_seed()
+    for prev, clip in ((False, True), (True, False), (True, True)):
+        x, eps, table, step, x0_prev, kw = _step_case(dtype, eps_dtype, noise_mode, prev)
+        with ops.use_backend("cpp"):
+            out, x0 = ops.sample_step(x, eps, table, step, x0_prev, clip=clip, return_x0=True, **kw)
+        ref_kw = {k: v.double() if k == "noise" else v for k, v in kw.items()}
+        ref, ref_x0 = reference.sample_step_ref(x.double(), eps.double(), table, step,
+                                                None if x0_prev is None else x0_prev.double(), clip=clip, **ref_kw)
+        assert out.dtype == dtype and x0.dtype == dtype and out.shape == x.shape
+        tol = 2e-6 if dtype == torch.float32 else REL_TOL[dtype]
+        assert_close_rel(out, ref, dtype, f"x_next prev={prev} clip={clip}", tol)
+        assert_close_rel(x0, ref_x0, dtype, f"x0_hat prev={prev} clip={clip}", tol)
+        with ops.use_backend("cpp"):
+            out2, none = ops.sample_step(x, eps, table, step, x0_prev, clip=clip, **kw)
+        assert none is None and torch.equal(out2, out)
+
+
+def test_sample_step_noise_is_the_reference_philox_stream():
+    # sigma = 1, everything else 0: x_next is the drawn noise itself
+    table = torch.zeros(3, 6, dtype=torch.float64)
+    table[1, 5] = 1.0
+    x = torch.randn(4, 3, 9, 11)
+    for rng in (torch.tensor([7, 0, 0]), torch.tensor([-(1 << 40) - 3, (1 << 35) + 2, 2**32 - 2])):
+        with ops.use_backend("cpp"):
+            z, _ = ops.sample_step(x, x, table, torch.tensor([1]), rng=rng)
+        z_ref = reference.philox_normal_ref(rng, x.shape)
+        assert (z - z_ref).abs().max().item() < 1e-5
+        assert rel_err(z, z_ref) < 1e-6
+    # image b's noise depends on first_sample + b only, not on the batch it is drawn in
+    with ops.use_backend("cpp"):
+        part, _ = ops.sample_step(x[2:], x[2:], table, torch.tensor([1]), rng=torch.tensor([7, 0, 2]))
+        whole, _ = ops.sample_step(x, x, table, torch.tensor([1]), rng=torch.tensor([7, 0, 0]))
+    assert torch.equal(part, whole[2:])
+
+
+def test_sample_step_falls_back_where_the_kernel_cannot():
+    x, eps, table, step, _, kw = _step_case(torch.float64, torch.float64, "noise", False)
+    with ops.use_backend("cpp"):
+        out, _ = ops.sample_step(x, eps, table, step, **kw)
+        empty, _ = ops.sample_step(x[:0], eps[:0], table, step, noise=kw["noise"][:0])
+    assert out.dtype == torch.float64 and empty.shape == (0, 3, 5, 7)
+    assert rel_err(out, reference.sample_step_ref(x, eps, table, step, None, kw["noise"])[0]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_sample_step(dtype):
+    fresh_seed()
+    for mode, prev in (("noise", True), ("rng", False), ("none", True)):
+        x, eps, table, step, x0_prev, kw = _step_case(dtype, torch.float32, mode, prev)
+        for write_x0 in (True, False):
+            torch.library.opcheck(CPP.sample_step, (x, eps, table, step, x0_prev, kw.get("noise"), kw.get("rng"),
+                                                    True, write_x0))
+
+
+def test_sample_step_bad_input_clear_errors():
+    x = torch.randn(2, 3, 4)
+    tab, step = torch.rand(5, 6), torch.tensor([1])
+    with pytest.raises(RuntimeError, match=r"step 5 is outside \[0, 4\]"):
+        CPP.sample_step(x, x, tab, torch.tensor([5]), None, None, None, True, False)
+    with pytest.raises(RuntimeError, match=r"table must be a \(S, 6\)"):
+        CPP.sample_step(x, x, torch.rand(5, 5), step, None, None, None, True, False)
+    with pytest.raises(RuntimeError, match="eps shape"):
+        CPP.sample_step(x, x[:1], tab, step, None, None, None, True, False)
+    with pytest.raises(RuntimeError, match="x0_prev dtype"):
+        CPP.sample_step(x, x, tab, step, x.half(), None, None, True, False)
+    with pytest.raises(RuntimeError, match="give noise or rng, not both"):
+        CPP.sample_step(x, x, tab, step, None, x, torch.tensor([1, 2, 3]), True, False)
+    with pytest.raises(RuntimeError, match=r"rng must be a \(3,\) int64"):
+        CPP.sample_step(x, x, tab, step, None, None, torch.tensor([1, 2]), True, False)
+    with pytest.raises(RuntimeError, match="x_t must be float32, float16 or bfloat16"):
+        CPP.sample_step(x.double(), x, tab, step, None, None, None, True, False)
+    # the public boundary answers first, with ValueError/TypeError
+    with ops.use_backend("cpp"):
+        with pytest.raises(ValueError, match=r"step must lie in \[0, 4\]"):
+            ops.sample_step(x, x, tab, torch.tensor([5]))
+        with pytest.raises(ValueError, match="give noise or rng, not both"):
+            ops.sample_step(x, x, tab, step, noise=x, rng=torch.tensor([1, 2, 3]))
+
+
 def test_auto_picks_cpp_only_for_the_measured_ops():
     x = torch.randn(2, 4, 3, 3)
     for op, impls in _backend._impls.items():

@@ -37,16 +37,24 @@ _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference
 # fp32, medians of per-round ratios reference / C++, 1 thread (2-thread runs
 # were dominated by contention), two runs:
 #   p_sample_step (256, 3, 32, 32): 2.7-2.8x;  q_sample + L_simple fwd+bwd: 1.25-1.33x;
+#   sample_step (256, 3, 32, 32) (measured 2026-12-01 09:59 UTC, load average ~2.6, 1 thread;
+#   2 threads in brackets): Philox noise drawn in the op 16-23x (32-37x), given noise +
+#   x0_prev 2.9x (1.9x), no noise (DDIM) 3.3x (1.7x);
 #   GroupNorm+add+SiLU+dropout fwd+bwd (8, 128, 32, 32) vs the unfused reference: 3.5-3.7x;
-#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.0-1.2x, channels_last 0.86-0.94x
-#   (2 threads 1.05-1.37x, and torch's channels_last result is wrong at mean 3000);
-#   NCHW GroupNorm at the tiny UNet's sizes (C 16-64, HW 16-256): slower (the
-#   whole tiny train step 0.93x on "cpp", 0.97-0.99x on "auto").
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32), after the one-pass backwards (remeasured
+#   2026-12-01 10:05-10:15 UTC, load average 0.2-1.8, 1 thread, five runs): NCHW
+#   1.02-1.47x (median of runs 1.10x), channels_last 1.61-1.96x (was 0.86-0.94x);
+#   2 threads: NCHW 1.02-1.25x, channels_last 2.7-3.5x (torch's channels_last
+#   result is also wrong at mean 3000); add+SiLU+dropout vs unfused: 3.9-4.3x.
+#   NCHW GroupNorm at the tiny UNet's sizes is still slower, ~0.1-0.2 ms fixed cost
+#   per fwd+bwd ((32, 16, 16, 16) 0.87x, (32, 32, 8, 8) 0.66x, (32, 64, 4, 4) 0.49x),
+#   so plain NCHW stays on the reference (tiny train step 0.96x on "cpp" and "auto").
 CPU_AUTO_CPP = {
     "q_sample": None,
     "simple_loss": None,
     "p_sample_step": None,
     "p_sample_step_seeded": None,
+    "sample_step": None,
     # channels_last, or the fused ResBlock dropout: C++; plain NCHW: the reference
     "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or (
         x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)),

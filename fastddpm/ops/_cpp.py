@@ -4,9 +4,10 @@ wrappers that fastddpm.ops runs for backend "cpp".
 
 Ops: group_norm (+ add, SiLU, dropout; forward and backward), q_sample
 (autograd), simple_loss (its gradient comes out of the forward pass) and the
-ancestral p_sample_step with given noise (no autograd: sampling). Input the
-kernels do not take (float64 GroupNorm, empty tensors, gradients through the
-sampler step) runs the reference. Everything here is checked by the public
+ancestral p_sample_step with given noise and every sampler's sample_step (no
+autograd: sampling). Input the kernels do not take (float64 GroupNorm or
+sampler step, empty tensors, gradients through a sampler step) runs the
+reference. Everything here is checked by the public
 ops first (fastddpm.ops.*); the C++ side checks again with TORCH_CHECK.
 
 Dropout: the kernels draw their own mask from a counter-based hash of a seed
@@ -129,6 +130,12 @@ def _register():
         torch._check(eps.shape == x_t.shape, lambda: "p_sample_step: eps and x_t shapes differ")
         return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
 
+    @torch.library.register_fake(lib + "sample_step")
+    def _sample_step_fake(x_t, eps, table, step, x0_prev, noise, rng, clip, write_x0):
+        torch._check(eps.shape == x_t.shape, lambda: "sample_step: eps and x_t shapes differ")
+        return (torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device),
+                torch.empty(x_t.shape if write_x0 else (0,), dtype=x_t.dtype, device=x_t.device))
+
 
 # ----------------------------------------------------------------------------- backend "cpp"
 
@@ -194,8 +201,21 @@ def p_sample_step_seeded(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1,
     return p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var, z, clip)
 
 
+def sample_step(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
+    """Every sampler's update in one pass; the rng noise is drawn in C++ (the
+    reference's Philox words exactly, Box-Muller to float32 rounding)."""
+    given = [v for v in (x0_prev, noise) if v is not None]
+    if x_t.dtype not in _DTYPES or eps.dtype not in _DTYPES or any(v.dtype not in _DTYPES for v in given) \
+            or x_t.numel() == 0 or _needs_grad(x_t, eps, *given):
+        return reference.sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip)
+    x_next, x0 = torch.ops.fastddpm_cpp.sample_step(x_t, eps, table, step, x0_prev, noise, rng, bool(clip),
+                                                    bool(return_x0))
+    return x_next, (x0 if return_x0 else None)
+
+
 if has_extension():
     _register()
     for _op, _fn in (("group_norm", group_norm), ("q_sample", q_sample), ("simple_loss", simple_loss),
-                     ("p_sample_step", p_sample_step), ("p_sample_step_seeded", p_sample_step_seeded)):
+                     ("p_sample_step", p_sample_step), ("p_sample_step_seeded", p_sample_step_seeded),
+                     ("sample_step", sample_step)):
         _backend.register(_op, "cpp", _fn)
