@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -75,11 +76,29 @@ def save_stats(path, stats):
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EvaluateError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_out(path):
+    """Fail before the long pass, not after it, if `path` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise EvaluateError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
 def is_stats_file(path):
@@ -584,6 +603,7 @@ def _run(args):
     # open (and so check) every input before the weights and the long pass
     if args.command == "stats":
         images = open_images(args.data, args.image_size)
+        _check_out(args.out)
     else:
         images = open_images(args.samples)
     ref = None

@@ -196,6 +196,21 @@ def test_is_through_the_network_with_a_classifier(tmp_path):
     assert 1.0 <= mean < 2.0
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_cli_stats_unwritable_out_fails_before_the_pass(tmp_path, capsys, monkeypatch, where):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(2, 8, 0))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / "afile" / "st.npz" if where == "under_a_file" else tmp_path / "adir"
+
+    def no_pass(*a, **k):
+        raise AssertionError("the Inception pass ran before --out was checked")
+    monkeypatch.setattr(inc, "load_inception", no_pass)
+    assert ev.main(["stats", str(tmp_path / "ref.npz"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm.evaluate: error: --out") and err.count("\n") == 1 and str(out) in err
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
