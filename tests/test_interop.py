@@ -452,12 +452,14 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     capsys.readouterr()
     for argv, msg in [([str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
                       ([str(folder), str(tmp_path / "m.pt")], "already exists"),
-                      ([str(tmp_path / "m.pt"), str(tmp_path / "back")], "already exists")]:
+                      ([str(tmp_path / "m.pt"), str(tmp_path / "back")], "already exists"),
+                      ([str(tmp_path / "m.pt"), str(tmp_path / "copy.pt")], "diffusers pipeline folder")]:
         with pytest.raises(SystemExit) as e:
             convert_main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err, err
+    assert not (tmp_path / "copy.pt").exists()  # not a pipeline folder named like a file
 
 
 def test_clip_sample_false_is_recorded_and_warned(tmp_path):
