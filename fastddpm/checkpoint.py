@@ -55,6 +55,13 @@ def _os_error(e):
     return None
 
 
+def file_mode():
+    """The permissions open() gives a new file (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj, path) -> None:
     """torch.save(obj, path) so that `path` is always either the old or the new file.
     A failed write (disk full, read-only folder) is a CheckpointError naming the
@@ -65,6 +72,7 @@ def atomic_save(obj, path) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        os.chmod(tmp, file_mode())  # mkstemp makes it 0600; a checkpoint is as shared as its folder
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

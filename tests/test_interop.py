@@ -6,6 +6,7 @@ DDPMScheduler; what fastddpm cannot express is refused by name."""
 import json
 import math
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -460,6 +461,21 @@ def test_convert_cli_both_ways(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err, err
     assert not (tmp_path / "copy.pt").exists()  # not a pipeline folder named like a file
+
+
+def test_converted_files_get_the_umask_permissions(tmp_path):
+    """Both outputs are readable as any file the user writes (mkstemp and safetensors make 0600)."""
+    from fastddpm.convert import main as convert_main
+    folder = _pipeline_folder(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert convert_main([str(folder), str(tmp_path / "m.pt")]) == 0
+        assert convert_main([str(tmp_path / "m.pt"), str(tmp_path / "back")]) == 0
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m.pt", tmp_path / "back" / "unet" / "diffusion_pytorch_model.safetensors",
+                 tmp_path / "back" / "unet" / "config.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
 
 
 def test_clip_sample_false_is_recorded_and_warned(tmp_path):
