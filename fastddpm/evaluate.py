@@ -594,8 +594,9 @@ def _run(args):
                 device=device, clip=not args.no_clip, progress=progress)
         out = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
         out.update(checkpoint=args.checkpoint, step=ckpt.get("step"), data=ds.source)
+        step = "" if out["step"] is None else f", step {out['step']}"  # diffusers folders have none
         text = (f"NLL {out['total_mean']:.4f} +- {out['total_stderr']:.4f} bits/dim over {out['n']} images "
-                f"(T={out['T']}, step {out['step']}): prior {out['prior_mean']:.5f}, decoder L0 "
+                f"(T={out['T']}{step}): prior {out['prior_mean']:.5f}, decoder L0 "
                 f"{out['decoder_mean']:.4f}, sum of KL terms {out['kl_mean']:.4f}")
         return out, text
     if args.batch_size < 1:

@@ -157,8 +157,10 @@ def main(argv=None):
         _fail(f"{e} (no images written)")
     elapsed = time.perf_counter() - t0
     npz, png = _write(args.out, to_uint8(x))
-    weights = "raw" if args.no_ema or ckpt.get("ema") is None else "EMA"
-    print(f"{args.n} samples ({weights} weights, step {ckpt.get('step')}, {plan.describe()}, {precision}, "
+    # a file without an EMA copy (diffusers folders, converted ones) has one set of weights
+    weights = "the file's only weights" if ckpt.get("ema") is None else "raw weights" if args.no_ema else "EMA weights"
+    step = "" if ckpt.get("step") is None else f", step {ckpt['step']}"
+    print(f"{args.n} samples ({weights}{step}, {plan.describe()}, {precision}, "
           f"{device}{', CUDA graphs' if cuda_graphs else ''}) in {elapsed:.1f}s -> {png}, {npz}",
           file=sys.stderr)
 

@@ -429,13 +429,17 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
         C.load(folder)
 
 
-def test_sample_cli_samples_a_diffusers_pipeline_folder(tmp_path):
+def test_sample_cli_samples_a_diffusers_pipeline_folder(tmp_path, capsys):
     from fastddpm.sample import main as sample_main
     folder = _pipeline_folder(tmp_path)
     sample_main(["--checkpoint", str(folder), "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "s"),
                  "--device", "cpu", "--no-progress"])
     images = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+    # a diffusers folder has one set of weights (the paper's EMA ones, for google/ddpm-cifar10-32)
+    # and no step: the summary says neither "raw weights" nor "step None"
+    err = capsys.readouterr().err
+    assert "2 samples (" in err and "None" not in err and "raw" not in err, err
 
 
 def test_convert_cli_both_ways(tmp_path, capsys):
