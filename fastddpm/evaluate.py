@@ -444,7 +444,8 @@ def log_training_fid(trainer, bar=None, metrics=None):
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
     if bar is not None:
-        bar.set_postfix_str(f"{bar.postfix + ', ' if bar.postfix else ''}fid={r['fid']:.2f}", refresh=False)
+        postfix = getattr(bar, "postfix", None)  # a disabled bar (--no-progress) has none
+        bar.set_postfix_str(f"{postfix + ', ' if postfix else ''}fid={r['fid']:.2f}", refresh=False)
         bar.write(f"step {trainer.step}: FID {r['fid']:.3f} ({r['n']} EMA samples, {r['seconds']:.0f} s)")
     return rec
 

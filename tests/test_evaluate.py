@@ -289,6 +289,24 @@ def test_training_refuses_fid_without_a_reference(tmp_path, capsys):
     assert rc == 2 and "--fid-ref" in capsys.readouterr().err
 
 
+def test_training_fid_mid_run_with_no_progress(tmp_path, monkeypatch, capsys):
+    """--fid-every with --no-progress: the FID of step 1 is logged and training goes on
+    (a disabled tqdm bar has no postfix: the run died there with an AttributeError)."""
+    from fastddpm.train import main as train_main
+
+    a = _feats(20, 2048, 12)
+    ev.save_stats(tmp_path / "ref.npz", ev.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
+    monkeypatch.setattr(ev, "score_model", lambda *a, **k: {"fid": 12.5, "n": 2, "seconds": 0.0})
+    out = tmp_path / "r"
+    rc = train_main(["--preset", "tiny", "--image-size", "8", "--ch-mult", "1", "--attn-resolutions", "",
+                     "--T", "4", "--steps", "2", "--batch-size", "2", "--sample-n", "0", "--workers", "0",
+                     "--no-progress", "--out", str(out), "--fid-every", "1", "--fid-n", "2",
+                     "--fid-ref", str(tmp_path / "ref.npz")])
+    assert rc == 0
+    fids = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
+    assert [f["step"] for f in fids] == [1, 2] and fids[0]["fid"] == 12.5
+
+
 @needs_helper
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
