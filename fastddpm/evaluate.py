@@ -560,7 +560,8 @@ def build_parser():
     s = sub.add_parser("nll", help="negative log-likelihood bound (full VLB, bits/dim) of a checkpoint on DATA",
                        description="The full VLB in bits/dim of each image: prior KL(q(x_T|x0) || N(0,I)) + "
                        "decoder -log p(x0|x1) + the T-1 KL terms; costs T network evaluations per image.")
-    s.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (newest ckpt-*.pt)")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint file, a run folder (newest ckpt-*.pt) or a "
+                   "diffusers UNet2DModel / DDPMPipeline folder")
     s.add_argument("--data", required=True, help="the test images: CIFAR-10 python folder (its training "
                    "batches), image folder or .npz of uint8 NHWC (e.g. the CIFAR-10 test set), resized to the "
                    "model's size as in training")

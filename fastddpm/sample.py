@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastddpm.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint file, or a training run folder (its newest ckpt-*.pt is used)")
+                   help="a checkpoint file, a training run folder (its newest ckpt-*.pt is used), or a "
+                   "diffusers UNet2DModel / DDPMPipeline folder (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder (created if missing; checked before sampling)")
     p.add_argument("--batch-size", type=int, default=256,

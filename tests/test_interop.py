@@ -429,6 +429,17 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
         C.load(folder)
 
 
+def test_cli_help_says_checkpoint_takes_diffusers_folders(capsys):
+    from fastddpm.evaluate import build_parser
+    from fastddpm.sample import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nll", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("diffusers UNet2DModel / DDPMPipeline folder") == 2
+
+
 def test_sample_cli_samples_a_diffusers_pipeline_folder(tmp_path, capsys):
     from fastddpm.sample import main as sample_main
     folder = _pipeline_folder(tmp_path)
