@@ -141,6 +141,9 @@ def main(argv=None):
         model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
     except checkpoint.CheckpointError as e:
         _fail(str(e), code=2)
+    T = diffusion.num_timesteps
+    if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
+        _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:
         plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing)
     except ValueError as e:

@@ -447,7 +447,7 @@ def _cli_error(tmp_path, capsys, *args, code=2):
 
 
 @pytest.mark.parametrize("args,match", [(["--sampler", "euler"], "invalid choice"), (["--steps", "0"], "--steps"),
-                                        (["--steps", "11"], "steps"), (["--sampler", "ddim", "--eta", "2"], "--eta"),
+                                        (["--steps", "11"], "--steps"), (["--sampler", "ddim", "--eta", "2"], "--eta"),
                                         (["--eta", "0.5"], "ddim only"), (["--seed", "-1"], "--seed"),
                                         (["--seed", str(2**64)], "--seed"), (["--device", "foo"], "not a device"),
                                         (["--device", "mps"], "cpu or cuda"), (["--device", "meta"], "cpu or cuda")])
