@@ -137,8 +137,20 @@ def safe_torch_load(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is unreadable (not a checkpoint, truncated or corrupt?): "
                               "its pickle stream is not plain data") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as e:
+        if _foreign_zip(path):  # torch's own words: "[enforce fail at inline_container.cc:180] ..."
+            raise CheckpointError(f"checkpoint {path} is unreadable: a zip archive, but not one torch.save "
+                                  "wrote (no data.pkl; an .npz of images?)") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
+
+
+def _foreign_zip(path):
+    """Whether `path` is a readable zip archive without torch.save's <name>/data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return not any(n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _is_state_dict(d):
