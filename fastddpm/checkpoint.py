@@ -55,6 +55,13 @@ def _os_error(e):
     return None
 
 
+def file_mode():
+    """The permissions open() gives a new file (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj, path) -> None:
     """torch.save(obj, path) so that `path` is always either the old or the new file.
     A failed write (disk full, read-only folder) is a CheckpointError naming the
@@ -65,6 +72,7 @@ def atomic_save(obj, path) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        os.chmod(tmp, file_mode())  # mkstemp makes it 0600; a checkpoint is as shared as its folder
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -129,8 +137,20 @@ def safe_torch_load(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is unreadable (not a checkpoint, truncated or corrupt?): "
                               "its pickle stream is not plain data") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as e:
+        if _foreign_zip(path):  # torch's own words: "[enforce fail at inline_container.cc:180] ..."
+            raise CheckpointError(f"checkpoint {path} is unreadable: a zip archive, but not one torch.save "
+                                  "wrote (no data.pkl; an .npz of images?)") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
+
+
+def _foreign_zip(path):
+    """Whether `path` is a readable zip archive without torch.save's <name>/data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return not any(n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _is_state_dict(d):

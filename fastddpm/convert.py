@@ -12,6 +12,8 @@ import sys
 
 from fastddpm import checkpoint, interop
 
+FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastddpm.convert", description=__doc__,
@@ -33,6 +35,13 @@ def convert(src, dst, use_ema=True):
         checkpoint.build_model(ckpt, path=src_path)  # the weights fit and are finite
         checkpoint.atomic_save(ckpt, dst)
         return f"{src_path} (diffusers) -> {dst} (fastddpm checkpoint)"
+    if os.path.splitext(os.fspath(dst))[1].lower() in FILE_SUFFIXES:
+        # a fastddpm checkpoint converts to a diffusers folder only: a folder named
+        # like a weights file is not what was asked for
+        raise checkpoint.CheckpointError(
+            f"{dst}: a fastddpm checkpoint converts to a diffusers pipeline folder, not to a "
+            f"'{os.path.splitext(dst)[1]}' file ({src_path} is already a fastddpm checkpoint); "
+            "name the folder without a file extension")
     interop.export_pipeline(ckpt, dst, use_ema=use_ema, where=src_path)
     weights = "EMA" if use_ema and ckpt.get("ema") is not None else "raw"
     return f"{src_path} (fastddpm, step {ckpt.get('step')}, {weights} weights) -> {dst} (diffusers DDPMPipeline)"

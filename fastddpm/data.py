@@ -33,6 +33,7 @@ epochs (the tail of each epoch that does not fill a batch is dropped). Rank r
 of W takes the r-th slice of B/W of that global batch. So the order depends on
 the step alone: resuming means restarting at a step, with any number of ranks.
 """
+import codecs
 import hashlib
 import os
 import pickle
@@ -89,6 +90,33 @@ def load_npz(path):
     return _check_images(arr, f"{path} (array '{key}')")
 
 
+# What a CIFAR-10 "python version" batch may reference: numpy array and dtype
+# reconstruction (numpy 1.x and 2.x module names; _frombuffer is pickle protocol 5's
+# path) and _codecs.encode (how Python 3's protocol 2 spells bytes). Dicts, lists,
+# ints and strings need no lookup. Anything else could run code.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
 def load_cifar10(folder):
     """The 50,000 CIFAR-10 training images from the "python version" pickles."""
     parts = []
@@ -98,8 +126,11 @@ def load_cifar10(folder):
             raise DataError(f"{path}: missing (a CIFAR-10 folder needs data_batch_1 .. data_batch_5)")
         try:
             with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+                d = _CifarUnpickler(f, encoding="bytes").load()
             data = d[b"data"] if b"data" in d else d["data"]
+        except _RefusedGlobal as e:
+            raise DataError(f"{path}: refused: the pickle references {e}, which a CIFAR-10 batch never "
+                            "holds (only numpy arrays, lists and dicts), and loading it could run code") from None
         except Exception as e:
             raise DataError(f"{path}: not a readable CIFAR-10 batch pickle: {type(e).__name__}: {e}") from e
         data = np.asarray(data)

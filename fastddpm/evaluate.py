@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -75,11 +76,29 @@ def save_stats(path, stats):
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EvaluateError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_out(path):
+    """Fail before the long pass, not after it, if `path` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise EvaluateError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
 def is_stats_file(path):
@@ -425,7 +444,8 @@ def log_training_fid(trainer, bar=None, metrics=None):
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
     if bar is not None:
-        bar.set_postfix_str(f"{bar.postfix + ', ' if bar.postfix else ''}fid={r['fid']:.2f}", refresh=False)
+        postfix = getattr(bar, "postfix", None)  # a disabled bar (--no-progress) has none
+        bar.set_postfix_str(f"{postfix + ', ' if postfix else ''}fid={r['fid']:.2f}", refresh=False)
         bar.write(f"step {trainer.step}: FID {r['fid']:.3f} ({r['n']} EMA samples, {r['seconds']:.0f} s)")
     return rec
 
@@ -540,7 +560,8 @@ def build_parser():
     s = sub.add_parser("nll", help="negative log-likelihood bound (full VLB, bits/dim) of a checkpoint on DATA",
                        description="The full VLB in bits/dim of each image: prior KL(q(x_T|x0) || N(0,I)) + "
                        "decoder -log p(x0|x1) + the T-1 KL terms; costs T network evaluations per image.")
-    s.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (newest ckpt-*.pt)")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint file, a run folder (newest ckpt-*.pt) or a "
+                   "diffusers UNet2DModel / DDPMPipeline folder")
     s.add_argument("--data", required=True, help="the test images: CIFAR-10 python folder (its training "
                    "batches), image folder or .npz of uint8 NHWC (e.g. the CIFAR-10 test set), resized to the "
                    "model's size as in training")
@@ -575,8 +596,9 @@ def _run(args):
                 device=device, clip=not args.no_clip, progress=progress)
         out = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
         out.update(checkpoint=args.checkpoint, step=ckpt.get("step"), data=ds.source)
+        step = "" if out["step"] is None else f", step {out['step']}"  # diffusers folders have none
         text = (f"NLL {out['total_mean']:.4f} +- {out['total_stderr']:.4f} bits/dim over {out['n']} images "
-                f"(T={out['T']}, step {out['step']}): prior {out['prior_mean']:.5f}, decoder L0 "
+                f"(T={out['T']}{step}): prior {out['prior_mean']:.5f}, decoder L0 "
                 f"{out['decoder_mean']:.4f}, sum of KL terms {out['kl_mean']:.4f}")
         return out, text
     if args.batch_size < 1:
@@ -584,6 +606,7 @@ def _run(args):
     # open (and so check) every input before the weights and the long pass
     if args.command == "stats":
         images = open_images(args.data, args.image_size)
+        _check_out(args.out)
     else:
         images = open_images(args.samples)
     ref = None

@@ -34,6 +34,7 @@ kept (their code never runs); state dicts with torch.load(weights_only=True).
 import contextlib
 import importlib.util
 import os
+import pickle
 import zipfile
 
 import numpy as np
@@ -429,6 +430,11 @@ def read_state(path):
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # not torch's message, which suggests weights_only=False, i.e. running the file's code
+            raise WeightsError(f"{path}: neither a TorchScript archive nor a state dict of tensors (its pickle "
+                               "holds other Python objects, or is not a pickle: refused, since loading it "
+                               "could run code)") from None
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else ""
             raise WeightsError(f"{path}: neither a TorchScript archive nor a state dict readable with "

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from fastddpm.checkpoint import FORMAT, VERSION, CheckpointError, safe_torch_load
+from fastddpm.checkpoint import FORMAT, VERSION, CheckpointError, file_mode, safe_torch_load
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_VERSION = "0.42.1"  # the version the mapping was checked against
@@ -479,6 +479,7 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
                 json.dump(obj, f, indent=2)
                 f.write("\n")
         save_file(weights, os.path.join(tmp, "unet", WEIGHT_FILES[0]), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, "unet", WEIGHT_FILES[0]), file_mode())  # safetensors makes it 0600
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the folder is meant to be shared

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastddpm.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint file, or a training run folder (its newest ckpt-*.pt is used)")
+                   help="a checkpoint file, a training run folder (its newest ckpt-*.pt is used), or a "
+                   "diffusers UNet2DModel / DDPMPipeline folder (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output folder (created if missing; checked before sampling)")
     p.add_argument("--batch-size", type=int, default=256,
@@ -140,6 +141,9 @@ def main(argv=None):
         model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
     except checkpoint.CheckpointError as e:
         _fail(str(e), code=2)
+    T = diffusion.num_timesteps
+    if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
+        _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:
         plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing)
     except ValueError as e:
@@ -162,8 +166,10 @@ def main(argv=None):
         _fail(f"{e} (no images written)")
     elapsed = time.perf_counter() - t0
     npz, png = _write(args.out, to_uint8(x))
-    weights = "raw" if args.no_ema or ckpt.get("ema") is None else "EMA"
-    print(f"{args.n} samples ({weights} weights, step {ckpt.get('step')}, {plan.describe()}, {precision}, "
+    # a file without an EMA copy (diffusers folders, converted ones) has one set of weights
+    weights = "the file's only weights" if ckpt.get("ema") is None else "raw weights" if args.no_ema else "EMA weights"
+    step = "" if ckpt.get("step") is None else f", step {ckpt['step']}"
+    print(f"{args.n} samples ({weights}{step}, {plan.describe()}, {precision}, "
           f"{device}{', CUDA graphs' if cuda_graphs else ''}) in {elapsed:.1f}s -> {png}, {npz}",
           file=sys.stderr)
 

@@ -174,9 +174,19 @@ def preset_config(name):
     return TrainConfig(preset=name, **PRESETS[name])
 
 
+def _int(s):
+    try:
+        return int(s)
+    except ValueError:  # else argparse names the parser function: "invalid parse value"
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
 def _ints(s):
     s = s.strip()
-    return tuple(int(v) for v in s.replace(" ", "").split(",") if v) if s else ()
+    try:
+        return tuple(int(v) for v in s.replace(" ", "").split(",") if v) if s else ()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
 def _finite(s):
@@ -192,7 +202,7 @@ def _finite(s):
 
 def _positive(kind):
     def parse(s):
-        v = _finite(s) if kind is float else kind(s)
+        v = _finite(s) if kind is float else _int(s)
         if not v > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
         return v
@@ -200,7 +210,7 @@ def _positive(kind):
 
 
 def _nonneg_int(s):
-    v = int(s)
+    v = _int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v
@@ -210,10 +220,7 @@ SEED_MAX = 2 ** 64 - 1  # torch.manual_seed's range
 
 
 def _seed(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    v = _int(s)
     if not 0 <= v <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {s}")
     return v

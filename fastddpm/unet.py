@@ -142,6 +142,12 @@ class UNet(nn.Module):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (x.shape[0],):
             raise ValueError(f"UNet expects t as an int64 tensor of shape ({x.shape[0]},), got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        w = self.conv_in.weight  # else conv's RuntimeError ("Input type (double) and bias type ...")
+        if x.device != w.device or t.device != w.device:
+            raise ValueError(f"UNet is on {w.device}, got x on {x.device} and t on {t.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"UNet weights are {w.dtype}, got x of dtype {x.dtype} (cast x, or the model "
+                            "with .to(dtype), or run under torch.autocast)")
         emb = F.silu(self.temb(t))  # every ResBlock applies swish before its dense
         hs = [self.conv_in(x)]
         for blocks in self.down:

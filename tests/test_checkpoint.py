@@ -51,6 +51,19 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
         C.resolve(tmp_path / "empty")
 
 
+def test_an_npz_given_as_checkpoint_says_what_it_is(tmp_path, capsys):
+    """sample --checkpoint samples.npz (a zip, but not torch's): no '[enforce fail at ...]'."""
+    import numpy as np
+
+    from fastddpm.sample import main as sample_main
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--checkpoint", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "samples.npz is unreadable" in err and "not one torch.save wrote" in err and "enforce" not in err
+
+
 def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path, capsys):
     """Version 1 networks padded Downsample symmetrically: loading their weights
     into the TF-'SAME' network would silently give another model."""

@@ -127,6 +127,50 @@ def test_cifar_folder_errors_name_the_file(tmp_path):
         open_dataset(str(folder), 32)
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command (what a crafted batch file could do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "c"
+    _write_cifar(folder)
+    marker = tmp_path / "marker"
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _RunsCode(marker), b"labels": [0]}, f)
+    with pytest.raises(DataError) as e:
+        open_dataset(str(folder), 32)
+    msg = str(e.value)
+    assert "data_batch_2" in msg and "system" in msg and "refused" in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5, "numpy1"])
+def test_cifar_genuine_format_batch_loads(tmp_path, protocol):
+    """As the CIFAR-10 files are: a dict of bytes keys, uint8 (N, 3072) data, labels, names
+    (the published files name numpy 1's numpy.core.multiarray)."""
+    folder = tmp_path / "c"
+    raw = _write_cifar(folder)
+    d = _rng(9).integers(0, 256, size=(4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1, 4, 1], b"data": d,
+             b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}
+    if protocol == "numpy1":
+        blob = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        assert b"numpy.core.multiarray\n_reconstruct" in blob
+    else:
+        blob = pickle.dumps(batch, protocol=protocol)
+    (folder / "data_batch_1").write_bytes(blob)
+    ds = open_dataset(str(folder), 32)
+    assert ds.images.shape == (4 + 24, 32, 32, 3)
+    assert ds.images[2, 0, 1, 0] == d[2, 1] and ds.images[2, 2, 3, 2] == d[2, 2048 + 2 * 32 + 3]
+    assert ds.images[4, 0, 0, 0] == raw[6, 0]
+
+
 # ---- image folders ----------------------------------------------------------------------
 
 def _write_images(folder):

@@ -191,6 +191,21 @@ def test_is_through_the_network_with_a_classifier(tmp_path):
     assert 1.0 <= mean < 2.0
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_cli_stats_unwritable_out_fails_before_the_pass(tmp_path, capsys, monkeypatch, where):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(2, 8, 0))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / "afile" / "st.npz" if where == "under_a_file" else tmp_path / "adir"
+
+    def no_pass(*a, **k):
+        raise AssertionError("the Inception pass ran before --out was checked")
+    monkeypatch.setattr(inc, "load_inception", no_pass)
+    assert ev.main(["stats", str(tmp_path / "ref.npz"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm.evaluate: error: --out") and err.count("\n") == 1 and str(out) in err
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
@@ -267,6 +282,24 @@ def test_training_refuses_fid_without_a_reference(tmp_path, capsys):
 
     rc = train_main(["--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "r"), "--fid-every", "5"])
     assert rc == 2 and "--fid-ref" in capsys.readouterr().err
+
+
+def test_training_fid_mid_run_with_no_progress(tmp_path, monkeypatch, capsys):
+    """--fid-every with --no-progress: the FID of step 1 is logged and training goes on
+    (a disabled tqdm bar has no postfix: the run died there with an AttributeError)."""
+    from fastddpm.train import main as train_main
+
+    a = _feats(20, 2048, 12)
+    ev.save_stats(tmp_path / "ref.npz", ev.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
+    monkeypatch.setattr(ev, "score_model", lambda *a, **k: {"fid": 12.5, "n": 2, "seconds": 0.0})
+    out = tmp_path / "r"
+    rc = train_main(["--preset", "tiny", "--image-size", "8", "--ch-mult", "1", "--attn-resolutions", "",
+                     "--T", "4", "--steps", "2", "--batch-size", "2", "--sample-n", "0", "--workers", "0",
+                     "--no-progress", "--out", str(out), "--fid-every", "1", "--fid-n", "2",
+                     "--fid-ref", str(tmp_path / "ref.npz")])
+    assert rc == 0
+    fids = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
+    assert [f["step"] for f in fids] == [1, 2] and fids[0]["fid"] == 12.5
 
 
 @needs_helper

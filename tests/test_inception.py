@@ -154,8 +154,10 @@ def test_missing_or_wrong_weights_files(tmp_path):
     with pytest.raises(inc.WeightsError, match="no such file.*pt_inception-2015-12-05-6726825d.pth"):
         inc.load_inception(tmp_path / "nope.pth")
     (tmp_path / "text.pth").write_text("not weights")
-    with pytest.raises(inc.WeightsError, match="text.pth: neither a TorchScript archive nor a state dict"):
+    with pytest.raises(inc.WeightsError, match="text.pth: neither a TorchScript archive nor a state dict") as e:
         inc.load_inception(tmp_path / "text.pth")
+    assert "weights_only` set to `False`" not in str(e.value)  # torch's advice to run the file's code
+    assert "\n" not in str(e.value)
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(inc.WeightsError, match="other.pth: not Inception-v3 weights"):
         inc.load_inception(tmp_path / "other.pth")

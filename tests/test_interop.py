@@ -6,6 +6,7 @@ DDPMScheduler; what fastddpm cannot express is refused by name."""
 import json
 import math
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -427,13 +428,28 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
         C.load(folder)
 
 
-def test_sample_cli_samples_a_diffusers_pipeline_folder(tmp_path):
+def test_cli_help_says_checkpoint_takes_diffusers_folders(capsys):
+    from fastddpm.evaluate import build_parser
+    from fastddpm.sample import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nll", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("diffusers UNet2DModel / DDPMPipeline folder") == 2
+
+
+def test_sample_cli_samples_a_diffusers_pipeline_folder(tmp_path, capsys):
     from fastddpm.sample import main as sample_main
     folder = _pipeline_folder(tmp_path)
     sample_main(["--checkpoint", str(folder), "--n", "2", "--batch-size", "2", "--out", str(tmp_path / "s"),
                  "--device", "cpu", "--no-progress"])
     images = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+    # a diffusers folder has one set of weights (the paper's EMA ones, for google/ddpm-cifar10-32)
+    # and no step: the summary says neither "raw weights" nor "step None"
+    err = capsys.readouterr().err
+    assert "2 samples (" in err and "None" not in err and "raw" not in err, err
 
 
 def test_convert_cli_both_ways(tmp_path, capsys):
@@ -451,12 +467,29 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     capsys.readouterr()
     for argv, msg in [([str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
                       ([str(folder), str(tmp_path / "m.pt")], "already exists"),
-                      ([str(tmp_path / "m.pt"), str(tmp_path / "back")], "already exists")]:
+                      ([str(tmp_path / "m.pt"), str(tmp_path / "back")], "already exists"),
+                      ([str(tmp_path / "m.pt"), str(tmp_path / "copy.pt")], "diffusers pipeline folder")]:
         with pytest.raises(SystemExit) as e:
             convert_main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err, err
+    assert not (tmp_path / "copy.pt").exists()  # not a pipeline folder named like a file
+
+
+def test_converted_files_get_the_umask_permissions(tmp_path):
+    """Both outputs are readable as any file the user writes (mkstemp and safetensors make 0600)."""
+    from fastddpm.convert import main as convert_main
+    folder = _pipeline_folder(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert convert_main([str(folder), str(tmp_path / "m.pt")]) == 0
+        assert convert_main([str(tmp_path / "m.pt"), str(tmp_path / "back")]) == 0
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m.pt", tmp_path / "back" / "unet" / "diffusion_pytorch_model.safetensors",
+                 tmp_path / "back" / "unet" / "config.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
 
 
 def test_clip_sample_false_is_recorded_and_followed_by_the_sample_cli(tmp_path, monkeypatch, capsys):

@@ -447,7 +447,7 @@ def _cli_error(tmp_path, capsys, *args, code=2):
 
 
 @pytest.mark.parametrize("args,match", [(["--sampler", "euler"], "invalid choice"), (["--steps", "0"], "--steps"),
-                                        (["--steps", "11"], "steps"), (["--sampler", "ddim", "--eta", "2"], "--eta"),
+                                        (["--steps", "11"], "--steps"), (["--sampler", "ddim", "--eta", "2"], "--eta"),
                                         (["--eta", "0.5"], "ddim only"), (["--seed", "-1"], "--seed"),
                                         (["--seed", str(2**64)], "--seed"), (["--device", "foo"], "not a device"),
                                         (["--device", "mps"], "cpu or cuda"), (["--device", "meta"], "cpu or cuda")])
@@ -550,7 +550,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
     torch.save({"x": torch.ones(1)}, tmp_path / "sub" / "m.pt")
     with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
         checkpoint.load_for_sampling(tmp_path / "sub" / "m.pt")
-    with pytest.raises(SystemExit, match="2"):
+    with pytest.raises(SystemExit, match="2"):  # bad input, as argparse's own errors
         sample_main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")])
 
 

@@ -359,6 +359,9 @@ def test_read_only_out_folder_is_one_line(tmp_path, capsys):
     (["--lr", "inf"], ["--lr", "finite number", "inf"]),
     (["--lr", "nan"], ["--lr", "finite number"]),
     (["--dropout", "nan"], ["--dropout", "finite number"]),
+    (["--steps", "abc"], ["--steps", "expected an integer", "abc"]),  # not "invalid parse value"
+    (["--warmup", "1.5"], ["--warmup", "expected an integer", "1.5"]),
+    (["--ch-mult", "1,x"], ["--ch-mult", "comma-separated integers", "1,x"]),
 ])
 def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, words):
     out = tmp_path / "r"

@@ -81,6 +81,17 @@ def test_bad_input_is_refused():
         model(torch.randn(2, 3, 16, 16), torch.tensor([1]))
 
 
+def test_wrong_dtype_input_is_a_type_error_naming_both():
+    """As a user calling d.training_loss(model, x0) with float64 images on a float32 net."""
+    from fastddpm import GaussianDiffusion
+    model = UNet(UNetConfig.tiny())
+    d = GaussianDiffusion.linear(T=10)
+    with pytest.raises(TypeError, match="float32.*float64"):
+        d.training_loss(model, torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the convs itself
+        assert model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).shape == (2, 3, 16, 16)
+
+
 def test_config_round_trip():
     cfg = UNetConfig.tiny(attn_resolutions=(16, 8))
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
