@@ -46,6 +46,9 @@ def parse_args(argv=None):
                    help="network evaluations per sample, 1..T, at that many distinct timesteps (default T)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 = ancestral with fixedsmall (default 0)")
+    p.add_argument("--variance", choices=("fixedlarge", "fixedsmall"), default=None,
+                   help="ddpm only: sigma_t^2 = beta_t (fixedlarge) or the posterior variance (fixedsmall; "
+                   "cleaner when respaced to few --steps) (default: the checkpoint's)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="timesteps kept when --steps < T: uniform; quadratic (the DDIM paper's CIFAR-10 choice); "
                    "logsnr (uniform in log(alpha/sigma), DPM-Solver's) (default: uniform for ddpm, quadratic "
@@ -145,7 +148,7 @@ def main(argv=None):
     if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
         _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:
-        plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing)
+        plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance)
     except ValueError as e:
         _fail(str(e), code=2)
     _check_out(args.out)
@@ -161,7 +164,7 @@ def main(argv=None):
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,
                    seed=args.seed, device=device, precision=precision, clip=clip,
                    progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
-                   spacing=plan.spacing, cuda_graphs=cuda_graphs)
+                   spacing=plan.spacing, variance=args.variance, cuda_graphs=cuda_graphs)
     except NonFiniteSamplesError as e:
         _fail(f"{e} (no images written)")
     elapsed = time.perf_counter() - t0

@@ -436,6 +436,16 @@ def test_sample_cli_end_to_end(tmp_path, capsys, sampler, extra):
     assert sorted(os.listdir(out)) == ["samples.npz", "samples.png"]
 
 
+def test_sample_cli_variance_flag(tmp_path):
+    """--variance picks ddpm's sigma_t^2 (the checkpoint's fixedlarge is noisy at few steps)."""
+    model, d, out = _cli(tmp_path, "--steps", "3", "--variance", "fixedsmall")
+    arr = np.load(out / "samples.npz")["arr_0"]
+    for variance, same in (("fixedsmall", True), ("fixedlarge", False)):
+        x = sample(model, d, 5, batch_size=2, seed=1, progress=False, steps=3, variance=variance)
+        u = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(arr, u) == same, variance
+
+
 def _cli_error(tmp_path, capsys, *args, code=2):
     with pytest.raises(SystemExit) as e:
         _cli(tmp_path, *args)
