@@ -605,6 +605,10 @@ def _run(args):
         raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
     # open (and so check) every input before the weights and the long pass
     if args.command == "stats":
+        if not args.out.lower().endswith(".npz"):
+            raise EvaluateError(f"--out {args.out}: the statistics file must be named *.npz")
+        if args.kid_features < -1:
+            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count, got {args.kid_features}")
         images = open_images(args.data, args.image_size)
         _check_out(args.out)
     else:

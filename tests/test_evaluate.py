@@ -206,6 +206,16 @@ def test_cli_stats_unwritable_out_fails_before_the_pass(tmp_path, capsys, monkey
     assert err.startswith("fastddpm.evaluate: error: --out") and err.count("\n") == 1 and str(out) in err
 
 
+def test_cli_stats_out_name_and_kid_features_checked_first(tmp_path, capsys, monkeypatch):
+    np.savez(tmp_path / "ref.npz", arr_0=_images(2, 8, 0))
+    monkeypatch.setattr(inc, "load_inception", lambda *a, **k: pytest.fail("the pass ran"))
+    for extra, msg in ((["--out", str(tmp_path / "st.stats")], "must be named *.npz"),
+                       (["--out", str(tmp_path / "st.npz"), "--kid-features", "-2"], "--kid-features")):
+        assert ev.main(["stats", str(tmp_path / "ref.npz"), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastddpm.evaluate: error:") and msg in err and err.count("\n") == 1, err
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
