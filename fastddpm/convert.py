@@ -20,7 +20,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a diffusers folder, or a fastddpm checkpoint file / run folder")
     p.add_argument("dst", help="the fastddpm .pt checkpoint, or the diffusers pipeline folder, to write")
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights (fastddpm sources; a diffusers "
+                   "folder holds one set of weights)")
     return p.parse_args(argv)
 
 

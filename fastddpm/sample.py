@@ -120,7 +120,9 @@ def _write(out, images):
     for name, write in (("samples.npz", lambda f: np.savez(f, arr_0=images)),
                         ("samples.png", lambda f: save_grid(images[:256], f))):
         path = os.path.join(out, name)
-        tmp = os.path.join(out, f".tmp-{name}")   # keeps the extension PIL reads the format from
+        # per process (two runs into one --out never share a temp file); keeps the
+        # extension PIL reads the format from
+        tmp = os.path.join(out, f".tmp-{os.getpid()}-{name}")
         try:
             with open(tmp, "wb") as f:
                 write(f)
