@@ -114,3 +114,20 @@ def test_unknown_stage_is_refused(tmp_path):
     r = subprocess.run(["bash", SCRIPT], env=_env(OUT=str(tmp_path), STAGES="setup benchmarks"),
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "unknown stage 'benchmarks'" in r.stderr
+
+
+def test_rest_stage_runs_gpu_files_before_the_cpu_benchmarks(tmp_path):
+    """The CPU-only benchmarks (minutes, a torch.compile inside) go last in stage
+    rest, so that its cap cannot starve a GPU file such as test_inception.py."""
+    args_log = tmp_path / "pytest_args.txt"
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m pytest" ]; then echo "$@" >>"{args_log}"; exit 0; fi\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", SCRIPT], env=_env(OUT=str(tmp_path / "out"), DRY_RUN="1", STAGES="rest",
+                                                  PYTHON=str(stub), BUDGET_S="120"),
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = [a for a in args_log.read_text().split() if a.startswith("benchmarks/test_")]
+    assert files[-1] == "benchmarks/test_cpu.py" and "benchmarks/test_inception.py" in files, files
+    assert files.count("benchmarks/test_cpu.py") == 1, files
