@@ -14,6 +14,9 @@ import torch  # loads libc10/libtorch, which _C links against
 _error = None
 _VERSION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.torch_version")
 _REBUILD = "rebuild it with `python setup.py build_ext --inplace` (or reinstall fastddpm)"
+# every schema of csrc/ops.cpp: a _C built from older sources (same torch) lacks
+# some, and registering their fake kernels would make `import fastddpm` raise
+OPS = ("group_norm", "group_norm_backward", "q_sample", "simple_loss", "p_sample_step", "sample_step")
 
 
 def _built_for():
@@ -36,6 +39,9 @@ def _load():
         from fastddpm import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
     except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
         return f"{type(e).__name__}: {e}"
+    missing = [op for op in OPS if not hasattr(torch.ops.fastddpm_cpp, op)]
+    if missing:
+        return f"fastddpm._C is out of date (no fastddpm_cpp::{', '.join(missing)}); " + _REBUILD
     return None
 
 

@@ -383,6 +383,20 @@ def test_extension_built_for_another_torch_is_refused(monkeypatch):
     assert "rebuild" in _ext._load()
 
 
+def test_extension_built_from_older_sources_is_refused(monkeypatch):
+    """A _C built (for this torch) before an op was added lacks its schema: it is
+    refused with a rebuild message instead of `import fastddpm` raising when the
+    fake kernels register. _ext.OPS lists exactly csrc/ops.cpp's schemas."""
+    import os
+    import re
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "ops.cpp")).read()
+    assert sorted(_ext.OPS) == sorted(re.findall(r'm\.def\("(\w+)\(', src))
+    assert _ext._load() is None
+    monkeypatch.setattr(_ext, "OPS", _ext.OPS + ("op_added_after_this_build",))
+    why = _ext._load()
+    assert "out of date" in why and "op_added_after_this_build" in why and "rebuild" in why
+
+
 # ----------------------------------------------------------------------------- whole UNet
 
 TINY = dict(image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
