@@ -776,10 +776,7 @@ class Trainer:
         state = self.state_dict()
         path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
         if self.rank == 0:
-            try:
-                ckpt_io.atomic_save(state, path)
-            except OSError as e:
-                raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+            ckpt_io.atomic_save(state, path)  # a failed write is a CheckpointError naming the file
             for step, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
                 if step < self.step:  # never a newer one (check_out_folder keeps them out anyway)
                     try:
