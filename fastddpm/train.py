@@ -410,6 +410,9 @@ def check_out_folder(out, resume_path=None, resume_step=None):
         held.append("metrics.jsonl")
     if not held:
         return
+    if resume_path is None and not ckpts:  # nothing to resume: --resume would only fail
+        raise RunFolderError(f"{out} already holds a run that wrote no checkpoint (metrics.jsonl): "
+                             "choose another --out folder, or remove its metrics.jsonl to reuse it")
     if resume_path is None:
         raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): continue it with "
                              f"--resume {out}, or choose another --out folder")

@@ -517,3 +517,16 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
     monkeypatch.setattr(E, "log_training_fid", lambda *a, **k: None)
     assert main(["--resume", str(out), "--steps", "4", "--no-progress"]) == 0
     assert C.load(out)["step"] == 4
+
+
+def test_a_folder_with_metrics_but_no_checkpoint_does_not_point_to_resume(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves metrics.jsonl only: the refusal
+    must not advise --resume (which finds no checkpoint there)."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "--resume" not in err and "metrics.jsonl" in err
+    assert main(["--resume", str(out), "--steps", "2"]) == 2  # indeed nothing to resume
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1  # and nothing was touched
