@@ -95,11 +95,12 @@ def load_npz(path):
 # reconstruction (numpy 1.x and 2.x module names; _frombuffer is pickle protocol 5's
 # path) and _codecs.encode (how Python 3's protocol 2 spells bytes). Dicts, lists,
 # ints and strings need no lookup. Anything else could run code.
+_NP_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed core to _core
 _CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy.core.multiarray", "_reconstruct"): _NP_CORE.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _NP_CORE.multiarray._reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _NP_CORE.numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _NP_CORE.numeric._frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,

@@ -458,6 +458,8 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
     model, diffusion = build_model(ckpt, use_ema=use_ema, path=where)  # validates config and weights
     unet_cfg = unet_config_to_diffusers(model.config)
     sched_cfg = scheduler_config_from_diffusion(diffusion.config)
+    # a checkpoint converted from a clip_sample=false scheduler keeps it (load_folder records it)
+    sched_cfg["clip_sample"] = bool(((ckpt.get("config") or {}).get("sampling") or {}).get("clip", True))
     weights = state_dict_to_diffusers({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):

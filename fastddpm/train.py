@@ -410,6 +410,9 @@ def check_out_folder(out, resume_path=None, resume_step=None):
         held.append("metrics.jsonl")
     if not held:
         return
+    if resume_path is None and not ckpts:  # nothing to resume: --resume would only fail
+        raise RunFolderError(f"{out} already holds a run that wrote no checkpoint (metrics.jsonl): "
+                             "choose another --out folder, or remove its metrics.jsonl to reuse it")
     if resume_path is None:
         raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): continue it with "
                              f"--resume {out}, or choose another --out folder")
@@ -776,10 +779,7 @@ class Trainer:
         state = self.state_dict()
         path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
         if self.rank == 0:
-            try:
-                ckpt_io.atomic_save(state, path)
-            except OSError as e:
-                raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+            ckpt_io.atomic_save(state, path)  # a failed write is a CheckpointError naming the file
             for step, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
                 if step < self.step:  # never a newer one (check_out_folder keeps them out anyway)
                     try:
@@ -874,9 +874,31 @@ class Trainer:
                 f"no step trained since step {start_step}, nothing new saved; repair or replace the file")
         return data_mod.DataError(f"{e} (training stopped at step {self.step}; {then})")
 
+    def _save_after_error(self, e, start_step, last_ckpt):
+        """Checkpoint the steps done before an unexpected error between steps (logging, a
+        sample grid, in-training FID) propagates, and say so in a note on e. Not for errors
+        that handle their own checkpoint (a stop, a divergence, a failed write, bad data), and
+        single process only: under torchrun the other ranks would wait in the save's
+        collectives."""
+        if (isinstance(e, (Stopped, TrainingDiverged, CheckpointError, data_mod.DataError))
+                or self.world > 1 or self.step == start_step):
+            return
+        if last_ckpt and last_ckpt[0] == self.step:
+            path = last_ckpt[1]
+        else:
+            try:
+                self.check_finite_streak()  # never checkpoint past a divergence
+                path = self.save()
+            except Exception as e2:
+                e.add_note(f"fastddpm.train: no checkpoint written at step {self.step}: {e2}")
+                return
+        e.add_note(f"fastddpm.train: checkpoint {path} written at step {self.step}; continue with "
+                   f"--resume {self.cfg.out}")
+
     def train(self):
         """Run to cfg.steps. Returns a summary dict; raises TrainingDiverged, Stopped, DataError
-        (an unreadable image, after saving), CheckpointError or OSError (a failed write)."""
+        (an unreadable image, after saving), CheckpointError or OSError (a failed write); any
+        other error between steps propagates after a checkpoint of the steps done."""
         from tqdm.auto import tqdm
 
         cfg, rank = self.cfg, self.rank
@@ -894,7 +916,7 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True, smoothing=0.05)
         stats = {"loss": float("nan"), "skipped": int(self._counters[0])}
         it = iter(loader)
-        t0, paused = time.perf_counter(), 0.0
+        t0, paused, in_step = time.perf_counter(), 0.0, False
         try:
             while self.step < cfg.steps:
                 try:
@@ -906,8 +928,10 @@ class Trainer:
                         break
                     raise
                 t, noise, flip = self.draw(self.step)
+                in_step = True  # an error from here to the increment leaves a half-done step
                 self.train_step(batch, t, noise, flip, lr_at(cfg, self.step))
                 self.step += 1
+                in_step = False
                 window_steps += 1
                 bar.update(1)
                 at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
@@ -948,6 +972,10 @@ class Trainer:
                     from fastddpm.evaluate import log_training_fid
                     log_training_fid(self, bar, metrics)
                 paused += time.perf_counter() - pause
+        except Exception as e:
+            if not in_step:  # between steps the state is consistent: keep the steps done
+                self._save_after_error(e, start_step, last_ckpt)
+            raise
         finally:
             bar.close()
             if metrics:
@@ -1071,7 +1099,8 @@ def main(argv=None):
         except CheckpointError as e:  # e.g. "cannot write checkpoint FILE: No space left on device"
             return error(e, 1)
         except OSError as e:  # metrics.jsonl, a sample grid
-            return error(_os_error_line(e) + f" (training stopped at step {trainer.step})", 1)
+            notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))  # the checkpoint saved, if any
+            return error(_os_error_line(e) + f" (training stopped at step {trainer.step}){notes}", 1)
         say(f"done: step {summary['step']}/{cfg.steps}, {summary['steps']} steps in {summary['seconds']:.1f} s "
             f"({summary['images_per_s']:.1f} img/s training), loss {summary['loss']:.4f}, "
             f"{summary['skipped']} skipped; checkpoint {summary['checkpoint']}"

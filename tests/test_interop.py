@@ -506,3 +506,12 @@ def test_clip_sample_false_is_recorded_and_followed_by_the_sample_cli(tmp_path, 
                 "--device", "cpu", "--no-progress"] + extra)
     assert seen == [False, True, False]
     assert "clip_sample=false" in capsys.readouterr().err
+
+
+def test_clip_sample_false_survives_a_round_trip_through_convert(tmp_path):
+    from fastddpm.convert import main as convert_main
+    folder = _pipeline_folder(tmp_path, clip_sample=False)
+    assert convert_main([str(folder), str(tmp_path / "m.pt")]) == 0
+    assert convert_main([str(tmp_path / "m.pt"), str(tmp_path / "back")]) == 0
+    assert DDPMPipeline.from_pretrained(tmp_path / "back").scheduler.config.clip_sample is False
+    assert C.load(tmp_path / "back")["config"]["sampling"] == {"clip": False}

@@ -487,3 +487,46 @@ def test_sigterm_during_the_final_sample_grid_stops_promptly(tmp_path):
     assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
     assert not list(out.glob("samples-*.png"))
     assert C.load(out)["step"] == 1
+
+
+@pytest.mark.parametrize("hook", ["sample_grid", "fid"])
+def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook):
+    """A sample grid or in-training FID that fails after step 3 (no --ckpt-every
+    checkpoint yet) leaves a checkpoint at step 3 and re-raises the error."""
+    import fastddpm.evaluate as E
+
+    def boom(*a, **k):
+        raise RuntimeError("hook failed")
+
+    out = tmp_path / "r"
+    args = TINY + ["--out", str(out), "--steps", "6", "--ckpt-every", "0", "--log-every", "1"]
+    if hook == "sample_grid":
+        monkeypatch.setattr(Trainer, "write_samples", boom)
+        args += ["--sample-every", "3", "--sample-n", "2"]
+    else:
+        monkeypatch.setattr(E, "check_training_fid", lambda cfg: None)
+        monkeypatch.setattr(E, "log_training_fid", boom)
+        args += ["--fid-every", "3", "--fid-ref", str(tmp_path / "ref.npz")]
+    with pytest.raises(RuntimeError, match="hook failed") as e:
+        main(args)
+    assert C.list_checkpoints(out) == [(3, str(out / C.checkpoint_name(3)))]
+    assert any(C.checkpoint_name(3) in n and "--resume" in n for n in e.value.__notes__)
+    assert C.load(out)["step"] == 3
+    # and the run continues from it (the hook working again)
+    monkeypatch.setattr(Trainer, "write_samples", lambda self: None)
+    monkeypatch.setattr(E, "log_training_fid", lambda *a, **k: None)
+    assert main(["--resume", str(out), "--steps", "4", "--no-progress"]) == 0
+    assert C.load(out)["step"] == 4
+
+
+def test_a_folder_with_metrics_but_no_checkpoint_does_not_point_to_resume(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves metrics.jsonl only: the refusal
+    must not advise --resume (which finds no checkpoint there)."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "--resume" not in err and "metrics.jsonl" in err
+    assert main(["--resume", str(out), "--steps", "2"]) == 2  # indeed nothing to resume
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1  # and nothing was touched
