@@ -189,12 +189,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
+def check_kid_args(subsets, subset_size):
+    """KID needs >= 1 subset of >= 2 features (else its mean is NaN or undefined)."""
+    for name, v, lo in (("subsets", subsets, 1), ("subset size", subset_size, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise EvaluateError(f"KID {name} must be an int >= {lo}, got {v!r}")
+
+
 def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0,
                               device="cpu"):
     """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
     k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
     m = min(subset_size, n_a, n_b) features of each set (without replacement), in
     float64. Returns (mean, std over subsets)."""
+    check_kid_args(subsets, subset_size)
     a, b = np.asarray(feats_a), np.asarray(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise EvaluateError(f"KID needs two (n, d) feature sets of the same d, got {a.shape} and {b.shape}")
@@ -623,6 +631,9 @@ def _run(args):
         images = open_images(args.samples)
     ref = None
     if args.command == "fid":
+        if args.kid_subsets < 1 or args.kid_subset_size < 2:
+            raise EvaluateError(f"--kid-subsets must be >= 1 and --kid-subset-size >= 2, got "
+                                f"{args.kid_subsets} and {args.kid_subset_size}")
         ref = load_stats(args.ref) if is_stats_file(args.ref) else open_images(args.ref)
         if isinstance(ref, Stats):
             check_compatible(ref)

@@ -379,3 +379,20 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     ref = ev.load_stats(tmp_path / "ref.npz")
     want = ev.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
     assert fids[0]["fid"] == pytest.approx(want, rel=1e-6)
+
+
+def test_kid_refuses_no_subsets_or_subsets_of_one(tmp_path, capsys, monkeypatch):
+    """It returned NaN for 0 subsets (an empty mean) and said 'needs at least 2
+    features in each set' for a subset size of 1; the CLI found out after the pass."""
+    a, b = _feats(10, 4, 0), _feats(10, 4, 1)
+    for kw, what in (({"subsets": 0}, "subsets must be an int >= 1"),
+                     ({"subset_size": 1}, "subset size must be an int >= 2")):
+        with pytest.raises(ev.EvaluateError, match=what):
+            ev.kernel_inception_distance(a, b, **kw)
+    np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
+    monkeypatch.setattr(inc, "load_inception", lambda *a, **k: pytest.fail("the pass ran"))
+    for extra in (["--kid-subsets", "0"], ["--kid-subset-size", "1"]):
+        assert ev.main(["fid", "--samples", str(tmp_path / "ok.npz"), "--ref", str(tmp_path / "ok.npz"),
+                        "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastddpm.evaluate: error: --kid-subsets must be >= 1") and err.count("\n") == 1
