@@ -584,9 +584,17 @@ def build_parser():
 
 
 def _device(name):
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluateError(f"--device {device}: CUDA is not available")
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):  # torch's own message lists every device type torch knows
+        raise EvaluateError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvaluateError(f"--device {device}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvaluateError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise EvaluateError(f"--device {device}: evaluation runs on cpu or cuda, not {device.type}")
     return device
 
 

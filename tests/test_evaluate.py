@@ -396,3 +396,13 @@ def test_kid_refuses_no_subsets_or_subsets_of_one(tmp_path, capsys, monkeypatch)
                         "--no-progress", *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("fastddpm.evaluate: error: --kid-subsets must be >= 1") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device,what", [("foo", "--device foo: not a device"),
+                                         ("meta", "runs on cpu or cuda, not meta")])
+def test_cli_bad_device_is_one_line(tmp_path, capsys, device, what):
+    """--device foo gave torch's RuntimeError as a traceback."""
+    np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
+    assert ev.main(["is", "--samples", str(tmp_path / "ok.npz"), "--device", device, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm.evaluate: error: ") and what in err and err.count("\n") == 1, err
