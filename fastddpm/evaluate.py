@@ -647,6 +647,9 @@ def _run(args):
             check_compatible(ref)
     if args.command == "is" and args.splits < 1:
         raise EvaluateError(f"--splits must be >= 1, got {args.splits}")
+    if args.command == "is" and args.splits > len(images):
+        raise EvaluateError(f"IS with {args.splits} splits needs at least {args.splits} images, "
+                            f"{args.samples} holds {len(images)} (lower --splits)")
     net = load_inception(args.inception_weights, device)
     if args.command == "is":
         net.require_classifier()

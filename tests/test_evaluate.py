@@ -406,3 +406,13 @@ def test_cli_bad_device_is_one_line(tmp_path, capsys, device, what):
     assert ev.main(["is", "--samples", str(tmp_path / "ok.npz"), "--device", device, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastddpm.evaluate: error: ") and what in err and err.count("\n") == 1, err
+
+
+def test_cli_is_with_more_splits_than_images_fails_before_the_pass(tmp_path, capsys, monkeypatch):
+    """4 images with the default 10 splits: it ran the whole Inception pass first."""
+    np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
+    monkeypatch.setattr(inc, "load_inception", lambda *a, **k: pytest.fail("the pass ran"))
+    assert ev.main(["is", "--samples", str(tmp_path / "ok.npz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm.evaluate: error: IS with 10 splits needs at least 10 images") \
+        and "holds 4" in err and err.count("\n") == 1, err
