@@ -385,6 +385,8 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     from fastddpm.inception import load_inception
     from fastddpm.sampling import sample
 
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise EvaluateError(f"FID needs n >= 2 samples (a covariance), got {n!r}")
     t0 = time.perf_counter()
     ref = load_stats(ref_stats) if not isinstance(ref_stats, Stats) else ref_stats
     check_compatible(ref)

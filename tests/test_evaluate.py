@@ -416,3 +416,11 @@ def test_cli_is_with_more_splits_than_images_fails_before_the_pass(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("fastddpm.evaluate: error: IS with 10 splits needs at least 10 images") \
         and "holds 4" in err and err.count("\n") == 1, err
+
+
+def test_score_model_refuses_fewer_than_two_samples():
+    """n = 1 gave a 0/0 covariance (NaN) after sampling."""
+    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+    for n in (0, 1):
+        with pytest.raises(ev.EvaluateError, match="n >= 2"):
+            ev.score_model(_tiny(), GaussianDiffusion.linear(T=4), n, ref, inception=object())
