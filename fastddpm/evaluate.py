@@ -189,12 +189,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
+def check_kid_args(subsets, subset_size):
+    """KID needs >= 1 subset of >= 2 features (else its mean is NaN or undefined)."""
+    for name, v, lo in (("subsets", subsets, 1), ("subset size", subset_size, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise EvaluateError(f"KID {name} must be an int >= {lo}, got {v!r}")
+
+
 def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0,
                               device="cpu"):
     """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
     k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
     m = min(subset_size, n_a, n_b) features of each set (without replacement), in
     float64. Returns (mean, std over subsets)."""
+    check_kid_args(subsets, subset_size)
     a, b = np.asarray(feats_a), np.asarray(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise EvaluateError(f"KID needs two (n, d) feature sets of the same d, got {a.shape} and {b.shape}")
@@ -377,6 +385,8 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     from fastddpm.inception import load_inception
     from fastddpm.sampling import sample
 
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise EvaluateError(f"FID needs n >= 2 samples (a covariance), got {n!r}")
     t0 = time.perf_counter()
     ref = load_stats(ref_stats) if not isinstance(ref_stats, Stats) else ref_stats
     check_compatible(ref)
@@ -576,9 +586,17 @@ def build_parser():
 
 
 def _device(name):
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluateError(f"--device {device}: CUDA is not available")
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):  # torch's own message lists every device type torch knows
+        raise EvaluateError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvaluateError(f"--device {device}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvaluateError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise EvaluateError(f"--device {device}: evaluation runs on cpu or cuda, not {device.type}")
     return device
 
 
@@ -623,11 +641,17 @@ def _run(args):
         images = open_images(args.samples)
     ref = None
     if args.command == "fid":
+        if args.kid_subsets < 1 or args.kid_subset_size < 2:
+            raise EvaluateError(f"--kid-subsets must be >= 1 and --kid-subset-size >= 2, got "
+                                f"{args.kid_subsets} and {args.kid_subset_size}")
         ref = load_stats(args.ref) if is_stats_file(args.ref) else open_images(args.ref)
         if isinstance(ref, Stats):
             check_compatible(ref)
     if args.command == "is" and args.splits < 1:
         raise EvaluateError(f"--splits must be >= 1, got {args.splits}")
+    if args.command == "is" and args.splits > len(images):
+        raise EvaluateError(f"IS with {args.splits} splits needs at least {args.splits} images, "
+                            f"{args.samples} holds {len(images)} (lower --splits)")
     net = load_inception(args.inception_weights, device)
     if args.command == "is":
         net.require_classifier()

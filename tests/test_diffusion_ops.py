@@ -704,3 +704,13 @@ def test_gpu_sample_step_graph_replays_draw_fresh_noise():
         torch.testing.assert_close(seen[-1], expect, rtol=1e-5, atol=1e-5)
     assert (seen[0] * 2 - seen[1]).abs().mean() > 0.5
     assert int(step) == 2 and int(rng[1]) == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sample_step_empty_batch_with_rng(backend):
+    """An empty batch with in-kernel noise raised IndexError (x_t[0]) instead of
+    returning empty outputs, as it does with given noise."""
+    x = torch.empty(0, 2, 3, 3, device=DEV)
+    rng = torch.tensor([1, 1, 0], device=DEV)
+    out, x0 = _sample_step(backend, x, x, _sampler_table(), torch.tensor([1], device=DEV), rng=rng)
+    assert out.shape == x.shape and x0.shape == x.shape

@@ -379,3 +379,48 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     ref = ev.load_stats(tmp_path / "ref.npz")
     want = ev.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
     assert fids[0]["fid"] == pytest.approx(want, rel=1e-6)
+
+
+def test_kid_refuses_no_subsets_or_subsets_of_one(tmp_path, capsys, monkeypatch):
+    """It returned NaN for 0 subsets (an empty mean) and said 'needs at least 2
+    features in each set' for a subset size of 1; the CLI found out after the pass."""
+    a, b = _feats(10, 4, 0), _feats(10, 4, 1)
+    for kw, what in (({"subsets": 0}, "subsets must be an int >= 1"),
+                     ({"subset_size": 1}, "subset size must be an int >= 2")):
+        with pytest.raises(ev.EvaluateError, match=what):
+            ev.kernel_inception_distance(a, b, **kw)
+    np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
+    monkeypatch.setattr(inc, "load_inception", lambda *a, **k: pytest.fail("the pass ran"))
+    for extra in (["--kid-subsets", "0"], ["--kid-subset-size", "1"]):
+        assert ev.main(["fid", "--samples", str(tmp_path / "ok.npz"), "--ref", str(tmp_path / "ok.npz"),
+                        "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastddpm.evaluate: error: --kid-subsets must be >= 1") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device,what", [("foo", "--device foo: not a device"),
+                                         ("meta", "runs on cpu or cuda, not meta")])
+def test_cli_bad_device_is_one_line(tmp_path, capsys, device, what):
+    """--device foo gave torch's RuntimeError as a traceback."""
+    np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
+    assert ev.main(["is", "--samples", str(tmp_path / "ok.npz"), "--device", device, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm.evaluate: error: ") and what in err and err.count("\n") == 1, err
+
+
+def test_cli_is_with_more_splits_than_images_fails_before_the_pass(tmp_path, capsys, monkeypatch):
+    """4 images with the default 10 splits: it ran the whole Inception pass first."""
+    np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
+    monkeypatch.setattr(inc, "load_inception", lambda *a, **k: pytest.fail("the pass ran"))
+    assert ev.main(["is", "--samples", str(tmp_path / "ok.npz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm.evaluate: error: IS with 10 splits needs at least 10 images") \
+        and "holds 4" in err and err.count("\n") == 1, err
+
+
+def test_score_model_refuses_fewer_than_two_samples():
+    """n = 1 gave a 0/0 covariance (NaN) after sampling."""
+    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+    for n in (0, 1):
+        with pytest.raises(ev.EvaluateError, match="n >= 2"):
+            ev.score_model(_tiny(), GaussianDiffusion.linear(T=4), n, ref, inception=object())

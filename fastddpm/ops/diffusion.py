@@ -35,6 +35,7 @@ optional range check), so a CUDA graph can advance step and rng[1] on the
 device and draw fresh noise on every replay.
 """
 import hashlib
+import math
 from typing import Optional
 
 import torch
@@ -141,9 +142,10 @@ def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, cl
         check_float("noise", noise)
     elif rng is not None:
         _check_device_ints("rng", rng, (3,), x_t.device)
-        if x_t[0].numel() >= 2**32:
+        per_sample = math.prod(x_t.shape[1:])   # not x_t[0]: an empty batch has no sample 0
+        if per_sample >= 2**32:
             raise ValueError(f"sample_step: in-kernel noise needs fewer than 2^32 elements per sample, "
-                             f"got {x_t[0].numel()}")
+                             f"got {per_sample}")
     _check_device_ints("step", step, (1,), x_t.device)
     if check_range and not no_sync():
         i = int(step)

@@ -171,7 +171,7 @@ def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="
     cuda_graphs: replay one captured step per batch shape (default: on for CUDA
     devices; falls back to eager with a message if capture fails).
 
-    Returns (n, C, S, S) float32 on the CPU, in [-1, 1]. Reproducible: image i
+    Returns (n, C, S, S) float32 on the CPU, in [-1, 1] when clip. Reproducible: image i
     depends only on (seed, i) (a smaller n gives a prefix of a larger one), up
     to the network's floating-point differences between batch sizes when
     batch_size changes; different seeds give disjoint streams. Raises
