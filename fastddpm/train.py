@@ -57,7 +57,7 @@ from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
-from fastddpm.sampling import COMPILE_MODES, PRECISIONS, autocast, compile_model, default_precision
+from fastddpm.sampling import COMPILE_MODES, MAX_SEED, PRECISIONS, autocast, compile_model, default_precision
 from fastddpm.unet import UNet, UNetConfig
 
 _NET = UNetConfig()
@@ -216,13 +216,13 @@ def _nonneg_int(s):
     return v
 
 
-SEED_MAX = 2 ** 64 - 1  # torch.manual_seed's range
+SEED_MAX = MAX_SEED  # the samplers' range: sample grids and in-training FID use the run's seed
 
 
 def _seed(s):
     v = _int(s)
     if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {s}")
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {s}")
     return v
 
 
@@ -434,7 +434,7 @@ def _validated(cfg: TrainConfig):
     if not 0 < cfg.beta_start <= cfg.beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
     if not 0 <= cfg.seed <= SEED_MAX:
-        raise ValueError(f"--seed must be in [0, 2**64 - 1], got {cfg.seed}")
+        raise ValueError(f"--seed must be in [0, 2**63 - 1], got {cfg.seed}")
     if cfg.device is not None:
         try:
             dev = torch.device(cfg.device)
