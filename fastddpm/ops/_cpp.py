@@ -107,23 +107,10 @@ def _register():
         grad = torch.empty(eps_hat.shape if compute_grad else (0,), dtype=eps_hat.dtype, device=eps_hat.device)
         return eps_hat.new_empty((), dtype=dtype), grad
 
-    def _loss_setup(ctx, inputs, output):
-        _, noise, _ = inputs
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.save_for_backward(grad)
-        ctx.noise_dtype = noise.dtype
-
-    def _loss_backward(ctx, grad_loss, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if grad.numel() == 0 and (need[0] or need[1]):
-            raise RuntimeError("fastddpm_cpp::simple_loss was called with compute_grad=False; "
-                               "call it with compute_grad=True to differentiate it")
-        d_eps = (grad * grad_loss).to(grad.dtype) if (need[0] or need[1]) else None
-        return (d_eps if need[0] else None, (-d_eps).to(ctx.noise_dtype) if need[1] else None, None)
-
-    torch.library.register_autograd(lib + "simple_loss", _loss_backward, setup_context=_loss_setup)
+    # the same schema and gradient contract as the Triton op: one autograd for both
+    from fastddpm.ops.diffusion import _simple_loss_autograd, _simple_loss_setup_context
+    torch.library.register_autograd(lib + "simple_loss", _simple_loss_autograd,
+                                    setup_context=_simple_loss_setup_context)
 
     @torch.library.register_fake(lib + "p_sample_step")
     def _p_sample_step_fake(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var, noise, clip):

@@ -259,7 +259,7 @@ def _simple_loss_setup_context(ctx, inputs, output):
 def _simple_loss_autograd(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        raise RuntimeError("fastddpm::simple_loss was called with compute_grad=False; "
+        raise RuntimeError("simple_loss was called with compute_grad=False; "
                            "call it with compute_grad=True to differentiate it")
     d_eps = grad * grad_loss if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None
     d_noise = (-d_eps).to(ctx.noise_dtype) if ctx.needs_input_grad[1] else None
