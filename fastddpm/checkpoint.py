@@ -55,11 +55,11 @@ def _os_error(e):
     return None
 
 
-def file_mode():
-    """The permissions open() gives a new file (0o666 less the umask)."""
-    umask = os.umask(0)
+def file_mode(base=0o666):
+    """The permissions open() gives a new file (base 0o666; 0o777 for a folder) less the umask."""
+    umask = os.umask(0)  # read it: umask() only sets, returning the old value
     os.umask(umask)
-    return 0o666 & ~umask
+    return base & ~umask
 
 
 def atomic_save(obj, path) -> None:

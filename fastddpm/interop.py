@@ -482,9 +482,7 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
                 f.write("\n")
         save_file(weights, os.path.join(tmp, "unet", WEIGHT_FILES[0]), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, "unet", WEIGHT_FILES[0]), file_mode())  # safetensors makes it 0600
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the folder is meant to be shared
+        os.chmod(tmp, file_mode(0o777))  # mkdtemp made it private; the folder is meant to be shared
         if os.path.isdir(dst):
             os.rmdir(dst)
         os.replace(tmp, dst)

@@ -34,22 +34,18 @@ def check_timesteps(t, batch, num_timesteps, device, check_range=True):
         raise ValueError(f"t must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
     if t.device != torch.device(device):
         raise ValueError(f"t is on {t.device}, expected {device}")
-    if not check_range or batch == 0 or _no_sync():
+    if not check_range or batch == 0 or no_sync():
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_timesteps:
         raise ValueError(f"t must lie in [0, {num_timesteps - 1}], got values in [{lo}, {hi}]")
 
 
-def _no_sync():
+def no_sync() -> bool:
+    """True where the host must not read device memory (CUDA-graph capture, torch.compile)."""
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def no_sync() -> bool:
-    """True where the host must not read device memory (CUDA-graph capture, torch.compile)."""
-    return _no_sync()
 
 
 def check_table(name, table, device):
