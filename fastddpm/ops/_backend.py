@@ -28,6 +28,12 @@ _impls: dict = {}
 # auto preference order per device type
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
+def is_nhwc(x) -> bool:
+    """A 4-D tensor laid out channels_last (and not also contiguous): the layout the
+    C++ kernels read as NHWC; everything else they read as NCHW."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 # The one place that says which ops "auto" runs on the C++ kernels on the CPU:
 # only where benchmarks/test_cpu.py measured them faster than the reference.
 # An op missing here runs the reference under "auto" on the CPU; a value other
@@ -56,8 +62,7 @@ CPU_AUTO_CPP = {
     "p_sample_step_seeded": None,
     "sample_step": None,
     # channels_last, or the fused ResBlock dropout: C++; plain NCHW: the reference
-    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or (
-        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)),
+    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or is_nhwc(x),
 }
 
 

@@ -22,17 +22,13 @@ import torch
 from fastddpm import reference
 from fastddpm._ext import has_extension
 from fastddpm.ops import _backend
+from fastddpm.ops._backend import is_nhwc
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _nhwc(x):
-    """The C++ kernels read this layout as channels_last (everything else as NCHW)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _empty_out(x, dtype=None):
-    fmt = torch.channels_last if _nhwc(x) else torch.contiguous_format
+    fmt = torch.channels_last if is_nhwc(x) else torch.contiguous_format
     return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
