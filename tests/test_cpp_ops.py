@@ -28,6 +28,10 @@ CASES = [
     ((2, 6, 9), 2, "nchw"),
     ((3, 12), 4, "nchw"),
     ((2, 6, 5, 4), 2, "transposed"),
+    # C a multiple of 16 (every UNet width): the NHWC kernels' 16-channel chunks
+    ((2, 16, 4, 4), 8, "cl"),
+    ((3, 48, 5, 3), 8, "cl"),
+    ((2, 32, 6, 7), 4, "nchw"),
 ]
 IDS = [f"{'x'.join(map(str, s))}-g{g}-{lay}" for s, g, lay in CASES]
 
@@ -109,9 +113,10 @@ def test_group_norm_variants_match_float64(poisoned, shape, g, layout, act, affi
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_group_norm_add_and_dropout_match_float64(poisoned, dtype, layout):
+@pytest.mark.parametrize("shape,g", [((3, 12, 6, 5), 4), ((2, 32, 5, 3), 8)], ids=["c12", "c32"])
+def test_group_norm_add_and_dropout_match_float64(poisoned, dtype, layout, shape, g):
     fresh_seed()
-    _check_gn(*_gn_case((3, 12, 6, 5), 4, dtype, layout, add=True), 4, "silu", p=0.3)
+    _check_gn(*_gn_case(shape, g, dtype, layout, add=True), g, "silu", p=0.3)
 
 
 def test_dropout_mask_distribution_layout_and_seed():
@@ -131,6 +136,52 @@ def test_dropout_mask_distribution_layout_and_seed():
     keep = y1 != 0
     assert abs(keep.double().mean().item() - 0.75) < 0.01
     torch.testing.assert_close(y1[keep], y0[keep] / 0.75)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_silu_saturates_like_float64(poisoned, layout):
+    # |z| up to ~1000: the SIMD sigmoid clamps its exp argument; SiLU -> z and -> 0
+    fresh_seed()
+    x, w, b, _ = _gn_case((2, 32, 5, 4), 8, torch.float32, layout)
+    _check_gn(x, w * 300.0, b * 50.0, None, 8, "silu")
+
+
+def test_nan_input_gives_nan_not_a_number():
+    x = torch.randn(2, 16, 4, 4)
+    x[0, 3, 1, 2] = float("nan")
+    for layout_x in (x, x.to(memory_format=torch.channels_last)):
+        with ops.use_backend("cpp"):
+            y = ops.group_norm(layout_x, 8, act="silu")
+        # channel 3 is in group 1 (channels 2, 3): that group is NaN, nothing else
+        nan = torch.zeros_like(y, dtype=torch.bool)
+        nan[0, 2:4] = True
+        assert torch.equal(torch.isnan(y), nan)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_every_instruction_set_copy_matches_float64(isa):
+    """The AVX2 and baseline kernel copies (the machine runs the best one): the
+    GroupNorm float32 tests again in a process capped by FASTDDPM_CPU_ISA."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, FASTDDPM_CPU_ISA=isa)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+           "(silu_matches_float64 and float32) or (add_and_dropout and float32) or variants or saturates "
+           "or large_mean"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+def test_bad_isa_cap_is_refused():
+    import os
+    import subprocess
+    import sys
+    code = "import torch, fastddpm.ops as o\nwith o.use_backend('cpp'): o.group_norm(torch.randn(1, 4, 2, 2), 2)"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FASTDDPM_CPU_ISA="sse9"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "FASTDDPM_CPU_ISA must be avx512, avx2 or base, got 'sse9'" in r.stderr
 
 
 def test_large_mean_channels_last_is_accurate():

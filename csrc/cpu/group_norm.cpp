@@ -16,6 +16,8 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -24,15 +26,27 @@
 namespace fastddpm {
 namespace {
 
-const GnKernels& pick_kernels() {
+// The best copy this CPU runs; FASTDDPM_CPU_ISA=avx2 or base (read at the first
+// call) caps it, so the tests run every copy on one machine.
+const GnKernels& best_kernels() {
+  const char* cap = std::getenv("FASTDDPM_CPU_ISA");
+  const std::string want = cap ? cap : "";
+  TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" || want == "base",
+              "FASTDDPM_CPU_ISA must be avx512, avx2 or base, got '", want, "'");
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                      (want.empty() || want == "avx512");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && want != "base";
   return avx512 ? gn_avx512::kernels : avx2 ? gn_avx2::kernels : gn_base::kernels;
 #else
   return gn_base::kernels;
 #endif
+}
+
+const GnKernels& pick_kernels() {
+  static const GnKernels& k = best_kernels();
+  return k;
 }
 
 bool is_nhwc(const at::Tensor& x) {

@@ -14,6 +14,11 @@
 #define FASTDDPM_GN_POP_CLANG
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FASTDDPM_GN_AVX512  // the .inc's SIMD SiLU
+#endif
+
 namespace fastddpm {
 namespace gn_avx512 {
 #include "group_norm_kernel.inc"
