@@ -25,7 +25,7 @@ def _ext_modules():
     except ImportError:  # no torch at build time: pure-Python install
         return [], {}
     debug = os.environ.get("FASTDDPM_DEBUG") == "1"
-    # no-trapping-math: lets GCC vectorise floorf and compares in the kernels (no FP traps used)
+    # no-trapping-math: lets GCC vectorise the clamps and compares in the kernels (no FP traps used)
     cxx = ["-O0", "-g"] if debug else ["-O3", "-fno-trapping-math"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))

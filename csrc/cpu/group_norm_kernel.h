@@ -9,7 +9,7 @@
 // torch function is ever instantiated with AVX2 instructions (one such copy,
 // picked by the linker, would crash an older CPU). GCC vectorises their
 // fixed-width lane loops for the target of each copy; it needs
-// -fno-trapping-math (setup.py) to vectorise floorf and the clamps of exp.
+// -fno-trapping-math (setup.py) to vectorise the clamps and compares.
 #pragma once
 #include <cstdint>
 
