@@ -92,8 +92,17 @@ def attention_packed(qkv, num_heads):
 
 def attention_packed_ref(qkv, num_heads):
     """The "reference" backend of ops.attention_packed: attention_ref on the q,
-    k, v views of qkv; returns a contiguous (B, C, L)."""
+    k, v views of qkv; returns (B, C, L) in the Triton op's layout: contiguous,
+    or channel-fastest when qkv is (a channels_last conv output)."""
     B, C3, L = qkv.shape
+    if qkv.stride(1) == 1 and qkv.stride(2) != 1:
+        # Views of the (B, L, 3C) memory, so that autograd's one copy (the
+        # stacked q, k, v gradients) lands channel-fastest too and the conv's
+        # backward reads it without another; the output is a view for one head.
+        q, k, v = qkv.transpose(1, 2).unflatten(2, (3, num_heads, C3 // (3 * num_heads))).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        o = reference.attention_ref(q, k, v)
+        return o.transpose(1, 2).reshape(B, L, C3 // 3).transpose(1, 2)
     q, k, v = _split_heads(qkv, num_heads, 3)
     return reference.attention_ref(q, k, v).transpose(-1, -2).reshape(B, C3 // 3, L)
 
