@@ -85,7 +85,10 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """unet(x, t) -> eps_hat: x (B, C, S, S) in [-1, 1], t int64 (B,)."""
+    """unet(x, t) -> eps_hat: x (B, C, S, S) in [-1, 1], t int64 (B,). Runs in the
+    memory format of its conv weights (unet.to(memory_format=torch.channels_last)
+    for NHWC activations end to end); x may be in any layout and eps_hat is always
+    a contiguous NCHW tensor."""
 
     def __init__(self, config: UNetConfig = None):
         super().__init__()
