@@ -65,10 +65,12 @@ def attention(q, k, v):
 
 def _split_heads(t, num_heads, parts):
     """(B, parts * C, L) -> `parts` views (B, heads, L, d), d = C / heads: the
-    channel dimension split into (parts, heads, d), then d and L swapped. No copy."""
+    channel dimension split into (parts, heads, d), then d and L swapped. No copy.
+    Unbound before the swap: autograd then stacks the parts' gradients straight
+    into t's (B, parts * C, L) order (swapping first cost one more copy of it)."""
     B, CP, L = t.shape
     d = CP // (parts * num_heads)
-    return t.unflatten(1, (parts, num_heads, d)).transpose(-1, -2).unbind(1)
+    return tuple(p.transpose(-1, -2) for p in t.unflatten(1, (parts, num_heads, d)).unbind(1))
 
 
 def attention_packed(qkv, num_heads):
@@ -96,11 +98,12 @@ def attention_packed_ref(qkv, num_heads):
     or channel-fastest when qkv is (a channels_last conv output)."""
     B, C3, L = qkv.shape
     if qkv.stride(1) == 1 and qkv.stride(2) != 1:
-        # Views of the (B, L, 3C) memory, so that autograd's one copy (the
-        # stacked q, k, v gradients) lands channel-fastest too and the conv's
-        # backward reads it without another; the output is a view for one head.
-        q, k, v = qkv.transpose(1, 2).unflatten(2, (3, num_heads, C3 // (3 * num_heads))).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        # Views of the (B, L, 3C) memory split at the q/k/v dimension, so that
+        # autograd's one copy (stacking the q, k, v gradients) writes a
+        # channel-fastest gradient the conv's backward reads without another;
+        # the output is a view for one head.
+        qkv_l = qkv.transpose(1, 2).unflatten(2, (3, num_heads, C3 // (3 * num_heads)))
+        q, k, v = (p.transpose(1, 2) for p in qkv_l.unbind(2))
         o = reference.attention_ref(q, k, v)
         return o.transpose(1, 2).reshape(B, L, C3 // 3).transpose(1, 2)
     q, k, v = _split_heads(qkv, num_heads, 3)
