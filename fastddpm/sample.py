@@ -23,8 +23,9 @@ import torch
 
 from fastddpm import checkpoint
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, PRECISIONS, SAMPLERS, SPACINGS, NonFiniteSamplesError,
-                               compile_model, default_precision, make_plan, sample)
+from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, SAMPLERS, SPACINGS,
+                               NonFiniteSamplesError, apply_memory_format, compile_model, default_precision,
+                               make_plan, sample)
 
 
 def parse_args(argv=None):
@@ -59,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=COMPILE_MODES, default="none",
                    help="torch.compile the network (reduce-overhead: CUDA graphs of its own); the first steps "
                    "of each batch size pay the compilation; turns the sampler's CUDA graphs off")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
+                   help="layout the network runs in (default auto: channels_last on the CPU when the C++ "
+                   "extension fastddpm._C is loaded and the backend (FASTDDPM_BACKEND) is auto or cpp, else "
+                   "contiguous; always contiguous on CUDA for now)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly instead of replaying a captured CUDA graph (CUDA only)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -160,6 +165,7 @@ def main(argv=None):
         print("note: the checkpoint's scheduler has clip_sample=false: x0_hat is not clipped",
               file=sys.stderr)
     model.to(device)
+    apply_memory_format(model, args.memory_format, device)
     cuda_graphs = device.type == "cuda" and not args.no_cuda_graphs and args.compile == "none"
     t0 = time.perf_counter()
     try:

@@ -57,7 +57,8 @@ from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
-from fastddpm.sampling import COMPILE_MODES, MAX_SEED, PRECISIONS, autocast, compile_model, default_precision
+from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, apply_memory_format, autocast,
+                               compile_model, default_precision)
 from fastddpm.unet import UNet, UNetConfig
 
 _NET = UNetConfig()
@@ -97,6 +98,7 @@ class TrainConfig:
     device: Optional[str] = None
     tf32: bool = True
     compile: str = "none"
+    memory_format: str = "auto"  # a runtime choice: not part of RUN_IDENTITY
     seed: int = 0
     max_nonfinite: int = 50
     # bookkeeping
@@ -260,6 +262,10 @@ _FLAGS = [
      "each rank uses cuda:LOCAL_RANK)"),
     ("--compile", "compile", str, "torch.compile the network for training: " + " | ".join(COMPILE_MODES)
      + " (reduce-overhead: CUDA graphs); the first steps pay the compilation"),
+    ("--memory-format", "memory_format", str, "layout the network runs in: " + " | ".join(MEMORY_FORMATS)
+     + "; auto = channels_last on the CPU when the C++ extension fastddpm._C is loaded and the backend "
+     "(FASTDDPM_BACKEND) is auto or cpp, else contiguous (always contiguous on CUDA for now). "
+     "Checkpoints are the same either way, so it may change on --resume"),
     ("--seed", "seed", _seed, "seed of the weights, data order, noise and dropout"),
     ("--max-nonfinite", "max_nonfinite", _positive(int), "stop after this many consecutive steps "
      "with a non-finite loss or gradient (each is skipped and counted)"),
@@ -425,6 +431,8 @@ def _validated(cfg: TrainConfig):
         raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.compile not in COMPILE_MODES:
         raise ValueError(f"--compile must be one of {COMPILE_MODES}, got {cfg.compile!r}")
+    if cfg.memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"--memory-format must be one of {MEMORY_FORMATS}, got {cfg.memory_format!r}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if cfg.variance not in ("fixedlarge", "fixedsmall"):
@@ -494,11 +502,27 @@ def lr_at(cfg, step):
     return cfg.lr * (min(step / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0)
 
 
+def _contiguous(state):
+    """`state` (nested dicts/lists of tensors) with every tensor in plain row-major
+    strides, so that checkpoints do not depend on the layout the network ran in
+    (--memory-format). Not .contiguous(): a channels_last (C, K, 1, 1) weight already
+    counts as contiguous but keeps strides (K, 1, K, K)."""
+    if torch.is_tensor(state):
+        plain = state.stride() == torch.empty(state.shape, device="meta").stride()
+        return state if plain else state.clone(memory_format=torch.contiguous_format)
+    if isinstance(state, dict):
+        return {k: _contiguous(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_contiguous(v) for v in state)
+    return state
+
+
 def params_digest(model):
     h = hashlib.sha1()
     for name, p in model.state_dict().items():
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # flatten(): a channels_last (C, K, 1, 1) weight is "contiguous" with stride(-1) == K
+        h.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -553,6 +577,7 @@ class Trainer:
         self.model_config = cfg.model_config(self.in_channels)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = UNet(self.model_config).to(self.device)
+        self.memory_format = apply_memory_format(self.model, cfg.memory_format, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion_config()).to(self.device)
         self.params = [p for p in self.model.parameters()]
@@ -681,10 +706,10 @@ class Trainer:
         return {
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": self.step,
             "config": self.config_dict(),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
+            "model": _contiguous(self.model.state_dict()),
+            "ema": _contiguous(self.ema.state_dict()),
             "train_state": {
-                "optimizer": self.opt.state_dict(),
+                "optimizer": _contiguous(self.opt.state_dict()),
                 "scaler": self.scaler.state_dict(),
                 "rng": rngs,
                 "data": {"seed": self.cfg.seed, "epoch": epoch, "position": position,
@@ -703,6 +728,7 @@ class Trainer:
         return {"model": self.model_config.to_dict(), "diffusion": self.diffusion.config,
                 "train": self.cfg.to_dict(),
                 "runtime": {"device": str(self.device), "precision": self.precision,
+                            "memory_format": str(self.memory_format).removeprefix("torch."),
                             "world_size": self.world, "torch": torch.__version__}}
 
     def _load(self, ckpt):
@@ -722,6 +748,13 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ts["optimizer"])
+        # Checkpoints hold contiguous tensors; fused Adam reads its state in the
+        # parameter's memory order (a channels_last parameter with contiguous
+        # moments is updated wrongly, silently), so give each moment p's strides.
+        for p, st in self.opt.state.items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         if self.scaler.is_enabled() and ts.get("scaler"):
             self.scaler.load_state_dict(ts["scaler"])
         self.step = int(ckpt["step"])

@@ -85,7 +85,10 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """unet(x, t) -> eps_hat: x (B, C, S, S) in [-1, 1], t int64 (B,)."""
+    """unet(x, t) -> eps_hat: x (B, C, S, S) in [-1, 1], t int64 (B,). Runs in the
+    memory format of its conv weights (unet.to(memory_format=torch.channels_last)
+    for NHWC activations end to end); x may be in any layout and eps_hat is always
+    a contiguous NCHW tensor."""
 
     def __init__(self, config: UNetConfig = None):
         super().__init__()
@@ -128,6 +131,14 @@ class UNet(nn.Module):
         self.norm_out = GroupNormSiLU(G, cur, eps)
         self.conv_out = _conv(cur, cfg.in_channels, 3, scale=0.0)
 
+    @property
+    def memory_format(self):
+        """torch.channels_last when the conv weights are (the model was moved with
+        .to(memory_format=torch.channels_last)), else torch.contiguous_format."""
+        w = self.conv_in.weight
+        nhwc = not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        return torch.channels_last if nhwc else torch.contiguous_format
+
     @staticmethod
     def _run(blocks, h, emb):
         for b in blocks:
@@ -148,6 +159,9 @@ class UNet(nn.Module):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"UNet weights are {w.dtype}, got x of dtype {x.dtype} (cast x, or the model "
                             "with .to(dtype), or run under torch.autocast)")
+        # The net runs in its conv weights' layout (model.to(memory_format=torch.channels_last)
+        # makes every activation NHWC end to end); callers always get a contiguous NCHW eps_hat.
+        x = x.contiguous(memory_format=self.memory_format)
         emb = F.silu(self.temb(t))  # every ResBlock applies swish before its dense
         hs = [self.conv_in(x)]
         for blocks in self.down:
@@ -157,4 +171,4 @@ class UNet(nn.Module):
             if isinstance(blocks[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(blocks, h, emb)
-        return self.conv_out(self.norm_out(h))
+        return self.conv_out(self.norm_out(h)).contiguous()

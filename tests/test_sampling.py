@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import fastddpm.sampling as sampling
-from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, reference
+from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, ops, reference
 from fastddpm.sample import main as sample_main
 from fastddpm.sampling import make_plan, sample, sample_batch, spaced_timesteps
 from fastddpm.sampling.graphs import CudaGraphRunner
@@ -510,6 +510,31 @@ def test_sample_cli_nan_weights_fail_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and err.startswith("error: the network produced non-finite outputs")
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_sample_cli_memory_format(tmp_path, monkeypatch):
+    """--memory-format moves the loaded network (auto: ops.preferred_memory_format);
+    the samples agree up to uint8 rounding."""
+    import shutil
+
+    import fastddpm.sample as sample_mod
+
+    seen, real = [], sample_mod.apply_memory_format
+
+    def spy(model, name, device):
+        fmt = real(model, name, device)
+        seen.append((fmt, model.memory_format))
+        return fmt
+
+    monkeypatch.setattr(sample_mod, "apply_memory_format", spy)
+    outs = {}
+    for fmt in ("contiguous", "channels_last", "auto"):
+        _, _, out = _cli(tmp_path, "--sampler", "ddim", "--steps", "3", "--memory-format", fmt)
+        outs[fmt] = np.load(out / "samples.npz")["arr_0"].astype(int)
+        shutil.rmtree(out)
+    auto = ops.preferred_memory_format("cpu")
+    assert seen == [(torch.contiguous_format,) * 2, (torch.channels_last,) * 2, (auto, auto)]
+    assert np.abs(outs["contiguous"] - outs["channels_last"]).max() <= 1
 
 
 def test_sample_cli_warns_about_fp16_on_cpu(tmp_path, capsys):

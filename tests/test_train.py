@@ -73,6 +73,50 @@ def test_resume_is_bit_identical(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 7
 
 
+def _nhwc(p):
+    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_memory_format_is_a_runtime_choice_with_contiguous_checkpoints(tmp_path, capsys):
+    """--memory-format channels_last: checkpoints hold contiguous tensors (model, EMA,
+    Adam moments); a resume is bit-identical to the straight run (the fused Adam moments
+    loaded from a contiguous checkpoint take the channels_last parameters' layout: with
+    mismatched strides fused Adam updates the wrong elements, silently); and a resume
+    with another --memory-format loads the same numbers."""
+    from fastddpm.train import params_digest
+
+    args = TINY + ["--memory-format", "channels_last", "--ch-mult", "1,2", "--attn-resolutions", "4"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--steps", "4"]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--steps", "2"]) == 0
+    ckpt2 = C.load(tmp_path / "b")
+    tensors = [*ckpt2["model"].values(), *ckpt2["ema"].values(),
+               *(v for st in ckpt2["train_state"]["optimizer"]["state"].values() for v in st.values())]
+    assert all(t.is_contiguous() for t in tensors) and any(t.dim() == 4 and t.shape[1] > 1 for t in tensors)
+    assert main(["--resume", str(tmp_path / "b"), "--steps", "4", "--no-progress"]) == 0
+    a, b = C.load(tmp_path / "a"), C.load(tmp_path / "b")
+    _equal_state(a["model"], b["model"], "model")
+    _equal_state(a["ema"], b["ema"], "ema")
+    _equal_optimizer(a["train_state"]["optimizer"], b["train_state"]["optimizer"])
+    assert json.load(open(tmp_path / "b" / "config.json"))["runtime"]["memory_format"] == "channels_last"
+    # the same checkpoint resumed in either layout: the same state, the moments in p's layout
+    path = tmp_path / "b" / C.checkpoint_name(2)
+    for fmt in ("contiguous", "channels_last"):
+        cfg, ckpt, rpath = config_from_args(["--resume", str(path), "--out", str(tmp_path / fmt),
+                                             "--memory-format", fmt])
+        tr = Trainer(cfg, resume=ckpt, resume_path=rpath, log=lambda *a: None)
+        assert any(_nhwc(p) for p in tr.model.parameters()) == (fmt == "channels_last")
+        assert any(_nhwc(p) for p in tr.ema.parameters()) == (fmt == "channels_last")
+        for p in tr.params:
+            assert all(v.stride() == p.stride() for v in tr.opt.state[p].values() if v.dim()), fmt
+        st = tr.state_dict()
+        _equal_state(st["model"], ckpt2["model"], fmt)
+        _equal_state(st["ema"], ckpt2["ema"], fmt)
+        _equal_optimizer(st["train_state"]["optimizer"], ckpt2["train_state"]["optimizer"])
+        assert params_digest(tr.model) == ckpt2["train_state"]["param_digest_per_rank"][0]
+    assert main(TINY + ["--out", str(tmp_path / "bad"), "--memory-format", "nhwc"]) == 2
+    assert "--memory-format must be one of" in capsys.readouterr().err
+
+
 def test_metrics_config_samples_and_sampling_cli_reads_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(TINY + ["--out", str(out), "--steps", "4", "--sample-every", "2", "--sample-n", "4",

@@ -65,10 +65,12 @@ def attention(q, k, v):
 
 def _split_heads(t, num_heads, parts):
     """(B, parts * C, L) -> `parts` views (B, heads, L, d), d = C / heads: the
-    channel dimension split into (parts, heads, d), then d and L swapped. No copy."""
+    channel dimension split into (parts, heads, d), then d and L swapped. No copy.
+    Unbound before the swap: autograd then stacks the parts' gradients straight
+    into t's (B, parts * C, L) order (swapping first cost one more copy of it)."""
     B, CP, L = t.shape
     d = CP // (parts * num_heads)
-    return t.unflatten(1, (parts, num_heads, d)).transpose(-1, -2).unbind(1)
+    return tuple(p.transpose(-1, -2) for p in t.unflatten(1, (parts, num_heads, d)).unbind(1))
 
 
 def attention_packed(qkv, num_heads):
@@ -92,8 +94,18 @@ def attention_packed(qkv, num_heads):
 
 def attention_packed_ref(qkv, num_heads):
     """The "reference" backend of ops.attention_packed: attention_ref on the q,
-    k, v views of qkv; returns a contiguous (B, C, L)."""
+    k, v views of qkv; returns (B, C, L) in the Triton op's layout: contiguous,
+    or channel-fastest when qkv is (a channels_last conv output)."""
     B, C3, L = qkv.shape
+    if qkv.stride(1) == 1 and qkv.stride(2) != 1:
+        # Views of the (B, L, 3C) memory split at the q/k/v dimension, so that
+        # autograd's one copy (stacking the q, k, v gradients) writes a
+        # channel-fastest gradient the conv's backward reads without another;
+        # the output is a view for one head.
+        qkv_l = qkv.transpose(1, 2).unflatten(2, (3, num_heads, C3 // (3 * num_heads)))
+        q, k, v = (p.transpose(1, 2) for p in qkv_l.unbind(2))
+        o = reference.attention_ref(q, k, v)
+        return o.transpose(1, 2).reshape(B, L, C3 // 3).transpose(1, 2)
     q, k, v = _split_heads(qkv, num_heads, 3)
     return reference.attention_ref(q, k, v).transpose(-1, -2).reshape(B, C3 // 3, L)
 

@@ -32,6 +32,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --compile of the train and sample CLIs: eager, or a torch.compile mode
 # ("reduce-overhead" replays the network in CUDA graphs).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+# --memory-format of the train and sample CLIs: the layout the network runs in (a
+# runtime choice: weights and checkpoints are the same numbers in either).
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 2**32          # sample indices are one 32-bit Philox counter word
 
@@ -50,6 +53,18 @@ def compile_model(model, mode):
     if mode == "none":
         return model
     return torch.compile(model, mode=mode)
+
+
+def apply_memory_format(model, name, device):
+    """Move `model` (in place) to the layout `name` (one of MEMORY_FORMATS; auto:
+    ops.preferred_memory_format(device)) and return the torch.memory_format used.
+    The UNet then runs in that layout and still returns contiguous NCHW."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory format must be one of {MEMORY_FORMATS}, got {name!r}")
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}.get(name)
+    fmt = ops.preferred_memory_format(device) if fmt is None else fmt
+    model.to(memory_format=fmt)
+    return fmt
 
 
 def default_precision(device) -> str:
