@@ -10,6 +10,7 @@ The torch version the extension was built against is written beside it
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -27,6 +28,12 @@ def _ext_modules():
     debug = os.environ.get("FASTDDPM_DEBUG") == "1"
     # no-trapping-math: lets GCC vectorise the clamps and compares in the kernels (no FP traps used)
     cxx = ["-O0", "-g"] if debug else ["-O3", "-fno-trapping-math"]
+    # at::parallel_for is inlined into the extension: without -fopenmp its OpenMP
+    # pragma is dropped and every C++ kernel runs on one thread. The libgomp it
+    # links is torch's own (same soname, already loaded by torch's OpenMP build).
+    omp = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+    cxx += ["-fopenmp"] if omp else []
+    link = ["-fopenmp"] if omp else []
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and cuda_sources
@@ -34,9 +41,11 @@ def _ext_modules():
         ext = cpp_extension.CUDAExtension(
             "fastddpm._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] if not debug else ["-O0", "-g", "-G"]},
+            extra_link_args=link,
         )
     else:
-        ext = cpp_extension.CppExtension("fastddpm._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("fastddpm._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
     return [ext], {"build_ext": _build_ext_class(cpp_extension.BuildExtension.with_options(use_ninja=True))}
 
 
