@@ -1,6 +1,7 @@
 // Schemas for every fastddpm C++ op, declared once (namespace fastddpm_cpp).
-// CPU implementations register in cpu/*.cpp; fake implementations and autograd
-// are in Python (fastddpm/ops/_cpp.py).
+// CPU implementations register in cpu/*.cpp; group_norm's autograd too
+// (cpu/group_norm_autograd.cpp); fake implementations and the other ops'
+// autograd are in Python (fastddpm/ops/_cpp.py).
 #include <Python.h>
 #include <torch/library.h>
 

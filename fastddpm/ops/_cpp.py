@@ -2,7 +2,8 @@
 namespace fastddpm_cpp) with their fake implementations and autograd, and the
 wrappers that fastddpm.ops runs for backend "cpp".
 
-Ops: group_norm (+ add, SiLU, dropout; forward and backward), q_sample
+Ops: group_norm (+ add, SiLU, dropout; forward and backward; its autograd is
+C++, csrc/cpu/group_norm_autograd.cpp, to keep Python off each call), q_sample
 (autograd), simple_loss (its gradient comes out of the forward pass) and the
 ancestral p_sample_step with given noise and every sampler's sample_step (no
 autograd: sampling). Input the kernels do not take (float64 GroupNorm or
@@ -25,7 +26,6 @@ from fastddpm.ops import _backend
 from fastddpm.ops._backend import is_nhwc
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GroupNormFunction = None  # set by _register once _C is loaded
 
 
 def _empty_out(x, dtype=None):
@@ -57,43 +57,7 @@ def _register():
                 bias.new_empty(bias.shape) if bias_grad else none(),
                 add.new_empty(add.shape) if add_grad else none())
 
-    def _gn_setup(ctx, inputs, output):
-        x, num_groups, weight, bias, eps, silu, add, p, seed = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, weight, bias, add, mean, rstd, seed)
-        ctx.num_groups, ctx.silu, ctx.p = num_groups, silu, p
-
-    def _gn_backward(ctx, dy, _dmean, _drstd):
-        x, weight, bias, add, mean, rstd, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        wg, bg, ag = weight is not None and need[2], bias is not None and need[3], add is not None and need[6]
-        dx, dw, db, da = torch.ops.fastddpm_cpp.group_norm_backward(
-            dy, x, weight, bias, add, mean, rstd, ctx.num_groups, ctx.silu, ctx.p, seed, wg, bg, ag)
-        return (dx if need[0] else None, None, dw if wg else None, db if bg else None, None, None,
-                da if ag else None, None, None)
-
-    torch.library.register_autograd(lib + "group_norm", _gn_backward, setup_context=_gn_setup)
-
-    class GroupNormFunction(torch.autograd.Function):
-        """The same forward, setup and backward as the op's registered autograd, as a
-        plain autograd.Function that calls the CPU kernel below autograd directly:
-        eager calls skip the generic Python layer of register_autograd (measured
-        ~30 us a call, more than the kernel at the small UNet's sizes)."""
-
-        @staticmethod
-        def forward(ctx, *inputs):
-            with torch._C._AutoDispatchBelowAutograd():
-                output = torch.ops.fastddpm_cpp.group_norm.default(*inputs)
-            _gn_setup(ctx, inputs, output)
-            return output[0]
-
-        @staticmethod
-        def backward(ctx, dy):
-            return _gn_backward(ctx, dy, None, None)
-
-    global _GroupNormFunction
-    _GroupNormFunction = GroupNormFunction
+    # group_norm's autograd is C++ (csrc/cpu/group_norm_autograd.cpp, the Autograd key)
 
     @torch.library.register_fake(lib + "q_sample")
     def _q_sample_fake(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
@@ -171,13 +135,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=No
     if x.dtype not in _DTYPES or x.numel() == 0 or auto_says_no:
         return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
     seed = new_seed() if dropout > 0 else None
-    args = (x, num_groups, weight, bias, float(eps), act == "silu", add, float(dropout), seed)
-    if torch.compiler.is_compiling():
-        return torch.ops.fastddpm_cpp.group_norm(*args)[0]  # dynamo traces the op and its registered autograd
-    if _needs_grad(x, weight, bias, add):
-        return _GroupNormFunction.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():  # nothing to record: straight to the kernel
-        return torch.ops.fastddpm_cpp.group_norm.default(*args)[0]
+    return torch.ops.fastddpm_cpp.group_norm.default(x, num_groups, weight, bias, float(eps), act == "silu", add,
+                                                     float(dropout), seed)[0]
 
 
 def q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar):
