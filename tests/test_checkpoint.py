@@ -46,6 +46,13 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
     path.write_bytes(os.urandom(3000))
     with pytest.raises(CheckpointError, match="ckpt-00000005.pt is unreadable"):
         C.load(tmp_path)
+    # every first byte (pickle opcode): some made torch's unpickler raise a bare IndexError
+    rng = torch.Generator().manual_seed(0)
+    tail = bytes(torch.randint(0, 256, (2999,), generator=rng, dtype=torch.uint8).tolist())
+    for first in range(256):
+        path.write_bytes(bytes([first]) + tail)
+        with pytest.raises(CheckpointError, match="ckpt-00000005.pt is unreadable"):
+            C.load(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         C.resolve(tmp_path / "empty")
