@@ -10,6 +10,7 @@ These run without a GPU; the whole file takes a few minutes on 2 cores.
 
 Run: pytest benchmarks/test_cpu.py --benchmark-only -s
 """
+import copy
 import statistics
 import time
 
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 
 import fastddpm.ops as ops
 from fastddpm import GaussianDiffusion, UNet, UNetConfig, _ext, reference
+from fastddpm.sampling import apply_memory_format
 
 pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C not loaded: {_ext.extension_error()}")
 
 THREADS = [1, 2]
+_LAST_TIMES = {}  # the per-round times of the last report()
 ROUNDS = 15
 MODEL_ROUNDS = 7
 
@@ -58,7 +61,9 @@ def interleaved(providers, rounds=ROUNDS, warmup=2):
 def report(benchmark, group, threads, providers, baseline="reference", ours="cpp", rounds=ROUNDS, **info):
     """Ratios are medians of per-round ratios (each round runs every provider
     back to back), which a shared, bursty machine disturbs less than a ratio of medians."""
+    global _LAST_TIMES
     med, times = interleaved(providers, rounds)
+    _LAST_TIMES = times
     ratios = {f"{baseline}/{k}": statistics.median(b / o for b, o in zip(times[baseline], times[k]))
               for k in med if k != baseline}
     benchmark.group = group
@@ -249,34 +254,51 @@ def _diffusers_tiny(cfg=TINY):
 
 
 def _models():
+    """(ours NCHW, ours in the layout the CLIs pick on the CPU (channels_last), diffusers,
+    parameter counts): the same random weights in both of ours."""
     torch.manual_seed(0)
     ours = UNet(TINY)
     with torch.no_grad():  # undo the zero init so every path carries signal
         for p in ours.parameters():
             if p.abs().max() == 0:
                 p.normal_(std=0.05)
+    fast = copy.deepcopy(ours)
+    apply_memory_format(fast, "auto", "cpu")  # what train/sample run by default (--memory-format auto)
     theirs = _diffusers_tiny()
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-    return ours, theirs, n_ours, n_theirs
+    return ours, fast, theirs, n_ours, n_theirs
+
+
+def _vs_diffusers(ratios, times, ours=("cpp", "auto")):
+    """diffusers / ours per-round ratios (the target: faster than diffusers by as much)."""
+    for k in ours:
+        ratios[f"diffusers/{k}"] = statistics.median(d / o for d, o in zip(times["diffusers"], times[k]))
+    return ratios
 
 
 def test_tiny_unet_train_step(benchmark, threads):
-    """One training step of the tiny preset's network (batch 32): L_simple,
-    backward, Adam. C++ backend vs reference backend vs diffusers."""
-    ours, theirs, n_ours, n_theirs = _models()
+    """One training step of the tiny preset's network (batch 32) as the trainer
+    runs it: L_simple, backward, fused Adam. reference = plain PyTorch (NCHW);
+    cpp / auto = the C++ backend / the CLI default, both in the CLIs' CPU layout
+    (channels_last); cpp_nchw = the C++ backend on NCHW; diffusers' UNet2DModel."""
+    ours, fast, theirs, n_ours, n_theirs = _models()
+    nchw_cpp = copy.deepcopy(ours)
     d = GaussianDiffusion.linear()
     torch.manual_seed(1)
     x0 = torch.rand(32, 3, 16, 16) * 2 - 1
     t, noise = torch.randint(0, 1000, (32,)), torch.randn(32, 3, 16, 16)
-    opts = {id(m): torch.optim.Adam(m.parameters(), lr=1e-7) for m in (ours, theirs)}
+    nets = {"reference": ours, "cpp": fast, "auto": copy.deepcopy(fast), "cpp_nchw": nchw_cpp}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-7, fused=True) for k, m in nets.items()}
+    opts["diffusers"] = torch.optim.Adam(theirs.parameters(), lr=1e-7, fused=True)
 
-    def ours_step(backend):
+    def ours_step(name):
+        backend = "cpp" if name == "cpp_nchw" else name
         def run():
             with ops.use_backend(backend):
-                loss = d.training_loss(ours, x0, t, noise)
+                loss = d.training_loss(nets[name], x0, t, noise)
             loss.backward()
-            opts[id(ours)].step()
-            opts[id(ours)].zero_grad(set_to_none=True)
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
             return loss
         return run
 
@@ -285,47 +307,72 @@ def test_tiny_unet_train_step(benchmark, threads):
             x_t = ops.q_sample(x0, t, noise, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod)
         loss = F.mse_loss(theirs(x_t, t).sample, noise)
         loss.backward()
-        opts[id(theirs)].step()
-        opts[id(theirs)].zero_grad(set_to_none=True)
+        opts["diffusers"].step()
+        opts["diffusers"].zero_grad(set_to_none=True)
         return loss
 
-    with ops.use_backend("cpp"):
-        out = ours(x0, t)
     with ops.use_backend("reference"):
-        assert _rel(out, ours(x0, t)) < 1e-5
-    assert theirs(x0, t).sample.shape == out.shape
-    report(benchmark, "tiny UNet train step, batch 32, fp32", threads,
-           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "auto": ours_step("auto"),
-            "diffusers": diffusers_step}, rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs)
+        want = ours(x0, t)
+    with ops.use_backend("cpp"):
+        assert _rel(fast(x0, t), want) < 1e-5 and _rel(nchw_cpp(x0, t), want) < 1e-5
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert theirs(x0, t).sample.shape == want.shape
+    providers = {k: ours_step(k) for k in nets}
+    providers["diffusers"] = diffusers_step
+    ratios = report(benchmark, "tiny UNet train step, batch 32, fp32", threads, providers, rounds=MODEL_ROUNDS,
+                    params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
+    benchmark.extra_info.update({f"ratio_{k}": v for k, v in _vs_diffusers(ratios, _LAST_TIMES).items()})
+    print("  " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items() if k.startswith("diffusers/")))
 
 
 def test_tiny_unet_sampler_step(benchmark, threads):
-    """One ancestral sampler step of the tiny network (batch 64, no grad):
-    net forward + p_sample_step. C++ vs reference vs diffusers (+ its DDPMScheduler)."""
+    """One step of the DDPM sampler as `python -m fastddpm.sample` runs it on the
+    CPU (batch 64, no grad): fastddpm.sampling.denoise_step = net forward +
+    ops.sample_step with its Philox noise. reference = plain PyTorch (NCHW);
+    cpp / auto in the CLIs' CPU layout (channels_last); diffusers' UNet2DModel +
+    DDPMScheduler.step."""
     diffusers = pytest.importorskip("diffusers")
-    ours, theirs, n_ours, n_theirs = _models()
+    from fastddpm.sampling import StepState, denoise_step, make_plan
+    ours, fast, theirs, n_ours, n_theirs = _models()
     ours.eval()
+    fast.eval()
     theirs.eval()
-    d, tabs = _tables()
+    d = GaussianDiffusion.linear()
+    plan = make_plan(d, "ddpm")
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large")
-    torch.manual_seed(1)
-    x, z = torch.randn(64, 3, 16, 16), torch.randn(64, 3, 16, 16)
-    t = torch.full((64,), 500)
+    x_shape = (64, 3, 16, 16)
 
-    def ours_step(backend):
+    def state():
+        s = StepState.allocate(plan, x_shape, "cpu")
+        s.reset(seed=1, first_sample=0)
+        return s
+
+    nets = {"reference": ours, "cpp": fast, "auto": fast}
+    states = {k: state() for k in nets}
+
+    def ours_step(name):
         @torch.no_grad()
         def run():
-            with ops.use_backend(backend):
-                return d._p_sample_step(x, t, ours(x, t), z)
+            with ops.use_backend(name):
+                denoise_step(nets[name], states[name], "fp32", clip=True)
+            return states[name].x
         return run
+
+    torch.manual_seed(1)
+    x = torch.randn(x_shape)
+    t = torch.full((64,), 500)
 
     @torch.no_grad()
     def diffusers_step():
         gen = torch.Generator().manual_seed(0)
         return sched.step(theirs(x, t).sample, 500, x, generator=gen).prev_sample
 
-    assert _rel(ours_step("cpp")(), ours_step("reference")()) < 1e-5
+    a, b = ours_step("cpp")(), ours_step("reference")()  # both from the same x_T, step 0
+    assert _rel(a, b) < 1e-5
     assert diffusers_step().shape == x.shape
-    report(benchmark, "tiny UNet sampler step, batch 64, fp32", threads,
-           {"reference": ours_step("reference"), "cpp": ours_step("cpp"), "auto": ours_step("auto"),
-            "diffusers": diffusers_step}, rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs)
+    providers = {k: ours_step(k) for k in nets}
+    providers["diffusers"] = diffusers_step
+    ratios = report(benchmark, "tiny UNet sampler step (DDPM), batch 64, fp32", threads, providers,
+                    rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
+    benchmark.extra_info.update({f"ratio_{k}": v for k, v in _vs_diffusers(ratios, _LAST_TIMES).items()})
+    print("  " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items() if k.startswith("diffusers/")))
