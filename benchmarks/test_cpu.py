@@ -123,8 +123,8 @@ def test_group_norm_silu_fwd_bwd(benchmark, threads, channels_last):
         compile_s = time.perf_counter() - t0
         providers["compiled"] = _fwd_bwd(compiled, x, w, b, a, dy)
         benchmark.extra_info["compile_s"] = compile_s
-    report(benchmark, "GroupNorm+SiLU fwd+bwd (8, 128, 32, 32) fp32", threads, providers,
-           layout="channels_last" if channels_last else "nchw")
+    layout = "channels_last" if channels_last else "nchw"
+    report(benchmark, f"GroupNorm+SiLU fwd+bwd (8, 128, 32, 32) fp32 {layout}", threads, providers, layout=layout)
 
 
 def test_group_norm_add_dropout_fwd_bwd(benchmark, threads):

@@ -9,6 +9,7 @@ cannot run on the input's device raises, naming why.
 """
 import contextlib
 import importlib.util
+import math
 import os
 
 import torch
@@ -61,8 +62,9 @@ CPU_AUTO_CPP = {
     "p_sample_step": None,
     "p_sample_step_seeded": None,
     "sample_step": None,
-    # channels_last, or the fused ResBlock dropout: C++; plain NCHW: the reference
-    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or is_nhwc(x),
+    # channels_last, the fused ResBlock dropout, or NCHW with >= 256 positions per
+    # channel: C++; smaller NCHW (the tiny UNet's 8x8 and 4x4): the reference
+    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or is_nhwc(x) or math.prod(x.shape[2:]) >= 256,
 }
 
 
