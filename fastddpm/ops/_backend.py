@@ -39,23 +39,21 @@ def is_nhwc(x) -> bool:
 # only where benchmarks/test_cpu.py measured them faster than the reference.
 # An op missing here runs the reference under "auto" on the CPU; a value other
 # than None is a predicate on the op's arguments (the C++ wrapper asks it).
-# Measured 2026-12-01 09:30-09:38 UTC by benchmarks/test_cpu.py on the 2-core CI
-# machine (AMD EPYC, AVX-512) while 5 other agents loaded it (load average ~4):
-# fp32, medians of per-round ratios reference / C++, 1 thread (2-thread runs
-# were dominated by contention), two runs:
-#   p_sample_step (256, 3, 32, 32): 2.7-2.8x;  q_sample + L_simple fwd+bwd: 1.25-1.33x;
-#   sample_step (256, 3, 32, 32) (measured 2026-12-01 09:59 UTC, load average ~2.6, 1 thread;
-#   2 threads in brackets): Philox noise drawn in the op 16-23x (32-37x), given noise +
-#   x0_prev 2.9x (1.9x), no noise (DDIM) 3.3x (1.7x);
-#   GroupNorm+add+SiLU+dropout fwd+bwd (8, 128, 32, 32) vs the unfused reference: 3.5-3.7x;
-#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32), after the one-pass backwards (remeasured
-#   2026-12-01 10:05-10:15 UTC, load average 0.2-1.8, 1 thread, five runs): NCHW
-#   1.02-1.47x (median of runs 1.10x), channels_last 1.61-1.96x (was 0.86-0.94x);
-#   2 threads: NCHW 1.02-1.25x, channels_last 2.7-3.5x (torch's channels_last
-#   result is also wrong at mean 3000); add+SiLU+dropout vs unfused: 3.9-4.3x.
-#   NCHW GroupNorm at the tiny UNet's sizes is still slower, ~0.1-0.2 ms fixed cost
-#   per fwd+bwd ((32, 16, 16, 16) 0.87x, (32, 32, 8, 8) 0.66x, (32, 64, 4, 4) 0.49x),
-#   so plain NCHW stays on the reference (tiny train step 0.96x on "cpp" and "auto").
+# Measured 2026-12-01 11:56-11:57 UTC by benchmarks/test_cpu.py (two runs, saved in
+# benchmarks/results/cpu-amd-epyc-2core-2026-12-01.*) on the shared 2-core CI
+# machine (AMD EPYC Zen 4, AVX-512, load average 0.7-1.1), fp32, medians of
+# per-round ratios reference / C++, 1 thread (2 threads):
+#   p_sample_step (256, 3, 32, 32): 2.7-2.8x (2.8x);  q_sample + L_simple fwd+bwd: 1.17-1.25x (1.2x);
+#   sample_step (256, 3, 32, 32): Philox noise drawn in the op 10-19x (14-18x), given noise +
+#   x0_prev 2.8x (2.5-2.6x), no noise (DDIM) 2.9-3.0x (2.4-2.6x);
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.53-2.35x (1.50-2.68x), channels_last
+#   1.95-2.13x (1.92-1.94x; torch's channels_last result is also wrong at mean 3000);
+#   GroupNorm+add+SiLU+dropout vs the unfused reference: 3.7-4.5x (4.4-5.8x).
+# NCHW GroupNorm+SiLU fwd+bwd at the tiny UNet's sizes (same day, 11:45 UTC, 1 and 2
+# threads): 1.20-1.27x at (32, 16, 16, 16), 0.98-1.03x at (32, 32, 8, 8), 0.80-0.85x at
+# (32, 64, 4, 4): C++ from 256 positions per channel, the reference below. (The
+# reference's time moves by up to 2x between processes on this machine, with the
+# page faults of fresh allocations: hence ranges.)
 CPU_AUTO_CPP = {
     "q_sample": None,
     "simple_loss": None,
