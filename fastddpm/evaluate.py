@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -255,6 +256,23 @@ def softmax64(logits):
 
 # ---- images and the Inception pass ------------------------------------------------------
 
+_GRID = re.compile(r"^samples(-\d+)?\.png$")  # the grids train and sample write
+
+
+def _refuse_sample_grids(folder):
+    """A fastddpm run or sample folder is not a folder of images: its PNGs are
+    grids of many samples each (scoring them would be a wrong answer)."""
+    npz = os.path.join(folder, "samples.npz")
+    if os.path.isfile(npz):
+        raise EvaluateError(f"{folder}: a fastddpm sample folder; pass its {npz} (samples.png is a grid of "
+                            "many samples, not one image)")
+    names = [n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if names and all(_GRID.match(n) for n in names):
+        raise EvaluateError(f"{folder}: holds only fastddpm sample grids ({names[0]}, ...), each many samples "
+                            "in one image; sample with `python -m fastddpm.sample --checkpoint RUN --out OUT` "
+                            "and pass OUT/samples.npz")
+
+
 def open_images(spec, image_size=None):
     """A dataset (len, dataset[list] -> uint8 (B, H, W, C)) of DATA without resizing:
     .npz and CIFAR-10 arrays as they are; an image folder at image_size (default:
@@ -265,6 +283,7 @@ def open_images(spec, image_size=None):
     if os.path.isdir(spec):
         if any(os.path.exists(os.path.join(spec, n)) for n in data_mod.CIFAR_BATCHES):
             return data_mod.ArrayDataset(data_mod.load_cifar10(spec), f"cifar10:{spec}")
+        _refuse_sample_grids(spec)
         folder = data_mod.ImageFolderDataset(spec, 1, check=False)
         if image_size is None:
             from PIL import Image

@@ -225,6 +225,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
     missing = str(tmp_path / "nothing.pth")
     w = ["--inception-weights", HELPER or missing, "--no-progress"]
+    from PIL import Image
+    run, out = tmp_path / "run", tmp_path / "out"
+    for folder, names in ((run, ["samples-00000500.png", "samples-00001000.png"]), (out, ["samples.png"])):
+        folder.mkdir()
+        for n in names:
+            Image.fromarray(_images(1, 16, 1)[0]).save(folder / n)
+    np.savez(out / "samples.npz", arr_0=_images(4, 8, 4))
     cases = [
         (["fid", "--samples", str(tmp_path / "float.npz"), "--ref", str(tmp_path / "ok.npz")] + w, "uint8"),
         (["fid", "--samples", str(tmp_path / "empty.npz"), "--ref", str(tmp_path / "ok.npz")] + w, "no images"),
@@ -234,6 +241,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
         (["stats", str(tmp_path / "ok.npz"), "--out", str(tmp_path / "o.npz"), "--inception-weights", missing],
          "nothing.pth: no such file.*pt_inception"),
         (["nll", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path / "ok.npz")], "does not exist"),
+        # a run folder (grids only) and a sample folder: their PNGs are grids, not images
+        (["fid", "--samples", str(run), "--ref", str(tmp_path / "ok.npz")] + w, "only fastddpm sample grids"),
+        (["is", "--samples", str(out)] + w, "pass its .*samples.npz"),
     ]
     for argv, what in cases:
         assert ev.main(argv) == 2, argv
