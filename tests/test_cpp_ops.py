@@ -158,6 +158,30 @@ def test_nan_input_gives_nan_not_a_number():
         assert torch.equal(torch.isnan(y), nan)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_is_the_same_on_one_and_two_threads(layout):
+    """The kernels run in parallel (built with OpenMP) and stay deterministic:
+    bit-identical forward and gradients whatever the thread count."""
+    fresh_seed()
+    x, w, b, a = _gn_case((6, 32, 9, 8), 8, torch.float32, layout, add=True)
+    dy = torch.randn_like(x)
+    out = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xs, ws, bs, as_ = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                               for t in (x, w, b, a))
+            with ops.use_backend("cpp"):
+                y = ops.group_norm(xs, 8, ws, bs, 1e-6, "silu", add=as_)
+            y.backward(dy)
+            out.append([y] + [t.grad for t in (xs, ws, bs, as_)])
+    finally:
+        torch.set_num_threads(before)
+    for u, v in zip(*out):
+        assert torch.equal(u, v)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_every_instruction_set_copy_matches_float64(isa):
     """The AVX2 and baseline kernel copies (the machine runs the best one): the
