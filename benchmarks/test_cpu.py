@@ -6,7 +6,10 @@ Every test first asserts that the providers agree (C++ vs reference), then
 times them interleaved in one process (round-robin A, B, C, A, B, C, ...) with
 the thread count pinned, and reports medians and ratios (reference / C++) in
 extra_info and on stdout. pytest-benchmark's own table times the C++ provider.
-These run without a GPU; the whole file takes a few minutes on 2 cores.
+These run without a GPU; the whole file takes a few minutes on 2 cores. They
+use glibc's default allocator, as a user's own script would; the train and
+sample CLIs also keep freed memory (fastddpm.allocator), which speeds the
+reference up more than the C++ path (it allocates more per step).
 
 Run: pytest benchmarks/test_cpu.py --benchmark-only -s
 """
