@@ -75,3 +75,15 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(isinstance(v, str) and (v in COMPILE_PARAMS or "compile" in v) for v in params.values()):
             item.add_marker(pytest.mark.compile)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The CPU benchmarks' ratio lines (benchmarks/test_cpu.py), printed at the end
+    whether or not output is captured (-s)."""
+    import sys
+    lines = [ln for name, mod in list(sys.modules.items()) if name.endswith("test_cpu")
+             for ln in getattr(mod, "RATIO_LINES", [])]
+    if lines:
+        terminalreporter.section("CPU ratios (reference / C++, medians of per-round ratios)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C n
 
 THREADS = [1, 2]
 _LAST_TIMES = {}  # the per-round times of the last report()
+RATIO_LINES = []  # every report's one-line summary
 ROUNDS = 15
 MODEL_ROUNDS = 7
 
@@ -74,7 +75,9 @@ def report(benchmark, group, threads, providers, baseline="reference", ours="cpp
                                 **{f"median_ms_{k}": v * 1e3 for k, v in med.items()},
                                 **{f"ratio_{k}": v for k, v in ratios.items()})
     line = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
-    print(f"\n[{group}, {threads} thread(s)] {line}; " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
+    line = f"[{group}, {threads} thread(s)] {line}; " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items())
+    print("\n" + line)
+    RATIO_LINES.append(line)  # benchmarks/conftest.py prints them at the end, -s or not
     benchmark.pedantic(providers[ours], rounds=5, iterations=1)
     return ratios
 
@@ -272,6 +275,12 @@ def _models():
     return ours, fast, theirs, n_ours, n_theirs
 
 
+def _print_vs_diffusers(ratios):
+    line = "  " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items() if k.startswith("diffusers/"))
+    print(line)
+    RATIO_LINES.append(line)
+
+
 def _vs_diffusers(ratios, times, ours=("cpp", "auto")):
     """diffusers / ours per-round ratios (the target: faster than diffusers by as much)."""
     for k in ours:
@@ -325,7 +334,7 @@ def test_tiny_unet_train_step(benchmark, threads):
     ratios = report(benchmark, "tiny UNet train step, batch 32, fp32", threads, providers, rounds=MODEL_ROUNDS,
                     params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
     benchmark.extra_info.update({f"ratio_{k}": v for k, v in _vs_diffusers(ratios, _LAST_TIMES).items()})
-    print("  " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items() if k.startswith("diffusers/")))
+    _print_vs_diffusers(ratios)
 
 
 def test_tiny_unet_sampler_step(benchmark, threads):
@@ -378,4 +387,4 @@ def test_tiny_unet_sampler_step(benchmark, threads):
     ratios = report(benchmark, "tiny UNet sampler step (DDPM), batch 64, fp32", threads, providers,
                     rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
     benchmark.extra_info.update({f"ratio_{k}": v for k, v in _vs_diffusers(ratios, _LAST_TIMES).items()})
-    print("  " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items() if k.startswith("diffusers/")))
+    _print_vs_diffusers(ratios)
