@@ -31,6 +31,7 @@ CASES = [
     # C a multiple of 16 (every UNet width): the NHWC kernels' 16-channel chunks
     ((2, 16, 4, 4), 8, "cl"),
     ((3, 48, 5, 3), 8, "cl"),
+    ((2, 64, 3, 7), 16, "cl"),
     ((2, 32, 6, 7), 4, "nchw"),
 ]
 IDS = [f"{'x'.join(map(str, s))}-g{g}-{lay}" for s, g, lay in CASES]
