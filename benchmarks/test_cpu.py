@@ -31,7 +31,7 @@ THREADS = [1, 2]
 _LAST_TIMES = {}  # the per-round times of the last report()
 RATIO_LINES = []  # every report's one-line summary
 ROUNDS = 15
-MODEL_ROUNDS = 7
+MODEL_ROUNDS = 15
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
