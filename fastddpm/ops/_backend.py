@@ -39,16 +39,16 @@ def is_nhwc(x) -> bool:
 # only where benchmarks/test_cpu.py measured them faster than the reference.
 # An op missing here runs the reference under "auto" on the CPU; a value other
 # than None is a predicate on the op's arguments (the C++ wrapper asks it).
-# Measured 2026-12-01 11:56-11:57 UTC by benchmarks/test_cpu.py (two runs, saved in
+# Measured 2026-12-01 12:29-12:30 UTC by benchmarks/test_cpu.py (two runs, saved in
 # benchmarks/results/cpu-amd-epyc-2core-2026-12-01.*) on the shared 2-core CI
-# machine (AMD EPYC Zen 4, AVX-512, load average 0.7-1.1), fp32, medians of
+# machine (AMD EPYC Zen 4, AVX-512, load average 0.9-1.3), fp32, medians of
 # per-round ratios reference / C++, 1 thread (2 threads):
-#   p_sample_step (256, 3, 32, 32): 2.7-2.8x (2.8x);  q_sample + L_simple fwd+bwd: 1.17-1.25x (1.2x);
-#   sample_step (256, 3, 32, 32): Philox noise drawn in the op 10-19x (14-18x), given noise +
-#   x0_prev 2.8x (2.5-2.6x), no noise (DDIM) 2.9-3.0x (2.4-2.6x);
-#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.53-2.35x (1.50-2.68x), channels_last
-#   1.95-2.13x (1.92-1.94x; torch's channels_last result is also wrong at mean 3000);
-#   GroupNorm+add+SiLU+dropout vs the unfused reference: 3.7-4.5x (4.4-5.8x).
+#   p_sample_step (256, 3, 32, 32): 2.8-3.0x (2.7x);  q_sample + L_simple fwd+bwd: 1.16-1.25x (1.17-1.23x);
+#   sample_step (256, 3, 32, 32): Philox noise drawn in the op 14-22x (15-22x), given noise +
+#   x0_prev 2.6-2.8x (2.0-2.3x), no noise (DDIM) 2.6-2.7x (2.2-2.3x);
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.28-1.40x (1.67-2.94x), channels_last
+#   1.72-1.77x (1.67-2.00x; torch's channels_last result is also wrong at mean 3000);
+#   GroupNorm+add+SiLU+dropout vs the unfused reference: 4.2-4.9x (5.8-6.0x).
 # NCHW GroupNorm+SiLU fwd+bwd at the tiny UNet's sizes (same day, 11:45 UTC, 1 and 2
 # threads): 1.20-1.27x at (32, 16, 16, 16), 0.98-1.03x at (32, 32, 8, 8), 0.80-0.85x at
 # (32, 64, 4, 4): C++ from 256 positions per channel, the reference below. (The
