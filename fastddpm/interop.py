@@ -104,15 +104,22 @@ def _refuse(where, field, value, why):
 
 # ---- config ---------------------------------------------------------------------
 
+def _read_config(raw, class_name, defaults, required, where, who):
+    """`raw` (a diffusers config of `class_name`) with its defaults filled in; a
+    CheckpointError names any field that differs from `required` (`who` needs it)."""
+    if raw.get("_class_name", class_name) != class_name:
+        _refuse(where, "_class_name", raw["_class_name"], f"fastddpm reads {class_name}")
+    cfg = _with_defaults(raw, defaults, where, f"{class_name} config")
+    for field, need in required.items():
+        if cfg[field] != need:
+            _refuse(where, field, cfg[field], f"{who} needs {need!r}")
+    return cfg
+
+
 def unet_config_from_diffusers(raw: dict, where="config.json"):
     """UNetConfig for a diffusers UNet2DModel config, or CheckpointError naming the field."""
     from fastddpm.unet import UNetConfig
-    if raw.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        _refuse(where, "_class_name", raw["_class_name"], "fastddpm reads UNet2DModel")
-    cfg = _with_defaults(raw, UNET_DEFAULTS, where, "UNet2DModel config")
-    for field, need in UNET_REQUIRED.items():
-        if cfg[field] != need:
-            _refuse(where, field, cfg[field], f"the paper's network needs {need!r}")
+    cfg = _read_config(raw, "UNet2DModel", UNET_DEFAULTS, UNET_REQUIRED, where, "the paper's network")
     if cfg["act_fn"] not in ("silu", "swish"):
         _refuse(where, "act_fn", cfg["act_fn"], "the paper's network uses silu")
     for field in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -208,12 +215,7 @@ def unet_config_to_diffusers(cfg) -> dict:
 
 def diffusion_config_from_scheduler(raw: dict, where="scheduler_config.json"):
     """(GaussianDiffusion config, clip_sample) for a DDPMScheduler config."""
-    if raw.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
-        _refuse(where, "_class_name", raw["_class_name"], "fastddpm reads DDPMScheduler")
-    cfg = _with_defaults(raw, SCHEDULER_DEFAULTS, where, "DDPMScheduler config")
-    for field, need in SCHEDULER_REQUIRED.items():
-        if cfg[field] != need:
-            _refuse(where, field, cfg[field], f"fastddpm's sampler needs {need!r}")
+    cfg = _read_config(raw, "DDPMScheduler", SCHEDULER_DEFAULTS, SCHEDULER_REQUIRED, where, "fastddpm's sampler")
     ours = {v: k for k, v in VARIANCES.items()}
     if cfg["variance_type"] not in ours:
         _refuse(where, "variance_type", cfg["variance_type"], "fixed_large or fixed_small")
