@@ -28,7 +28,6 @@ from fastddpm.sampling import apply_memory_format
 pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C not loaded: {_ext.extension_error()}")
 
 THREADS = [1, 2]
-_LAST_TIMES = {}  # the per-round times of the last report()
 RATIO_LINES = []  # every report's one-line summary
 ROUNDS = 15
 MODEL_ROUNDS = 15
@@ -64,12 +63,14 @@ def interleaved(providers, rounds=ROUNDS, warmup=2):
 
 def report(benchmark, group, threads, providers, baseline="reference", ours="cpp", rounds=ROUNDS, **info):
     """Ratios are medians of per-round ratios (each round runs every provider
-    back to back), which a shared, bursty machine disturbs less than a ratio of medians."""
-    global _LAST_TIMES
+    back to back), which a shared, bursty machine disturbs less than a ratio of medians.
+    With a "diffusers" provider also diffusers / cpp and diffusers / auto (the
+    target: faster than diffusers by as much)."""
     med, times = interleaved(providers, rounds)
-    _LAST_TIMES = times
-    ratios = {f"{baseline}/{k}": statistics.median(b / o for b, o in zip(times[baseline], times[k]))
-              for k in med if k != baseline}
+    per_round = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+    ratios = {f"{baseline}/{k}": per_round(baseline, k) for k in med if k != baseline}
+    if "diffusers" in times:
+        ratios.update({f"diffusers/{k}": per_round("diffusers", k) for k in ("cpp", "auto") if k in times})
     benchmark.group = group
     benchmark.extra_info.update(threads=threads, rounds=rounds, **info,
                                 **{f"median_ms_{k}": v * 1e3 for k, v in med.items()},
@@ -275,19 +276,6 @@ def _models():
     return ours, fast, theirs, n_ours, n_theirs
 
 
-def _print_vs_diffusers(ratios):
-    line = "  " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items() if k.startswith("diffusers/"))
-    print(line)
-    RATIO_LINES.append(line)
-
-
-def _vs_diffusers(ratios, times, ours=("cpp", "auto")):
-    """diffusers / ours per-round ratios (the target: faster than diffusers by as much)."""
-    for k in ours:
-        ratios[f"diffusers/{k}"] = statistics.median(d / o for d, o in zip(times["diffusers"], times[k]))
-    return ratios
-
-
 def test_tiny_unet_train_step(benchmark, threads):
     """One training step of the tiny preset's network (batch 32) as the trainer
     runs it: L_simple, backward, fused Adam. reference = plain PyTorch (NCHW);
@@ -331,10 +319,8 @@ def test_tiny_unet_train_step(benchmark, threads):
     assert theirs(x0, t).sample.shape == want.shape
     providers = {k: ours_step(k) for k in nets}
     providers["diffusers"] = diffusers_step
-    ratios = report(benchmark, "tiny UNet train step, batch 32, fp32", threads, providers, rounds=MODEL_ROUNDS,
-                    params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
-    benchmark.extra_info.update({f"ratio_{k}": v for k, v in _vs_diffusers(ratios, _LAST_TIMES).items()})
-    _print_vs_diffusers(ratios)
+    report(benchmark, "tiny UNet train step, batch 32, fp32", threads, providers, rounds=MODEL_ROUNDS,
+           params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
 
 
 def test_tiny_unet_sampler_step(benchmark, threads):
@@ -384,7 +370,5 @@ def test_tiny_unet_sampler_step(benchmark, threads):
     assert diffusers_step().shape == x.shape
     providers = {k: ours_step(k) for k in nets}
     providers["diffusers"] = diffusers_step
-    ratios = report(benchmark, "tiny UNet sampler step (DDPM), batch 64, fp32", threads, providers,
-                    rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
-    benchmark.extra_info.update({f"ratio_{k}": v for k, v in _vs_diffusers(ratios, _LAST_TIMES).items()})
-    _print_vs_diffusers(ratios)
+    report(benchmark, "tiny UNet sampler step (DDPM), batch 64, fp32", threads, providers,
+           rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
