@@ -1105,12 +1105,19 @@ def main(argv=None):
             say(f"fastddpm.train: {resume_path} is at step {trainer.step} >= --steps {cfg.steps}; "
                 "nothing to do (pass a larger --steps to train on)")
             return 0
+        failure = None
         try:
-            trainer.prepare_out()
+            trainer.prepare_out()  # rank 0 alone claims the folder; the others wait for its verdict
         except ValueError as e:
-            return error(e, 2)
+            failure = str(e)
         except OSError as e:
-            return error(_os_error_line(e), 2)
+            failure = _os_error_line(e)
+        if world > 1:  # else the other ranks run into a collective that rank 0 left
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            return error(failure, 2) if rank == 0 else 2
         n_params = sum(p.numel() for p in trainer.model.parameters())
         changed = ""
         if resume is not None and resume["config"]["train"].get("variance") != cfg.variance:

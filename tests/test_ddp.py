@@ -92,3 +92,26 @@ def _close_opt(a, b):
     for i in sa:
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.allclose(sa[i][k], sb[i][k], atol=1e-6, rtol=1e-3), f"Adam {k} of parameter {i}"
+
+
+def test_a_folder_rank_0_cannot_claim_stops_every_rank_with_one_line(tmp_path):
+    """Another trainer holds the folder's lock: rank 0 refuses it, and rank 1 exits 2
+    too instead of failing with a traceback in a collective rank 0 never joins."""
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(fd, fcntl.LOCK_EX)  # a POSIX lock: the child processes cannot take it
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "fastddpm.train", *TINY, "--out", str(out), "--steps", "3"]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
+    finally:
+        os.close(fd)
+    assert r.returncode != 0
+    assert r.stdout.count("is in use by another trainer") == 1, r.stdout
+    assert "[rank1]" not in r.stdout and "barrier" not in r.stdout, r.stdout  # no traceback from rank 1
+    assert not list(out.glob("*.pt")) and not (out / "config.json").exists()
