@@ -392,17 +392,19 @@ def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SI
 # ---- during training ------------------------------------------------------------------
 
 def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, batch_size=256, seed=0,
-                device=None, precision="fp32", inception_batch=200, rank=0, world=1, **sample_kw):
+                device=None, precision="fp32", inception_batch=200, rank=0, world=1, check_stop=None,
+                **sample_kw):
     """FID of n samples of `model` against ref_stats (Stats or a stats .npz path).
     Samples with fastddpm.sampling.sample (extra keyword arguments go to it; the
     network in `precision`), then one fp32 Inception pass. Under torch.distributed
     (world > 1, every rank calls it) each rank draws its share of the n samples
     (seeds offset per rank) and the features are all-gathered, so no rank idles
     into a collective's timeout; rank 0 computes the FID (None elsewhere).
-    Returns {'fid', 'n', 'seconds', 'sample_seconds'}."""
+    check_stop: called before every network call, sampling and Inception (it
+    raises to abandon the score). Returns {'fid', 'n', 'seconds', 'sample_seconds'}."""
     from fastddpm.images import to_uint8
     from fastddpm.inception import load_inception
-    from fastddpm.sampling import sample
+    from fastddpm.sampling import before_each_call, sample
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise EvaluateError(f"FID needs n >= 2 samples (a covariance), got {n!r}")
@@ -414,11 +416,12 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     feats = torch.zeros(0, 2048, device=device)
     t1 = t0
     if shares[rank]:
-        x = sample(model, diffusion, shares[rank], batch_size=batch_size, seed=seed + 1_000_003 * rank,
-                   device=device, precision=precision, progress=False, **sample_kw)
+        with before_each_call(check_stop, model):
+            x = sample(model, diffusion, shares[rank], batch_size=batch_size, seed=seed + 1_000_003 * rank,
+                       device=device, precision=precision, progress=False, **sample_kw)
         t1 = time.perf_counter()
         net = inception if inception is not None else load_inception(weights, device)
-        with torch.no_grad():
+        with torch.no_grad(), before_each_call(check_stop, *net.modules()):  # its blocks: slow on a CPU
             feats = torch.cat([net(torch.from_numpy(u).to(device).permute(0, 3, 1, 2))
                                for u in np.array_split(to_uint8(x), -(-len(x) // inception_batch))])
     if world > 1:
@@ -464,7 +467,8 @@ def log_training_fid(trainer, bar=None, metrics=None):
     steps = min(TRAINING_FID_STEPS, trainer.diffusion.num_timesteps)
     r = score_model(trainer.ema, trainer.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
                     seed=cfg.seed, device=trainer.device, precision=trainer.precision, rank=trainer.rank,
-                    world=trainer.world, sampler=TRAINING_FID_SAMPLER, steps=steps)
+                    world=trainer.world, sampler=TRAINING_FID_SAMPLER, steps=steps,
+                    check_stop=trainer.stop_check())
     if trainer.rank != 0:
         return None
     rec = {"step": trainer.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"],

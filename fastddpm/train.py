@@ -26,7 +26,8 @@ checkpoints of the folder's own run. metrics.jsonl is cut, on resume, to the
 complete records up to the step resumed from; each record says how many steps
 its window covers (window_steps). SIGINT/SIGTERM, to the trainer alone or to
 its whole process group, save a checkpoint and exit 128 + the signal (a sample
-grid in progress is abandoned; under torchrun the ranks agree at log steps).
+grid or in-training FID in progress is abandoned at its next network call; under
+torchrun the ranks agree at log steps).
 
 The training step is small and free of host synchronisation: non-finite
 gradients skip the optimizer step and the EMA update on the device (fused Adam
@@ -532,7 +533,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class _SamplingStopped(Exception):
-    """A stop signal arrived while writing a sample grid."""
+    """A stop signal arrived while writing a sample grid or scoring an in-training FID."""
 
 
 class Stopped(Exception):
@@ -824,25 +825,34 @@ class Trainer:
             dist.barrier()
         return path
 
+    def stop_check(self):
+        """For sampling and scoring between steps (sample grids, in-training FID): a
+        callable that raises _SamplingStopped once a SIGINT/SIGTERM has arrived, so the
+        stop comes at the next network call, not minutes later. None under torchrun,
+        where the ranks agree on a stop at sync points."""
+        if self.world > 1:
+            return None
+
+        def check():
+            if self.signal is not None:
+                raise _SamplingStopped
+        return check
+
+    def _stop_now(self, last_ckpt):
+        """Stopped at the current step, saving it unless last_ckpt already holds it."""
+        path = last_ckpt[1] if last_ckpt and last_ckpt[0] == self.step else self.save()
+        return Stopped(self.signal, self.step, path)
+
     def write_samples(self):
         """A PNG grid of EMA samples (rank 0); returns the path or None."""
         if self.rank != 0 or self.cfg.sample_n <= 0:
             return None
         from fastddpm.images import save_grid, to_uint8
-        from fastddpm.sampling import sample
+        from fastddpm.sampling import before_each_call, sample
 
-        def stop_pending(module, args):  # a SIGINT/SIGTERM ends sampling at the next network call
-            if self.signal is not None:
-                raise _SamplingStopped
-
-        # (single process only: under torchrun the ranks agree on a stop at sync points)
-        hook = self.ema.register_forward_pre_hook(stop_pending) if self.world == 1 else None
-        try:
+        with before_each_call(self.stop_check(), self.ema):
             x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
                        seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
-        finally:
-            if hook is not None:
-                hook.remove()
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         save_grid(to_uint8(x), path)
         return path
@@ -1000,11 +1010,13 @@ class Trainer:
                     try:
                         last_samples = (self.step, self.write_samples())
                     except _SamplingStopped:
-                        path = last_ckpt[1] if last_ckpt and last_ckpt[0] == self.step else self.save()
-                        raise Stopped(self.signal, self.step, path) from None
+                        raise self._stop_now(last_ckpt) from None
                 if cfg.fid_every and self.step % cfg.fid_every == 0:
                     from fastddpm.evaluate import log_training_fid
-                    log_training_fid(self, bar, metrics)
+                    try:
+                        log_training_fid(self, bar, metrics)
+                    except _SamplingStopped:
+                        raise self._stop_now(last_ckpt) from None
                 paused += time.perf_counter() - pause
         except Exception as e:
             if not in_step:  # between steps the state is consistent: keep the steps done
@@ -1024,7 +1036,7 @@ class Trainer:
             try:
                 last_samples = (self.step, self.write_samples())
             except _SamplingStopped:  # the checkpoint is written: stop now, not minutes later
-                raise Stopped(self.signal, self.step, last_ckpt[1]) from None
+                raise self._stop_now(last_ckpt) from None
         steps_done = self.step - start_step
         return {"step": self.step, "steps": steps_done, "seconds": time.perf_counter() - t_start,
                 "train_seconds": train_time,

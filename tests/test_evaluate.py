@@ -434,3 +434,82 @@ def test_score_model_refuses_fewer_than_two_samples():
     for n in (0, 1):
         with pytest.raises(ev.EvaluateError, match="n >= 2"):
             ev.score_model(_tiny(), GaussianDiffusion.linear(T=4), n, ref, inception=object())
+
+
+def test_score_model_check_stop_runs_before_every_network_call():
+    """check_stop is called before each sampling call of the model and each block of
+    the Inception net, and raising from it abandons the score (a stop signal during an
+    in-training FID: it used to be seen only when the FID ended)."""
+    class Net(torch.nn.Module):  # a stand-in for Inception: (B, 3, H, W) uint8 -> (B, 2048)
+        def __init__(self):
+            super().__init__()
+            self.fc, self.calls = torch.nn.Linear(3, 2048), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(x.float().mean((2, 3)) / 255)
+
+    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+    model, d = _tiny(), GaussianDiffusion.linear(T=4)
+    model_calls = []
+    model.register_forward_hook(lambda *a: model_calls.append(1))
+    checks = []
+    net = Net()
+    r = ev.score_model(model, d, 4, ref, inception=net, batch_size=2, check_stop=lambda: checks.append(1))
+    assert np.isfinite(r["fid"]) and net.calls == 1
+    assert len(model_calls) == 8 and len(checks) == 8 + 2  # 2 batches x 4 steps; Net and its fc
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(k):
+        def check():
+            checks.append(1)
+            if len(checks) == k:
+                raise Stop
+        return check
+
+    for k, sampled, scored in ((3, 2, 0), (9, 8, 0)):  # mid-sampling; before the Inception pass
+        checks.clear(), model_calls.clear()
+        net = Net()
+        with pytest.raises(Stop):
+            ev.score_model(model, d, 4, ref, inception=net, batch_size=2, check_stop=stop_at(k))
+        assert (len(model_calls), net.calls) == (sampled, scored)
+
+
+@needs_helper
+def test_sigterm_during_an_in_training_fid_stops_promptly(tmp_path):
+    """The run checkpoints step 1, then scores 100000 samples (hours): SIGTERM stops it
+    within seconds, exit 143, with no FID record."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    a = _feats(20, 2048, 12)
+    ev.save_stats(tmp_path / "ref.npz", ev.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "fastddpm.train", "--preset", "tiny", "--image-size", "8", "--ch-mult", "1",
+           "--attn-resolutions", "", "--T", "20", "--steps", "2", "--batch-size", "2", "--log-every", "1",
+           "--ckpt-every", "1", "--sample-n", "0", "--workers", "0", "--no-progress", "--device", "cpu",
+           "--threads", "1", "--out", str(out), "--fid-every", "1", "--fid-n", "100000", "--sample-batch", "2",
+           "--fid-ref", str(tmp_path / "ref.npz")]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t = time.monotonic()
+        while not (out / checkpoint.checkpoint_name(1)).exists():  # saved: now the FID samples
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t < 120, "timed out"
+            time.sleep(0.05)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, (stdout, stderr)
+    assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
+    assert checkpoint.load(out)["step"] == 1
+    assert not [ln for ln in open(out / "metrics.jsonl") if '"fid"' in ln]

@@ -43,6 +43,18 @@ class NonFiniteSamplesError(ValueError):
     """The network produced NaN or inf outputs while sampling (e.g. NaN weights)."""
 
 
+@contextlib.contextmanager
+def before_each_call(fn, *modules):
+    """Within the block fn() runs before every forward of each module: a caller
+    abandons long sampling or scoring by raising from it. fn None: nothing."""
+    hooks = [m.register_forward_pre_hook(lambda module, args: fn()) for m in modules] if fn else []
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def compile_model(model, mode):
     """`model` wrapped by torch.compile in `mode` (one of COMPILE_MODES), or
     itself for "none". Parameters stay shared with `model`, so optimizers,
