@@ -78,12 +78,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The CPU benchmarks' ratio lines (benchmarks/test_cpu.py), printed at the end
-    whether or not output is captured (-s)."""
+    """The CPU benchmarks' ratio, target and time-breakdown lines (benchmarks/test_cpu.py),
+    printed at the end whether or not output is captured (-s)."""
     import sys
-    lines = [ln for name, mod in list(sys.modules.items()) if name.endswith("test_cpu")
-             for ln in getattr(mod, "RATIO_LINES", [])]
-    if lines:
-        terminalreporter.section("CPU ratios (reference / C++, medians of per-round ratios)")
-        for line in lines:
-            terminalreporter.write_line(line)
+    mods = [mod for name, mod in list(sys.modules.items()) if name.endswith("test_cpu")]
+    for attr, title in (("RATIO_LINES", "CPU ratios (reference / C++, medians of per-round ratios)"),
+                        ("TARGET_LINES", "CPU targets"),
+                        ("BREAKDOWN_LINES", "CPU whole-model steps: where the time goes")):
+        lines = [ln for mod in mods for ln in getattr(mod, attr, [])]
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)

@@ -29,6 +29,18 @@ pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C n
 
 THREADS = [1, 2]
 RATIO_LINES = []  # every report's one-line summary
+TARGET_LINES = []  # each target's verdict
+BREAKDOWN_LINES = []  # where the whole-model steps' time goes
+# The targets of the C++ CPU path (issue 12), as (ratio, minimum) per benchmark group.
+# "Faster than diffusers by at least as much": diffusers / ours >= the same 1.2.
+TARGETS = {
+    "GroupNorm+SiLU fwd+bwd (8, 128, 32, 32) fp32 nchw": [("reference/cpp", 1.5)],
+    "GroupNorm+SiLU fwd+bwd (8, 128, 32, 32) fp32 channels_last": [("reference/cpp", 1.5)],
+    "GroupNorm+add+SiLU+dropout(0.1) fwd+bwd (8, 128, 32, 32) fp32": [("reference/cpp", 2.0)],
+    "tiny UNet train step, batch 32, fp32": [("reference/cpp", 1.2), ("reference/auto", 1.2),
+                                             ("diffusers/cpp", 1.2), ("diffusers/auto", 1.2)],
+    "tiny UNet sampler step (DDPM), batch 64, fp32": [("reference/cpp", 1.15), ("reference/auto", 1.15)],
+}
 ROUNDS = 15
 MODEL_ROUNDS = 15
 
@@ -79,6 +91,11 @@ def report(benchmark, group, threads, providers, baseline="reference", ours="cpp
     line = f"[{group}, {threads} thread(s)] {line}; " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items())
     print("\n" + line)
     RATIO_LINES.append(line)  # benchmarks/conftest.py prints them at the end, -s or not
+    for key, want in TARGETS.get(group, ()):
+        got = ratios[key]
+        verdict = "met" if got >= want else f"missed by {want - got:.2f}x"
+        benchmark.extra_info[f"target_{key}"] = want
+        TARGET_LINES.append(f"[{group}, {threads} thread(s)] {key} = {got:.2f}x, target >= {want}x: {verdict}")
     benchmark.pedantic(providers[ours], rounds=5, iterations=1)
     return ratios
 
@@ -241,6 +258,40 @@ def test_sample_step(benchmark, threads, mode):
 
 # ----------------------------------------------------------------------------- whole model
 
+# profiler event name -> share of a step; the first pattern that matches wins
+CATEGORIES = (("convolutions", ("conv",)), ("GroupNorm+SiLU", ("group_norm", "groupnorm", "silu")),
+              ("optimizer", ("adam", "optimizer")))
+
+
+def breakdown(benchmark, group, threads, steps, medians, ceiling=("reference", "cpp"), runs=4):
+    """Where each provider's step time goes: shares of the profiler's self CPU time
+    (torch.profiler over `runs` steps) by CATEGORIES, scaled to the measured median
+    step. Also the ceiling: the baseline's step over `ours`' convolution time, the
+    ratio ours would reach if everything but the convolutions took no time."""
+    from torch.profiler import ProfilerActivity, profile
+    parts = {}
+    for name, fn in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                fn()
+        got = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
+        for ev in prof.key_averages():
+            key = ev.key.lower()
+            cat = next((c for c, pats in CATEGORIES if any(p in key for p in pats)), "other")
+            got[cat] += ev.self_cpu_time_total
+        total = sum(got.values()) or 1.0
+        parts[name] = {c: v / total * medians[name] * 1e3 for c, v in got.items()}
+    base, ours = ceiling
+    top = medians[base] * 1e3 / parts[ours]["convolutions"]
+    benchmark.extra_info.update({f"ms_{k}_{c}": v for k, cs in parts.items() for c, v in cs.items()},
+                                **{f"ceiling_{base}/{ours}": top})
+    line = "; ".join(f"{k}: " + ", ".join(f"{c} {v:.1f} ms ({v / (medians[k] * 1e3):.0%})" for c, v in cs.items())
+                     for k, cs in parts.items())
+    line = (f"[{group}, {threads} thread(s)] where the time goes (profiled shares of the median step): {line}; "
+            f"ceiling {base}/{ours} (all but {ours}'s convolutions free) = {top:.2f}x")
+    print("\n" + line)
+    BREAKDOWN_LINES.append(line)
+
 TINY = UNetConfig.tiny()
 
 
@@ -319,8 +370,11 @@ def test_tiny_unet_train_step(benchmark, threads):
     assert theirs(x0, t).sample.shape == want.shape
     providers = {k: ours_step(k) for k in nets}
     providers["diffusers"] = diffusers_step
-    report(benchmark, "tiny UNet train step, batch 32, fp32", threads, providers, rounds=MODEL_ROUNDS,
+    group = "tiny UNet train step, batch 32, fp32"
+    report(benchmark, group, threads, providers, rounds=MODEL_ROUNDS,
            params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
+    breakdown(benchmark, group, threads, {k: providers[k] for k in ("reference", "cpp")},
+              {k: benchmark.extra_info[f"median_ms_{k}"] / 1e3 for k in ("reference", "cpp")})
 
 
 def test_tiny_unet_sampler_step(benchmark, threads):

@@ -35,4 +35,8 @@ TORCH_LIBRARY(fastddpm_cpp, m) {
   // (x_next, x0_hat if write_x0 else an empty (0,) tensor), contiguous in x_t's dtype.
   m.def("sample_step(Tensor x_t, Tensor eps, Tensor table, Tensor step, Tensor? x0_prev, Tensor? noise, "
         "Tensor? rng, bool clip, bool write_x0) -> (Tensor, Tensor)");
+  // The CPU ops' output block cache (cpu/output_cache.h): (bytes held, hits,
+  // misses, limit in bytes), and a call that hands every held block back.
+  m.def("cpu_cache_stats() -> (int, int, int, int)");
+  m.def("cpu_empty_cache() -> ()");
 }

@@ -16,7 +16,8 @@ _VERSION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.tor
 _REBUILD = "rebuild it with `python setup.py build_ext --inplace` (or reinstall fastddpm)"
 # every schema of csrc/ops.cpp: a _C built from older sources (same torch) lacks
 # some, and registering their fake kernels would make `import fastddpm` raise
-OPS = ("group_norm", "group_norm_backward", "q_sample", "simple_loss", "p_sample_step", "sample_step")
+OPS = ("group_norm", "group_norm_backward", "q_sample", "simple_loss", "p_sample_step", "sample_step",
+       "cpu_cache_stats", "cpu_empty_cache")
 
 
 def _built_for():

@@ -475,6 +475,101 @@ def test_extension_built_from_older_sources_is_refused(monkeypatch):
     assert "out of date" in why and "op_added_after_this_build" in why and "rebuild" in why
 
 
+# ----------------------------------------------------------------------------- output cache
+
+CACHE = torch.ops.fastddpm_cpp if _ext.has_extension() else None
+
+
+def _cached_outputs(shape):
+    """Every op whose outputs come from the cache, at x-shape `shape`: {name: (fn giving
+    its cached outputs as a tuple, their float64 references)}."""
+    from fastddpm import GaussianDiffusion
+    torch.manual_seed(fresh_seed())
+    x, dy, noise = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    d = GaussianDiffusion.linear(T=10)
+    t = torch.randint(0, 10, (shape[0],))
+    _, mean, rstd = CACHE.group_norm(x, 4, w, b, 1e-6, True, None, 0.0, None)
+    xd = x.double().requires_grad_()
+    want_y = reference.group_norm_ref(xd, 4, w.double(), b.double(), 1e-6, "silu")
+    want_y.backward(dy.double())
+    tabs = (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod, d.posterior_mean_coef1,
+            d.posterior_mean_coef2, d.model_log_variance)
+    table, step = torch.rand(3, 6, dtype=torch.float64), torch.tensor([1])
+    return {
+        "group_norm": (lambda: CACHE.group_norm(x, 4, w, b, 1e-6, True, None, 0.0, None)[:1], (want_y,)),
+        "group_norm_backward": (lambda: CACHE.group_norm_backward(dy, x, w, b, None, mean, rstd, 4, True, 0.0, None,
+                                                                  False, False, False)[:1], (xd.grad,)),
+        "q_sample": (lambda: (CACHE.q_sample(x, t, noise, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod),),
+                     (reference.q_sample_ref(x.double(), t, noise.double(), d.sqrt_alphas_cumprod,
+                                             d.sqrt_one_minus_alphas_cumprod),)),
+        "simple_loss": (lambda: CACHE.simple_loss(x, noise, True)[1:], (2 * (x.double() - noise.double()) / x.numel(),)),
+        "p_sample_step": (lambda: (CACHE.p_sample_step(x, t, dy, *tabs, noise, False),),
+                          (reference.p_sample_step_ref(x.double(), t, dy.double(), *tabs, noise.double(), clip=False),)),
+        "sample_step": (lambda: CACHE.sample_step(x, dy, table, step, None, noise, None, False, True),
+                        reference.sample_step_ref(x.double(), dy.double(), table, step, noise=noise.double(),
+                                                  clip=False)),
+    }
+
+
+def test_cached_outputs_reuse_freed_blocks_and_overwrite_them_whole():
+    """Each op's output blocks, freed and poisoned with NaN, are handed to its next
+    outputs of that size, which must still equal the float64 reference."""
+    for name, (fn, want) in _cached_outputs((4, 16, 32, 32)).items():  # 256 KiB each: cached
+        first = fn()
+        ptrs, hits = {o.data_ptr() for o in first}, CACHE.cpu_cache_stats()[1]
+        for o in first:
+            o.fill_(float("nan"))
+        del first, o
+        again = fn()
+        assert {o.data_ptr() for o in again} == ptrs and CACHE.cpu_cache_stats()[1] == hits + len(ptrs), name
+        for o, r in zip(again, want):
+            assert rel_err(o, r) < 1e-5, name
+
+
+def test_cache_holds_blocks_until_emptied_and_frees_across_threads():
+    import threading
+    shape = (4, 16, 32, 32)
+    x = torch.randn(shape)
+    y = CACHE.group_norm(x, 4, None, None, 1e-6, False, None, 0.0, None)[0]
+    CACHE.cpu_empty_cache()
+    assert CACHE.cpu_cache_stats()[0] == 0
+    box = [y]
+    del y
+    th = threading.Thread(target=box.clear)  # the last reference dies on another thread
+    th.start()
+    th.join()
+    assert CACHE.cpu_cache_stats()[0] >= x.numel() * 4
+    y = CACHE.group_norm(x, 4, None, None, 1e-6, False, None, 0.0, None)[0]
+    y.resize_(8, 16, 32, 32)  # a cached output stays an ordinary, resizable tensor
+    y.fill_(1.0)
+    assert y.shape == (8, 16, 32, 32) and bool((y == 1).all())
+    CACHE.cpu_empty_cache()
+    assert CACHE.cpu_cache_stats()[0] == 0
+
+
+@pytest.mark.parametrize("env,held,error", [("0", False, None), ("1", False, None), ("64", True, None),
+                                            ("lots", False, "FASTDDPM_CPU_CACHE_MB must be a whole number")])
+def test_cache_limit_from_the_environment(env, held, error):
+    """FASTDDPM_CPU_CACHE_MB: 0 turns the cache off, a 1 MiB limit keeps no 1.5 MiB
+    block, 64 MiB keeps it; a bad value is refused with its name."""
+    import subprocess
+    import sys
+    code = ("import torch, fastddpm; op = torch.ops.fastddpm_cpp\n"
+            "x = torch.randn(32, 48, 16, 16)\n"
+            "try:\n    y = op.group_norm(x, 8, None, None, 1e-6, True, None, 0.0, None)[0]\n"
+            "except RuntimeError as e:\n    print(str(e).splitlines()[0]); raise SystemExit(0)\n"
+            "del y; print(op.cpu_cache_stats())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "FASTDDPM_CPU_CACHE_MB": env})
+    assert r.returncode == 0, r.stderr
+    if error:
+        assert error in r.stdout and "lots" in r.stdout
+    else:
+        held_bytes, _, _, limit = eval(r.stdout.strip())
+        assert limit == int(env) << 20 and (held_bytes == 32 * 48 * 16 * 16 * 4) == held
+
+
 # ----------------------------------------------------------------------------- whole UNet
 
 TINY = dict(image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)

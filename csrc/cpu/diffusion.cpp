@@ -16,6 +16,8 @@
 #include <tuple>
 #include <vector>
 
+#include "output_cache.h"
+
 namespace fastddpm {
 namespace {
 
@@ -74,7 +76,7 @@ at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Ten
   const int64_t n = B == 0 ? 0 : x0.numel() / B;
   auto xc = x0.contiguous();
   auto nc = noise.contiguous();
-  auto out = at::empty_like(xc);
+  auto out = cached_empty(xc.sizes(), xc.scalar_type(), at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "q_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -102,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor> simple_loss_cpu(const at::Tensor& eps_hat, co
   auto nc = noise.contiguous();
   const int64_t numel = ec.numel();
   const bool dbl = ec.scalar_type() == at::kDouble;
-  auto grad = compute_grad ? at::empty_like(ec) : at::empty({0}, ec.options());
+  auto grad = compute_grad ? cached_empty(ec.sizes(), ec.scalar_type(), at::MemoryFormat::Contiguous)
+                            : at::empty({0}, ec.options());
   // fixed chunks, partial sums in double added in order: the result does not
   // depend on the thread count
   constexpr int64_t kChunk = 16384;
@@ -165,7 +168,7 @@ at::Tensor p_sample_step_cpu(const at::Tensor& x_t, const at::Tensor& t, const a
   const auto lv = gather(op, "log_var", log_var, tv, T);
   const int64_t n = B == 0 ? 0 : x_t.numel() / B;
   auto xc = x_t.contiguous(), ec = eps.contiguous(), zc = noise.contiguous();
-  auto out = at::empty_like(xc);
+  auto out = cached_empty(xc.sizes(), xc.scalar_type(), at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "p_sample_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -387,8 +390,9 @@ std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const 
   const auto xc = x_t.contiguous(), ec = eps.contiguous();
   const auto pc = x0_prev.has_value() ? x0_prev->contiguous() : at::Tensor();
   const auto zc = noise.has_value() ? noise->contiguous() : at::Tensor();
-  auto out = at::empty(x_t.sizes(), x_t.options().memory_format(at::MemoryFormat::Contiguous));
-  auto x0_out = write_x0 ? at::empty_like(out) : at::empty({0}, x_t.options());
+  auto out = cached_empty(x_t.sizes(), x_t.scalar_type(), at::MemoryFormat::Contiguous);
+  auto x0_out = write_x0 ? cached_empty(x_t.sizes(), x_t.scalar_type(), at::MemoryFormat::Contiguous)
+                         : at::empty({0}, x_t.options());
   const bool has_prev = pc.defined(), has_z = zc.defined(), draw = rng.has_value();
   constexpr int64_t kChunk = 2048;
   const int64_t per = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "group_norm_kernel.h"
+#include "output_cache.h"
 
 namespace fastddpm {
 namespace {
@@ -166,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
   const bool nhwc = is_nhwc(x);
   const auto xf = as_float(x, nhwc);
   const auto w = param_float(weight), b = param_float(bias), a = param_float(add);
-  auto out = at::empty_like(xf);
+  auto out = cached_empty(xf.sizes(), at::kFloat, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   auto mean = at::empty({x.size(0), num_groups}, x.options().dtype(at::kDouble));
   auto rstd = at::empty_like(mean);
   GnArgs args = make_args(xf, w, b, a, num_groups, eps, silu, p, seed);
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_c
   const auto dyf = as_float(dy, nhwc);
   const auto w = param_float(weight), b = param_float(bias), a = param_float(add);
   auto mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  auto dx = at::empty_like(xf);
+  auto dx = cached_empty(xf.sizes(), at::kFloat, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   // per-sample partial sums, one buffer: (N, C) each for dweight, dbias, dadd
   std::vector<double> part(static_cast<size_t>(3 * N * C), 0.0);
   GnArgs args = make_args(xf, w, b, a, num_groups, 1.0, silu, p, seed);
