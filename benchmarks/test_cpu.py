@@ -3,9 +3,11 @@
 diffusers' UNet2DModel of the same configuration for the whole-model steps).
 
 Every test first asserts that the providers agree (C++ vs reference), then
-times them interleaved in one process (round-robin A, B, C, A, B, C, ...) with
-the thread count pinned, and reports medians and ratios (reference / C++) in
-extra_info and on stdout. pytest-benchmark's own table times the C++ provider.
+times them interleaved in one process (round-robin A, B, C, A, B, C, ...; the
+single ops in blocks of OP_REPEAT runs, see interleaved) with the thread count
+pinned, and reports medians and ratios (reference / C++) in extra_info and on
+stdout, then the verdict against each target in TARGETS. pytest-benchmark's own
+table times the C++ provider.
 These run without a GPU; the whole file takes a few minutes on 2 cores. They
 use glibc's default allocator, as a user's own script would; the train and
 sample CLIs also keep freed memory (fastddpm.allocator), which speeds the
@@ -43,6 +45,7 @@ TARGETS = {
 }
 ROUNDS = 15
 MODEL_ROUNDS = 15
+OP_REPEAT = 5  # runs per provider per round for the single ops (whole-model steps: 1)
 
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
@@ -58,33 +61,42 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def interleaved(providers, rounds=ROUNDS, warmup=2):
+def interleaved(providers, rounds=ROUNDS, warmup=2, repeat=1):
     """Each zero-argument callable timed round-robin: ({name: median seconds},
-    {name: the per-round times})."""
+    {name: the per-round times}). With repeat > 1 a provider runs repeat times in a
+    row per round and the round's time is the median of all but the first run: its
+    own steady state. (One run each, the provider after the reference would find
+    its inputs evicted by the reference's larger memory traffic, and the reference
+    find its own still cached after ours: for GroupNorm (8, 128, 32, 32), C++ alone
+    1.34 ms, right after the reference 1.79 ms.)"""
     for fn in providers.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in providers}
     for _ in range(rounds):
         for k, fn in providers.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            block = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                block.append(time.perf_counter() - t0)
+            times[k].append(statistics.median(block[1:]) if repeat > 1 else block[0])
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 
-def report(benchmark, group, threads, providers, baseline="reference", ours="cpp", rounds=ROUNDS, **info):
+def report(benchmark, group, threads, providers, baseline="reference", ours="cpp", rounds=ROUNDS, repeat=OP_REPEAT,
+           **info):
     """Ratios are medians of per-round ratios (each round runs every provider
     back to back), which a shared, bursty machine disturbs less than a ratio of medians.
     With a "diffusers" provider also diffusers / cpp and diffusers / auto (the
     target: faster than diffusers by as much)."""
-    med, times = interleaved(providers, rounds)
+    med, times = interleaved(providers, rounds, repeat=repeat)
     per_round = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
     ratios = {f"{baseline}/{k}": per_round(baseline, k) for k in med if k != baseline}
     if "diffusers" in times:
         ratios.update({f"diffusers/{k}": per_round("diffusers", k) for k in ("cpp", "auto") if k in times})
     benchmark.group = group
-    benchmark.extra_info.update(threads=threads, rounds=rounds, **info,
+    benchmark.extra_info.update(threads=threads, rounds=rounds, repeat=repeat, **info,
                                 **{f"median_ms_{k}": v * 1e3 for k, v in med.items()},
                                 **{f"ratio_{k}": v for k, v in ratios.items()})
     line = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
@@ -267,8 +279,13 @@ def breakdown(benchmark, group, threads, steps, medians, ceiling=("reference", "
     """Where each provider's step time goes: shares of the profiler's self CPU time
     (torch.profiler over `runs` steps) by CATEGORIES, scaled to the measured median
     step. Also the ceiling: the baseline's step over `ours`' convolution time, the
-    ratio ours would reach if everything but the convolutions took no time."""
+    ratio ours would reach if everything but the convolutions took no time, and
+    the convolutions' GFLOP/s (their FLOPs counted by torch's FlopCounterMode)."""
     from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        steps[ceiling[0]]()
+    conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "conv" in str(k))
     parts = {}
     for name, fn in steps.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -285,9 +302,12 @@ def breakdown(benchmark, group, threads, steps, medians, ceiling=("reference", "
     top = medians[base] * 1e3 / parts[ours]["convolutions"]
     benchmark.extra_info.update({f"ms_{k}_{c}": v for k, cs in parts.items() for c, v in cs.items()},
                                 **{f"ceiling_{base}/{ours}": top})
+    benchmark.extra_info["conv_gflop_per_step"] = conv_flops / 1e9
     line = "; ".join(f"{k}: " + ", ".join(f"{c} {v:.1f} ms ({v / (medians[k] * 1e3):.0%})" for c, v in cs.items())
+                     + f" [convolutions at {conv_flops / cs['convolutions'] / 1e6:.0f} GFLOP/s]"
                      for k, cs in parts.items())
-    line = (f"[{group}, {threads} thread(s)] where the time goes (profiled shares of the median step): {line}; "
+    line = (f"[{group}, {threads} thread(s)] where the time goes (profiled shares of the median step; "
+            f"{conv_flops / 1e9:.2f} GFLOP of convolutions per step): {line}; "
             f"ceiling {base}/{ours} (all but {ours}'s convolutions free) = {top:.2f}x")
     print("\n" + line)
     BREAKDOWN_LINES.append(line)
@@ -371,7 +391,7 @@ def test_tiny_unet_train_step(benchmark, threads):
     providers = {k: ours_step(k) for k in nets}
     providers["diffusers"] = diffusers_step
     group = "tiny UNet train step, batch 32, fp32"
-    report(benchmark, group, threads, providers, rounds=MODEL_ROUNDS,
+    report(benchmark, group, threads, providers, rounds=MODEL_ROUNDS, repeat=1,
            params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
     breakdown(benchmark, group, threads, {k: providers[k] for k in ("reference", "cpp")},
               {k: benchmark.extra_info[f"median_ms_{k}"] / 1e3 for k in ("reference", "cpp")})
@@ -425,4 +445,4 @@ def test_tiny_unet_sampler_step(benchmark, threads):
     providers = {k: ours_step(k) for k in nets}
     providers["diffusers"] = diffusers_step
     report(benchmark, "tiny UNet sampler step (DDPM), batch 64, fp32", threads, providers,
-           rounds=MODEL_ROUNDS, params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
+           rounds=MODEL_ROUNDS, repeat=1, params_ours=n_ours, params_diffusers=n_theirs, layout_cpp="channels_last")
