@@ -416,11 +416,11 @@ def test_auto_picks_cpp_only_for_the_measured_ops():
             assert chosen is impls["cpp"], op
         else:
             assert chosen is not impls.get("cpp"), op
-    # GroupNorm: C++ under auto for channels_last, dropout or NCHW with >= 256
+    # GroupNorm: C++ under auto for channels_last, dropout or NCHW with >= 64
     # positions per channel (the measured wins)
-    y, big = torch.randn(2, 8, 4, 4), torch.randn(1, 8, 16, 16)
+    y, big = torch.randn(2, 8, 4, 4), torch.randn(1, 8, 8, 8)
     for inp, p, expect in ((y, 0.0, False), (y.to(memory_format=torch.channels_last), 0.0, True), (y, 0.2, True),
-                           (big, 0.0, True), (big[:, :, :15], 0.0, False)):
+                           (big, 0.0, True), (big[:, :, :7], 0.0, False)):
         assert _backend.auto_wants_cpp("group_norm", inp, dropout=p) == expect
     assert ops.available_backends("cpu")["cpp"] is None
     assert "CPU kernels only" in ops.available_backends("meta")["cpp"]

@@ -39,30 +39,31 @@ def is_nhwc(x) -> bool:
 # only where benchmarks/test_cpu.py measured them faster than the reference.
 # An op missing here runs the reference under "auto" on the CPU; a value other
 # than None is a predicate on the op's arguments (the C++ wrapper asks it).
-# Measured 2026-12-01 12:29-12:30 UTC by benchmarks/test_cpu.py (two runs, saved in
-# benchmarks/results/cpu-amd-epyc-2core-2026-12-01.*) on the shared 2-core CI
-# machine (AMD EPYC Zen 4, AVX-512, load average 0.9-1.3), fp32, medians of
-# per-round ratios reference / C++, 1 thread (2 threads):
-#   p_sample_step (256, 3, 32, 32): 2.8-3.0x (2.7x);  q_sample + L_simple fwd+bwd: 1.16-1.25x (1.17-1.23x);
-#   sample_step (256, 3, 32, 32): Philox noise drawn in the op 14-22x (15-22x), given noise +
-#   x0_prev 2.6-2.8x (2.0-2.3x), no noise (DDIM) 2.6-2.7x (2.2-2.3x);
-#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.28-1.40x (1.67-2.94x), channels_last
-#   1.72-1.77x (1.67-2.00x; torch's channels_last result is also wrong at mean 3000);
-#   GroupNorm+add+SiLU+dropout vs the unfused reference: 4.2-4.9x (5.8-6.0x).
-# NCHW GroupNorm+SiLU fwd+bwd at the tiny UNet's sizes (same day, 11:45 UTC, 1 and 2
-# threads): 1.20-1.27x at (32, 16, 16, 16), 0.98-1.03x at (32, 32, 8, 8), 0.80-0.85x at
-# (32, 64, 4, 4): C++ from 256 positions per channel, the reference below. (The
-# reference's time moves by up to 2x between processes on this machine, with the
-# page faults of fresh allocations: hence ranges.)
+# Measured 2026-12-01 13:19-13:26 UTC by benchmarks/test_cpu.py (four runs, the last two
+# saved in benchmarks/results/cpu-amd-epyc-2core-2026-12-01.*) on the shared 2-core CI
+# machine (AMD EPYC Zen 4, AVX-512, load average 0.7-1.3), fp32, medians of per-round
+# ratios reference / C++ (each provider's steady state: blocks of 5 runs), 1 thread (2 threads):
+#   p_sample_step (256, 3, 32, 32): 3.1-4.0x (3.1-4.6x);  q_sample + L_simple fwd+bwd: 1.24-1.32x (1.20-1.25x);
+#   sample_step (256, 3, 32, 32): Philox noise drawn in the op 14-18x (19-26x), given noise +
+#   x0_prev 3.1-4.4x (4.9-5.6x), no noise (DDIM) 3.6-5.7x (3.1-5.9x);
+#   GroupNorm+SiLU fwd+bwd (8, 128, 32, 32): NCHW 1.58-3.50x (1.78-2.22x), channels_last
+#   1.92-3.25x (2.40-2.81x; torch's channels_last result is also wrong at mean 3000);
+#   GroupNorm+add+SiLU+dropout vs the unfused reference: 4.7-4.9x (6.6-7.5x).
+# NCHW GroupNorm+SiLU fwd+bwd at the tiny UNet's sizes (same day, 13:30 UTC, the same
+# method, 1 and 2 threads; without / with the ResBlock's add): 1.32-1.36x / 1.54-1.55x at
+# (32, 16, 16, 16), 1.13-1.15x / 1.23-1.24x at (32, 32, 8, 8), 0.84-0.85x / 0.90-0.92x at
+# (32, 64, 4, 4), 0.83-0.87x / 0.80-0.92x at (32, 128, 4, 4): C++ from 64 positions per
+# channel, the reference below. (The reference's time moves by up to 2x between processes
+# on this machine, with the page faults of fresh allocations: hence ranges.)
 CPU_AUTO_CPP = {
     "q_sample": None,
     "simple_loss": None,
     "p_sample_step": None,
     "p_sample_step_seeded": None,
     "sample_step": None,
-    # channels_last, the fused ResBlock dropout, or NCHW with >= 256 positions per
-    # channel: C++; smaller NCHW (the tiny UNet's 8x8 and 4x4): the reference
-    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or is_nhwc(x) or math.prod(x.shape[2:]) >= 256,
+    # channels_last, the fused ResBlock dropout, or NCHW with >= 64 positions per
+    # channel: C++; smaller NCHW (the UNets' 4x4): the reference
+    "group_norm": lambda x, *args, dropout=0.0, **kw: dropout > 0 or is_nhwc(x) or math.prod(x.shape[2:]) >= 64,
 }
 
 
