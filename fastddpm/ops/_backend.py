@@ -72,8 +72,8 @@ def preferred_memory_format(device) -> torch.memory_format:
     sample --memory-format auto). Here, beside CPU_AUTO_CPP, because the two must
     agree: channels_last on the CPU when fastddpm._C loaded and the forced
     backend is "auto" or "cpp" (its GroupNorm kernels read NHWC natively and
-    oneDNN's convolutions were measured ~15-20% faster channels_last: tiny UNet
-    train step, 1 thread, fp32, 2026-12-01); contiguous otherwise (torch's own
+    oneDNN's convolutions were measured 5-15% faster channels_last: tiny UNet
+    train step profiled, 1 and 2 threads, fp32, 2026-12-01); contiguous otherwise (torch's own
     CPU GroupNorm is slow on channels_last, so "reference" stays NCHW). CUDA:
     contiguous until channels_last is measured on a GPU."""
     device = torch.device(device)
