@@ -7,10 +7,8 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <new>
-#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -20,7 +18,7 @@ namespace {
 
 constexpr size_t kAlign = 64;      // a cache line (torch's own CPU alignment)
 constexpr size_t kPage = 4096;     // sizes are rounded up to pages: one bucket per page count
-constexpr size_t kMinBytes = 1 << 16;  // smaller blocks never leave glibc's heap: not cached
+constexpr size_t kMinBytes = 1 << 16;  // smaller blocks stay in glibc's heap anyway: not cached
 
 struct Block {
   void* ptr;

@@ -15,13 +15,14 @@
 
 namespace fastddpm {
 
-// at::empty_like(x) in `fmt`, float32 unless `dtype` is given, from the cache
+// an uninitialised CPU tensor of `sizes`, `dtype` and layout `fmt` whose block
+// comes from (and goes back to) the cache
 at::Tensor cached_empty(at::IntArrayRef sizes, at::ScalarType dtype, at::MemoryFormat fmt);
 
 struct CacheStats {
   int64_t cached_bytes;  // held for reuse now
   int64_t hits;          // requests served from the cache
-  int64_t misses;        // requests that went to the system allocator
+  int64_t misses;        // cacheable requests (>= 64 KiB) the system allocator served
   int64_t limit_bytes;
 };
 CacheStats cache_stats();
