@@ -120,6 +120,28 @@ def test_group_norm_add_and_dropout_match_float64(poisoned, dtype, layout, shape
     _check_gn(*_gn_case(shape, g, dtype, layout, add=True), g, "silu", p=0.3)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,g", [((4, 32, 8, 8), 4), ((3, 48, 5, 7), 6)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_bf16_io_is_the_float32_path_rounded(poisoned, layout, shape, g, p):
+    """bfloat16 x and dy are read and written as bfloat16 (each task converts its slice):
+    bit for bit the float32 kernels on the same values, rounded to nearest even."""
+    torch.manual_seed(fresh_seed())
+    x, dy = (_layout(torch.randn(shape).to(torch.bfloat16), layout) for _ in range(2))
+    w, b, a = torch.randn(shape[1]), torch.randn(shape[1]), torch.randn(shape[:2])
+    seed = torch.tensor([fresh_seed()]) if p else None
+    op = torch.ops.fastddpm_cpp
+    y, mean, rstd = op.group_norm(x, g, w, b, 1e-6, True, a, p, seed)
+    y32, mean32, rstd32 = op.group_norm(x.float(), g, w, b, 1e-6, True, a, p, seed)
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    assert torch.equal(y, y32.to(torch.bfloat16)) and torch.equal(mean, mean32) and torch.equal(rstd, rstd32)
+    got = op.group_norm_backward(dy, x, w, b, a, mean, rstd, g, True, p, seed, True, True, True)
+    want = op.group_norm_backward(dy.float(), x.float(), w, b, a, mean, rstd, g, True, p, seed, True, True, True)
+    assert got[0].dtype == torch.bfloat16 and got[0].stride() == x.stride()
+    assert torch.equal(got[0], want[0].to(torch.bfloat16))
+    assert all(torch.equal(u, v) for u, v in zip(got[1:], want[1:]))
+
+
 def test_dropout_mask_distribution_layout_and_seed():
     torch.manual_seed(0)
     x = torch.randn(4, 16, 32, 32)
@@ -193,7 +215,7 @@ def test_every_instruction_set_copy_matches_float64(isa):
     env = dict(os.environ, FASTDDPM_CPU_ISA=isa)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
            "(silu_matches_float64 and float32) or (add_and_dropout and float32) or variants or saturates "
-           "or large_mean"]
+           "or large_mean or bf16_io"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout

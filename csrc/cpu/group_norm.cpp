@@ -1,8 +1,9 @@
 // CPU implementation of fastddpm_cpp::group_norm and ::group_norm_backward:
 // GroupNorm of x + add (per (n, c)), optional SiLU, optional dropout, forward
 // and backward. The float32 kernels are in group_norm_kernel.inc; this file
-// checks the call, puts the data in float32 (fp16/bf16 are converted: the math
-// is always float32 with double statistics), and runs the tasks in parallel.
+// checks the call, puts the data in float32 (fp16 is converted; bf16 is read and
+// written as it is, each task converting its own slice; the math is always
+// float32 with double statistics), and runs the tasks in parallel.
 //
 // Layouts: contiguous NCHW (any number of spatial dims) and channels_last
 // (4-D); anything else is made contiguous first. The output has x's layout.
@@ -95,10 +96,25 @@ void check_common(const char* op, const at::Tensor& x, int64_t num_groups, const
   }
 }
 
+// x for the kernels: bfloat16 as it is (the tasks convert their slices), any other
+// dtype as float32; dense in the layout the kernels read
+at::Tensor kernel_input(const at::Tensor& x, bool nhwc) {
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return x.scalar_type() == at::kBFloat16 ? x.contiguous(fmt) : as_float(x, nhwc);
+}
+
+const uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
 GnArgs make_args(const at::Tensor& xf, const at::Tensor& w, const at::Tensor& b, const at::Tensor& a,
                  int64_t num_groups, double eps, bool silu, double p, const c10::optional<at::Tensor>& seed) {
   GnArgs args{};
-  args.x = xf.data_ptr<float>();
+  if (xf.scalar_type() == at::kBFloat16) {
+    args.x_bf16 = bf16_data(xf);
+  } else {
+    args.x = xf.data_ptr<float>();
+  }
   args.weight = w.defined() ? w.data_ptr<float>() : nullptr;
   args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   args.add = a.defined() ? a.data_ptr<float>() : nullptr;
@@ -165,13 +181,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
   check_common("group_norm", x, num_groups, weight, bias, add, p, seed);
   TORCH_CHECK(eps > 0.0, "group_norm: eps must be > 0, got ", eps);
   const bool nhwc = is_nhwc(x);
-  const auto xf = as_float(x, nhwc);
+  const auto xf = kernel_input(x, nhwc);
+  const bool bf16 = xf.scalar_type() == at::kBFloat16;
   const auto w = param_float(weight), b = param_float(bias), a = param_float(add);
-  auto out = cached_empty(xf.sizes(), at::kFloat, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  auto out = cached_empty(xf.sizes(), xf.scalar_type(),
+                          nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   auto mean = at::empty({x.size(0), num_groups}, x.options().dtype(at::kDouble));
   auto rstd = at::empty_like(mean);
   GnArgs args = make_args(xf, w, b, a, num_groups, eps, silu, p, seed);
-  args.out = out.data_ptr<float>();
+  if (bf16) {
+    args.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  } else {
+    args.out = out.data_ptr<float>();
+  }
   args.mean = mean.data_ptr<double>();
   args.rstd = rstd.data_ptr<double>();
   run_tasks(args, nhwc, false);
@@ -197,16 +219,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_c
   TORCH_CHECK(!bias_grad || bias.has_value(), "group_norm_backward: bias_grad needs a bias");
   TORCH_CHECK(!add_grad || add.has_value(), "group_norm_backward: add_grad needs add");
   const bool nhwc = is_nhwc(x);
-  const auto xf = as_float(x, nhwc);
-  const auto dyf = as_float(dy, nhwc);
+  // bfloat16 I/O when both x and dy are bfloat16 (autocast); else float32 copies
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && dy.scalar_type() == at::kBFloat16;
+  const auto xf = bf16 ? kernel_input(x, nhwc) : as_float(x, nhwc);
+  const auto dyf = bf16 ? kernel_input(dy, nhwc) : as_float(dy, nhwc);
   const auto w = param_float(weight), b = param_float(bias), a = param_float(add);
   auto mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  auto dx = cached_empty(xf.sizes(), at::kFloat, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  auto dx = cached_empty(xf.sizes(), xf.scalar_type(),
+                         nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   // per-sample partial sums, one buffer: (N, C) each for dweight, dbias, dadd
   std::vector<double> part(static_cast<size_t>(3 * N * C), 0.0);
   GnArgs args = make_args(xf, w, b, a, num_groups, 1.0, silu, p, seed);
-  args.dy = dyf.data_ptr<float>();
-  args.out = dx.data_ptr<float>();
+  if (bf16) {
+    args.dy_bf16 = bf16_data(dyf);
+    args.out_bf16 = reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>());
+  } else {
+    args.dy = dyf.data_ptr<float>();
+    args.out = dx.data_ptr<float>();
+  }
   args.mean = mean_c.data_ptr<double>();
   args.rstd = rstd_c.data_ptr<double>();
   args.dw_part = part.data();

@@ -19,6 +19,12 @@ struct GnArgs {
   const float* x;        // (N, C, HW) NCHW or (N, HW, C) NHWC
   const float* dy;       // backward only: like x
   float* out;            // y (forward) or dx (backward), like x
+  int64_t base;          // x, dy and out point at element `base` of the tensor (0, or a task's slice)
+  // bfloat16 I/O instead (x, dy, out unset): each task converts its slice of x (and
+  // dy) to float32 scratch, runs the float32 kernel on it and rounds its output back
+  const uint16_t* x_bf16;
+  const uint16_t* dy_bf16;
+  uint16_t* out_bf16;
   const float* weight;   // (C,) or nullptr (= ones)
   const float* bias;     // (C,) or nullptr (= zeros)
   const float* add;      // (N, C) or nullptr: added to x before normalising

@@ -1,7 +1,9 @@
 // The output block cache of output_cache.h.
 #include "output_cache.h"
 
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/native/TensorFactories.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -122,7 +124,13 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> cache_stats_op() {
 }  // namespace
 
 at::Tensor cached_empty(at::IntArrayRef sizes, at::ScalarType dtype, at::MemoryFormat fmt) {
-  return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, fmt);
+  at::Tensor t = at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, fmt);
+  // as torch.empty does under torch.utils.deterministic.fill_uninitialized_memory
+  // (the tests' poisoning: NaN in every output before a kernel writes it)
+  const auto& ctx = at::globalContext();
+  if (C10_UNLIKELY(ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory()))
+    at::native::fill_empty_deterministic_(t);
+  return t;
 }
 
 CacheStats cache_stats() { return cache().stats(); }
