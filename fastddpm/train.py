@@ -27,7 +27,10 @@ complete records up to the step resumed from; each record says how many steps
 its window covers (window_steps). SIGINT/SIGTERM, to the trainer alone or to
 its whole process group, save a checkpoint and exit 128 + the signal (a sample
 grid or in-training FID in progress is abandoned at its next network call; under
-torchrun the ranks agree at log steps).
+torchrun the ranks agree at log steps). Under torchrun a failure in what rank 0 alone
+does (claiming the run folder, writing a checkpoint, a sample grid or metrics.jsonl)
+stops every rank with one line each (Trainer.on_rank0), not a traceback from a
+collective that rank 0 has left.
 
 The training step is small and free of host synchronisation: non-finite
 gradients skip the optimizer step and the EMA update on the device (fused Adam
@@ -536,6 +539,12 @@ class _SamplingStopped(Exception):
     """A stop signal arrived while writing a sample grid or scoring an in-training FID."""
 
 
+class PeerFailed(RuntimeError):
+    """Under torchrun: rank 0 failed in work only it does (its run folder, a checkpoint
+    write, a sample grid, metrics.jsonl); the other ranks stop with this instead of
+    failing later in a collective that rank 0 has left."""
+
+
 class Stopped(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
 
@@ -809,11 +818,31 @@ class Trainer:
         return bool(flag.item())
 
     # -- the loop --
+    def on_rank0(self, fn):
+        """fn() on rank 0 only; under torchrun every rank then learns (one broadcast, which
+        also makes it a barrier) whether it raised: rank 0 re-raises its error, the other
+        ranks raise PeerFailed. Returns fn's value on rank 0, None elsewhere."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001  (re-raised below, after the others know)
+                error = e
+        if self.world > 1:
+            box = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=0)
+            if self.rank != 0 and box[0] is not None:
+                raise PeerFailed(f"rank 0 failed: {box[0]}")
+        if error is not None:
+            raise error
+        return result
+
     def save(self):
         """Checkpoint (all ranks take part, rank 0 writes); returns the path."""
         state = self.state_dict()
         path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
-        if self.rank == 0:
+
+        def write():
             ckpt_io.atomic_save(state, path)  # a failed write is a CheckpointError naming the file
             for step, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
                 if step < self.step:  # never a newer one (check_out_folder keeps them out anyway)
@@ -821,8 +850,7 @@ class Trainer:
                         os.unlink(old)
                     except FileNotFoundError:
                         pass
-        if self.world > 1:
-            dist.barrier()
+        self.on_rank0(write)
         return path
 
     def stop_check(self):
@@ -946,16 +974,14 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, rank = self.cfg, self.rank
-        self.prepare_out()
-        if self.world > 1:
-            dist.barrier()
+        self.on_rank0(self.prepare_out)
         sampler = data_mod.ShardedBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed,
                                                self.step, cfg.steps, rank, self.world)
         loader = data_mod.make_loader(self.dataset, sampler, cfg.workers, self.device.type == "cuda",
                                        seed=cfg.seed)
         start_step, t_start = self.step, time.perf_counter()
         train_time, window_steps, last_ckpt, last_samples = 0.0, 0, None, None
-        metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+        metrics = self.on_rank0(lambda: open(os.path.join(cfg.out, "metrics.jsonl"), "a"))  # rank 0: a file
         bar = tqdm(total=cfg.steps, initial=self.step, disable=rank != 0 or not cfg.progress,
                    desc="train", unit="step", dynamic_ncols=True, smoothing=0.05)
         stats = {"loss": float("nan"), "skipped": int(self._counters[0])}
@@ -991,9 +1017,10 @@ class Trainer:
                            "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
                            "skipped_steps": stats["skipped"], "nonfinite_streak": stats["streak"],
                            "window_steps": window_steps, "elapsed_s": time.perf_counter() - t_start}
-                    if metrics:
+                    def log(rec=rec):
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
+                    self.on_rank0(log)  # rank 0 holds metrics.jsonl
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{ips:.0f}",
                                     skipped=stats["skipped"], refresh=False)
                     window_steps = 0
@@ -1008,7 +1035,7 @@ class Trainer:
                     last_ckpt = (self.step, self.save())
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     try:
-                        last_samples = (self.step, self.write_samples())
+                        last_samples = (self.step, self.on_rank0(self.write_samples))
                     except _SamplingStopped:
                         raise self._stop_now(last_ckpt) from None
                 if cfg.fid_every and self.step % cfg.fid_every == 0:
@@ -1034,7 +1061,7 @@ class Trainer:
             last_ckpt = (self.step, self.save())
         if cfg.sample_n and (last_samples is None or last_samples[0] != self.step):
             try:
-                last_samples = (self.step, self.write_samples())
+                last_samples = (self.step, self.on_rank0(self.write_samples))
             except _SamplingStopped:  # the checkpoint is written: stop now, not minutes later
                 raise self._stop_now(last_ckpt) from None
         steps_done = self.step - start_step
@@ -1117,19 +1144,14 @@ def main(argv=None):
             say(f"fastddpm.train: {resume_path} is at step {trainer.step} >= --steps {cfg.steps}; "
                 "nothing to do (pass a larger --steps to train on)")
             return 0
-        failure = None
         try:
-            trainer.prepare_out()  # rank 0 alone claims the folder; the others wait for its verdict
+            trainer.on_rank0(trainer.prepare_out)  # rank 0 claims the folder; the others learn its verdict
+        except PeerFailed:
+            return 2  # rank 0 says why
         except ValueError as e:
-            failure = str(e)
+            return error(e, 2)
         except OSError as e:
-            failure = _os_error_line(e)
-        if world > 1:  # else the other ranks run into a collective that rank 0 left
-            box = [failure]
-            dist.broadcast_object_list(box, src=0)
-            failure = box[0]
-        if failure is not None:
-            return error(failure, 2) if rank == 0 else 2
+            return error(_os_error_line(e), 2)
         n_params = sum(p.numel() for p in trainer.model.parameters())
         changed = ""
         if resume is not None and resume["config"]["train"].get("variance") != cfg.variance:
@@ -1151,6 +1173,8 @@ def main(argv=None):
             return 128 + int(e.signum)
         except data_mod.DataError as e:
             return error(e, 2)
+        except PeerFailed as e:  # rank 0 printed its error; this rank says why it stops
+            return error(f"rank {rank}: stopping at step {trainer.step}: {e}", 1)
         except CheckpointError as e:  # e.g. "cannot write checkpoint FILE: No space left on device"
             return error(e, 1)
         except OSError as e:  # metrics.jsonl, a sample grid

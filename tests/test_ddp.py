@@ -115,3 +115,40 @@ def test_a_folder_rank_0_cannot_claim_stops_every_rank_with_one_line(tmp_path):
     assert r.stdout.count("is in use by another trainer") == 1, r.stdout
     assert "[rank1]" not in r.stdout and "barrier" not in r.stdout, r.stdout  # no traceback from rank 1
     assert not list(out.glob("*.pt")) and not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["checkpoint", "metrics"])
+def test_a_write_only_rank_0_does_failing_stops_every_rank_with_one_line(tmp_path, fault):
+    """Rank 0's checkpoint write fails (disk full) or its metrics.jsonl write does: rank 0
+    says so in one line, and rank 1 stops with one line too instead of a traceback from the
+    collective rank 0 left. The fault is injected into rank 0 alone by a sitecustomize."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    import fastddpm.checkpoint as C, fastddpm.train as T\n"
+        f"    if {fault!r} == 'checkpoint':\n"
+        "        def full(state, path, *a, **k):\n"
+        "            raise C.CheckpointError(f'cannot write checkpoint {path}: No space left on device')\n"
+        "        C.atomic_save = full\n"
+        "    else:\n"
+        "        import json\n"
+        "        real = json.dumps\n"
+        "        def dumps(obj, *a, **k):\n"
+        "            if isinstance(obj, dict) and 'images_per_s' in obj:\n"
+        "                raise OSError(28, 'No space left on device', 'metrics.jsonl')\n"
+        "            return real(obj, *a, **k)\n"
+        "        T.json.dumps = dumps\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastddpm.train", *TINY, "--out", str(out), "--steps", "3", "--ckpt-every", "2"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert r.stdout.count("No space left on device") >= 1, r.stdout
+    assert "rank 1: stopping at step" in r.stdout and "rank 0 failed" in r.stdout, r.stdout
+    assert "[rank1]" not in r.stdout and "[rank0]" not in r.stdout, r.stdout  # no traceback from either rank
