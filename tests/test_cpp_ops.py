@@ -575,6 +575,8 @@ def test_cache_holds_blocks_until_emptied_and_frees_across_threads():
 def test_cache_limit_from_the_environment(env, held, error):
     """FASTDDPM_CPU_CACHE_MB: 0 turns the cache off, a 1 MiB limit keeps no 1.5 MiB
     block, 64 MiB keeps it; a bad value is refused with its name."""
+    import ast
+    import os
     import subprocess
     import sys
     code = ("import torch, fastddpm; op = torch.ops.fastddpm_cpp\n"
@@ -583,12 +585,12 @@ def test_cache_limit_from_the_environment(env, held, error):
             "except RuntimeError as e:\n    print(str(e).splitlines()[0]); raise SystemExit(0)\n"
             "del y; print(op.cpu_cache_stats())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "FASTDDPM_CPU_CACHE_MB": env})
+                       env={**os.environ, "FASTDDPM_CPU_CACHE_MB": env})
     assert r.returncode == 0, r.stderr
     if error:
         assert error in r.stdout and "lots" in r.stdout
     else:
-        held_bytes, _, _, limit = eval(r.stdout.strip())
+        held_bytes, _, _, limit = ast.literal_eval(r.stdout.strip())
         assert limit == int(env) << 20 and (held_bytes == 32 * 48 * 16 * 16 * 4) == held
 
 
