@@ -5,6 +5,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/native/TensorFactories.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -20,7 +21,7 @@ namespace {
 
 constexpr size_t kAlign = 64;      // a cache line (torch's own CPU alignment)
 constexpr size_t kPage = 4096;     // sizes are rounded up to pages: one bucket per page count
-constexpr size_t kMinBytes = 1 << 16;  // smaller blocks stay in glibc's heap anyway: not cached
+constexpr size_t kMinBytes = 1 << 16;  // smaller ones stay in glibc's heap anyway: torch's allocator
 
 struct Block {
   void* ptr;
@@ -32,9 +33,10 @@ class OutputCache final : public c10::Allocator {
   OutputCache() : limit_(read_limit()) {}
 
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = n < kMinBytes || limit_ == 0 ? n : (n + kPage - 1) / kPage * kPage;
+    if (n < kMinBytes || limit_ == 0) return c10::GetCPUAllocator()->allocate(n);  // torch's own
+    const size_t bytes = (n + kPage - 1) / kPage * kPage;
     void* p = nullptr;
-    if (bytes >= kMinBytes && limit_ > 0) {
+    {
       std::lock_guard<std::mutex> g(mu_);
       auto it = free_.find(bytes);
       if (it != free_.end() && !it->second.empty()) {
@@ -46,12 +48,11 @@ class OutputCache final : public c10::Allocator {
         ++misses_;
       }
     }
-    if (p == nullptr && bytes > 0) {
-      p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+    if (p == nullptr) {
+      p = std::aligned_alloc(kAlign, bytes);  // bytes: a multiple of the page, so of kAlign
       if (p == nullptr) throw std::bad_alloc();
     }
-    auto* blk = new Block{p, bytes};
-    return {p, blk, &release, c10::Device(c10::DeviceType::CPU)};
+    return {p, new Block{p, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -87,9 +88,9 @@ class OutputCache final : public c10::Allocator {
 
   static void release(void* ctx);
 
-  void put(Block* b) {
+  void put(Block* b) {  // only blocks of at least kMinBytes come here
     bool keep = false;
-    if (b->bytes >= kMinBytes && limit_ > 0) {
+    {
       std::lock_guard<std::mutex> g(mu_);
       if (held_ + b->bytes <= limit_) {
         free_[b->bytes].push_back(b->ptr);
