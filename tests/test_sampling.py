@@ -88,10 +88,18 @@ def test_spacings_follow_the_papers():
 # ----------------------------------------------------------------------------- coefficient tables
 
 
-def _apply(plan, i, x, eps, z, x0_prev):
-    """Row i of the plan through the reference update, in float64, no clipping."""
+def _apply(plan, i, x, eps, z, past=()):
+    """Row i of the plan through the reference update, in float64, no clipping;
+    past = (H_{i-1}, H_{i-2}, ...) placed in the history ring where row i reads them."""
     table = plan.table.double()
-    out, x0 = reference.sample_step_ref(x, eps, table, torch.tensor([i]), x0_prev, z, None, clip=False)
+    ring = None
+    if plan.history:
+        R = plan.history + 1
+        ring = torch.full((R, *x.shape), float("nan"), dtype=torch.float64)
+        ring[i % R] = 0.0                                   # the slot this row writes
+        for j in range(1, R):
+            ring[(i - j) % R] = past[j - 1] if j <= len(past) else 0.0
+    out, x0 = reference.sample_step_ref(x, eps, table, torch.tensor([i]), ring, z, None, clip=False)
     return out, x0
 
 
@@ -115,7 +123,7 @@ def test_ddpm_table_is_respaced_posterior(variance, steps):
         var = 0.0 if i == len(a) - 1 else beta if variance == "fixedlarge" else post_var
         x0 = x / math.sqrt(a[i]) - math.sqrt(1 / a[i] - 1) * eps
         mean = beta * math.sqrt(a_next[i]) / (1 - a[i]) * x0 + (1 - a_next[i]) * math.sqrt(1 - beta) / (1 - a[i]) * x
-        out, x0_hat = _apply(plan, i, x, eps, z, None)
+        out, x0_hat = _apply(plan, i, x, eps, z)
         torch.testing.assert_close(out, mean + math.sqrt(var) * z, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(x0_hat, x0, rtol=1e-12, atol=1e-12)
 
@@ -126,10 +134,13 @@ def test_full_respacing_equals_the_diffusion_buffers():
         tab = make_plan(d, "ddpm").table.flip(0)          # increasing t
         sigma = (0.5 * d.model_log_variance).exp()
         sigma[0] = 0
-        for col, buf in zip(tab.unbind(1), (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod,
-                                            d.posterior_mean_coef2, d.posterior_mean_coef1,
-                                            torch.zeros(1000, dtype=torch.float64), sigma)):
-            torch.testing.assert_close(col, buf, rtol=1e-9, atol=1e-12)
+        zero = torch.zeros(1000, dtype=torch.float64)
+        cols = dict(zip(reference.SAMPLER_COEFS, tab.unbind(1)))
+        for name, buf in (("a_x", d.sqrt_recip_alphas_cumprod), ("a_e", d.sqrt_recipm1_alphas_cumprod),
+                          ("c_x", d.posterior_mean_coef2), ("c_0", d.posterior_mean_coef1), ("c_1", zero),
+                          ("c_2", zero), ("c_3", zero), ("c_4", zero), ("h_x", zero), ("h_0", zero),
+                          ("sigma", sigma)):
+            torch.testing.assert_close(cols[name], buf, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
@@ -144,7 +155,7 @@ def test_ddim_table_is_song_eq_12(eta, steps, spacing):
         sigma = eta * math.sqrt((1 - a_next[i]) / (1 - a[i]) * (1 - a[i] / a_next[i]))
         x0 = (x - math.sqrt(1 - a[i]) * eps) / math.sqrt(a[i])
         expect = math.sqrt(a_next[i]) * x0 + math.sqrt(1 - a_next[i] - sigma ** 2) * eps + sigma * z
-        torch.testing.assert_close(_apply(plan, i, x, eps, z, None)[0], expect, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(_apply(plan, i, x, eps, z)[0], expect, rtol=1e-9, atol=1e-12)
     assert plan.stochastic == (eta > 0 and steps > 1)
 
 
@@ -169,9 +180,9 @@ def test_dpmpp2m_table_is_lu_algorithm_2(steps):
                 r = (lam(a[i]) - lam(a[i - 1])) / h
                 D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev
             expect = math.sqrt(1 - a_next[i]) / math.sqrt(1 - a[i]) * x - math.sqrt(a_next[i]) * (math.exp(-h) - 1) * D
-        out, x0_hat = _apply(plan, i, x, eps, z, prev)
+        out, x0_hat = _apply(plan, i, x, eps, z, (prev,))
         torch.testing.assert_close(out, expect, rtol=1e-9, atol=1e-12)
-    assert plan.multistep and not plan.stochastic
+    assert plan.multistep and plan.history == 1 and not plan.stochastic
 
 
 def test_ddim_eta1_table_equals_ddpm_fixedsmall():
