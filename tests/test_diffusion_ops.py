@@ -704,14 +704,16 @@ def test_gpu_cuda_graph_sampler_loop():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_sample_step_real_shape(dtype):
     table = _sampler_table(device="cuda")
-    x, prev = (_rand((1024, 3, 32, 32), dtype, "cuda") for _ in range(2))
+    x, ring = _rand((1024, 3, 32, 32), dtype, "cuda"), _ring(3, (1024, 3, 32, 32), dtype).cuda()
     eps = _rand((1024, 3, 32, 32), torch.bfloat16, "cuda")
     rng = torch.tensor([77, 5, 0], device="cuda")
     step = torch.tensor([3], device="cuda")
-    out, x0 = _sample_step("triton", x, eps, table, step, prev, rng=rng)
-    ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step, prev.double(), None, rng)
+    ring_ref = ring.double()
+    out, x0 = _sample_step("triton", x, eps, table, step, ring, rng=rng)
+    ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step, ring_ref, None, rng)
     assert_close_rel(out, ref, dtype)
     assert_close_rel(x0, x0_ref, dtype)
+    assert_close_rel(ring, ring_ref, dtype, "history")
     z = _kernel_noise(rng, (1024, 3, 32, 32))
     torch.testing.assert_close(z, reference.philox_normal_ref(rng, z.shape), rtol=1e-5, atol=1e-5)
 
@@ -720,7 +722,7 @@ def test_gpu_sample_step_real_shape(dtype):
 def test_gpu_sample_step_graph_replays_draw_fresh_noise():
     """rng advanced inside the graph: every replay draws the next offset's noise,
     exactly reference.philox_normal_ref's; the step row is read on the device too."""
-    table = torch.tensor([[1.0, 0, 0, 0, 0, 1.0], [1.0, 0, 0, 0, 0, 2.0]], dtype=torch.float64, device="cuda")
+    table = torch.tensor([[1.0] + [0.0] * 9 + [1.0], [1.0] + [0.0] * 9 + [2.0]], dtype=torch.float64, device="cuda")
     x = torch.zeros(8, 3, 4, 4, device="cuda")
     step = torch.zeros(1, dtype=torch.int64, device="cuda")
     rng = torch.tensor([99, 1, 0], device="cuda")
