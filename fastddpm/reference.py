@@ -151,26 +151,44 @@ def philox4x32_ref(key, c0, c1, c2, c3, rounds=10):
     return c0, c1, c2, c3
 
 
+def _philox_normal(key, c0, c1, c2, c3):
+    """float32 normals from the first two Philox words of each counter: u1, u2 =
+    ((word >> 8) + 0.5) / 2^24 in (0, 1), z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller)."""
+    w0, w1, _, _ = philox4x32_ref(key, c0, c1, c2, c3)
+    u1 = ((w0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = ((w1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
 def philox_normal_ref(rng, shape):
     """Standard normals (float32, `shape` = (B, ...)) of the sampler noise stream.
 
     rng: int64 tensor (3,) = (key, offset, first_sample) on the output device.
     Element d of sample b uses Philox(key, counter = (d, first_sample + b,
-    offset mod 2^32, offset >> 32)); its first two words give u1, u2 =
-    ((word >> 8) + 0.5) / 2^24 in (0, 1) and z = sqrt(-2 ln u1) cos(2 pi u2)
-    (Box-Muller). Image b's noise thus depends only on (key, first_sample + b,
-    offset), never on the batch it is drawn in. Reads rng on the device (no sync).
+    offset mod 2^32, offset >> 32)) (_philox_normal). Image b's noise thus
+    depends only on (key, first_sample + b, offset), never on the batch it is
+    drawn in. Reads rng on the device (no sync).
     """
     B, D = shape[0], math.prod(shape[1:])
     dev = rng.device
     key, offset, first = rng[0], rng[1], rng[2]
     c0 = torch.arange(D, dtype=torch.int64, device=dev).view(1, D)
     c1 = ((first + torch.arange(B, dtype=torch.int64, device=dev)) & _M32).view(B, 1)
-    w0, w1, _, _ = philox4x32_ref(key, c0, c1, offset & _M32, (offset >> 32) & _M32)
-    u1 = ((w0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    u2 = ((w1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return z.view(shape)
+    return _philox_normal(key, c0, c1, offset & _M32, (offset >> 32) & _M32).view(shape)
+
+
+def seeded_step_noise_ref(shape, t, seed, offset=0):
+    """Standard normals (float32, `shape` = (B, ...), on t's device) of the seeded
+    ancestral step (ops.p_sample_step(seed=...)): element e (its flat index in the
+    whole tensor, < 2^32) of sample b uses Philox(key = seed, counter = (e, t[b],
+    offset mod 2^32, offset >> 32)), as the Triton kernel draws them. seed: int in
+    [0, 2^63), offset: int in [0, 2^64). Reads t on the device only (no sync)."""
+    B, D = shape[0], math.prod(shape[1:])
+    dev = t.device
+    c0 = (torch.arange(B * D, dtype=torch.int64, device=dev) & _M32).view(B, D)
+    c1 = (t.to(torch.int64) & _M32).view(B, 1)
+    # seed and offset stay Python ints (no host-to-device copy): philox4x32_ref mixes them in
+    return _philox_normal(int(seed), c0, c1, offset & _M32, (offset >> 32) & _M32).view(shape)
 
 
 def sample_step_ref(x_t, eps, table, step, history=None, noise=None, rng=None, clip=True):

@@ -15,10 +15,11 @@ The sampler step of every sampler (`_sample_step_fwd_kernel`) reads its row of
 a coefficient table at a step index held in a device tensor, and draws its
 noise in the kernel from a Philox state held in a device tensor too.
 
-Noise of the fused sampler step is either given or drawn by Philox inside the
+Noise of the fused ancestral step is either given or drawn by Philox inside the
 kernel from the key `seed` and the counter (element index, t[b], offset_lo,
-offset_hi): every (step t, element) gets its own normal, the same for a given
-seed on every run, with no generator state on the host (CUDA-graph safe).
+offset_hi) (reference.seeded_step_noise_ref): every (step t, element) gets its
+own normal, the same for a given seed on every run and backend, with no
+generator state on the host (CUDA-graph safe).
 """
 import torch
 import triton
@@ -148,11 +149,12 @@ def _p_sample_step_fwd_kernel(
         # arguments specialised to constants still broadcast; launcher guarantees B * D < 2^32
         elem = base + offs
         zero = elem * 0
-        i1, i2, _, _ = tl.random.philox(seed, elem.to(tl.uint32), (zero + t).to(tl.uint32),
+        # normals as reference.seeded_step_noise_ref (u = ((word >> 8) + 0.5) / 2^24, Box-Muller)
+        w0, w1, _, _ = tl.random.philox(seed, elem.to(tl.uint32), (zero + t).to(tl.uint32),
                                         (zero + offset_lo).to(tl.uint32), (zero + offset_hi).to(tl.uint32))
-        u1 = tl.random.uint_to_uniform_float(i1)
-        u2 = tl.random.uint_to_uniform_float(i2)
-        z, _ = tl.random.pair_uniform_to_normal(u1, u2)
+        u1 = ((w0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u2 = ((w1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
     tl.store(Out + base + offs, (mean + std * z).to(Out.dtype.element_ty), mask=mask)
 
 

@@ -265,6 +265,20 @@ def test_seeded_noise_is_standard_normal(backend):
     assert 0.64 < (z.abs() < 1).double().mean().item() < 0.72   # P(|z| < 1) = 0.683
 
 
+def test_seeded_noise_is_the_same_on_every_backend():
+    """Philox (seed, element, t, offset) as device ops on the reference path, in the
+    kernel on Triton: the same normals, no host-side generator (issue 24)."""
+    tabs = _tables()
+    x, eps = _rand((3, 2, 4, 4), torch.float32), _rand((3, 2, 4, 4), torch.float32)
+    t = torch.tensor([1, 7, T_STEPS - 1], device=DEV)
+    for seed, offset in ((3, 0), (2**62 + 9, 2**40 + 3)):
+        ref = _step("reference", x, t, eps, tabs, seed=seed, offset=offset)
+        tri = _step("triton", x, t, eps, tabs, seed=seed, offset=offset)
+        assert_close_rel(tri, ref, torch.float32, tol=1e-5)
+    z = reference.seeded_step_noise_ref((3, 2, 4, 4), t, 3, 0)
+    assert torch.equal(_seeded_noise_of("reference", x, t, eps, tabs, seed=3)[0][1:].sign(), z[1:].sign())
+
+
 def test_seeded_step_triton_matches_explicit_noise_math():
     """The seeded kernel is the explicit-noise kernel with Philox z: clip, mean and std agree."""
     tabs = _tables()
@@ -756,3 +770,21 @@ def test_sample_step_empty_batch_with_rng(backend):
     rng = torch.tensor([1, 1, 0], device=DEV)
     out, x0 = _sample_step(backend, x, x, _sampler_table(), torch.tensor([1], device=DEV), rng=rng)
     assert out.shape == x.shape and x0.shape == x.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gpu_seeded_step_has_no_host_sync(backend):
+    """p_sample_step(seed=...) draws its noise on the device on every backend."""
+    tabs = _tables(device="cuda")
+    x, eps = _rand((4, 3, 8, 8), torch.float32, "cuda"), _rand((4, 3, 8, 8), torch.float32, "cuda")
+    t = torch.tensor([1, 5, 9, 0], device="cuda")
+    with ops.use_backend(backend):
+        first = ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=7, offset=3, check_range=False)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=7, offset=3, check_range=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first, again)

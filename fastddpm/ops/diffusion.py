@@ -17,13 +17,11 @@ imported on first use.
 
 Ancestral-step noise: `p_sample_step(..., noise=z)` adds the given z (every
 backend gives the same result). `p_sample_step(..., noise=None, seed=s, offset=o)`
-draws z itself, deterministically for (s, o, t, element):
-  * triton: Philox inside the kernel (key s, counter (element, t[b], o));
-    no host sync, no generator state.
-  * reference/cpp: torch.randn from a torch.Generator seeded from (s, o, t);
-    it reads t on the host (eager only).
-Only the noise source differs between backends: the same (s, o) gives
-different, equally distributed z on each; the math around z is identical.
+draws z itself, deterministically for (s, o, t, element): Philox with key s
+and counter (element, t[b], o) (reference.seeded_step_noise_ref), inside the
+Triton kernel, as device tensor ops on the reference and C++ paths: the same
+normals on every backend (to float32 rounding of log/cos), no host sync, no
+generator state.
 
 The sampler step (`sample_step`, used by every sampler in fastddpm.sampling)
 keeps its whole state on the device instead: the table row is a device int64
@@ -34,7 +32,6 @@ to float32 rounding of log/cos). Nothing is read on the host (except the
 optional range check), so a CUDA graph can advance step and rng[1] on the
 device and draw fresh noise on every replay.
 """
-import hashlib
 import math
 from typing import Optional
 
@@ -187,16 +184,11 @@ def _sample_step_ref(x_t, eps, table, step, history, noise, rng, clip, return_x0
 
 
 def seeded_noise(x_t, t, seed, offset=0):
-    """Noise of the reference path of the seeded step: torch.randn like x_t (fp32
-    compute dtype, fp64 for fp64) from a generator seeded by a hash of
-    (seed, offset, t). Reads t on the host."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(int(seed).to_bytes(8, "little") + int(offset).to_bytes(8, "little"))
-    h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    gen = torch.Generator(device=x_t.device)
-    gen.manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
-    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    return torch.randn(x_t.shape, generator=gen, device=x_t.device, dtype=dtype)
+    """Noise of the seeded step on the reference and C++ paths:
+    reference.seeded_step_noise_ref (the Triton kernel's Philox numbers), float32
+    (float64 for float64 x_t), like x_t. Nothing is read on the host."""
+    z = reference.seeded_step_noise_ref(tuple(x_t.shape), t, seed, offset)
+    return z.to(torch.float64) if x_t.dtype == torch.float64 else z
 
 
 def _p_sample_step_seeded_ref(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
