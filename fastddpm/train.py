@@ -64,6 +64,7 @@ from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
 from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, apply_memory_format, autocast,
                                compile_model, default_precision)
+from fastddpm.sampling.graphs import CudaGraphRunner
 from fastddpm.unet import UNet, UNetConfig
 
 _NET = UNetConfig()
@@ -600,6 +601,7 @@ class Trainer:
         self._window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, gnorm sum, finite n
         self._gen = torch.Generator(device=self.device)
         seed_rngs(cfg.seed, rank)
+        self.graph_runner = CudaGraphRunner(log=log) if self.device.type == "cuda" else None  # kept: grids, FIDs
         if resume is not None:
             self._load(resume)
         self.net = self.model
@@ -880,7 +882,8 @@ class Trainer:
 
         with before_each_call(self.stop_check(), self.ema):
             x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
-                       seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
+                       seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False,
+                       cuda_graphs=self.graph_runner)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         save_grid(to_uint8(x), path)
         return path

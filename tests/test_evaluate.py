@@ -513,3 +513,33 @@ def test_sigterm_during_an_in_training_fid_stops_promptly(tmp_path):
     assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
     assert checkpoint.load(out)["step"] == 1
     assert not [ln for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
+
+
+def test_score_model_samples_do_not_depend_on_the_world_size(monkeypatch):
+    """Rank r of W draws the next images of the one stream `seed` (issue 24): every
+    world size scores images 0..n-1 of (seed, i), not seed + offset per rank."""
+    import fastddpm.sampling as sampling
+    import torch.distributed as dist
+
+    drawn = []
+
+    def fake_sample(model, diffusion, n, *, seed, first_sample=0, **kw):
+        drawn.append((seed, first_sample, n))
+        return torch.zeros(n, 3, 8, 8)
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(dist, "all_gather", lambda parts, x: [p.copy_(x) for p in parts])
+    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+
+    class Net(torch.nn.Module):   # a stand-in for Inception
+        def forward(self, x):
+            return torch.zeros(len(x), 2048)
+
+    net = Net()
+    for world in (1, 2, 3):
+        drawn.clear()
+        for rank in range(world):
+            ev.score_model(_tiny(), GaussianDiffusion.linear(T=4), 7, ref, inception=net, seed=5, rank=rank,
+                           world=world)
+        images = sorted(i for seed, first, n in drawn for i in range(first, first + n))
+        assert images == list(range(7)) and {seed for seed, _, _ in drawn} == {5}, (world, drawn)

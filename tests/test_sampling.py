@@ -339,6 +339,20 @@ def test_graph_runner_state_handling(monkeypatch, sampler, steps):
     assert len(runner) == 2 and runner.disabled is None
 
 
+def test_graph_runner_recaptures_a_model_whose_tensors_moved(monkeypatch):
+    """A kept runner (sample(cuda_graphs=runner) across calls) never replays a graph
+    on a model's old addresses: new parameter storage means a new capture."""
+    monkeypatch.setattr(CudaGraphRunner, "_record", staticmethod(lambda step, device: _EagerGraph(step)))
+    model, d = _model(), GaussianDiffusion.linear(T=10)
+    plan = make_plan(d, "unipc", 4)
+    runner = CudaGraphRunner()
+    kw = dict(plan=plan, device="cpu", progress=False, runner=runner)
+    a = sample_batch(model, d, 2, 0, **kw)
+    assert torch.equal(sample_batch(model, d, 2, 0, **kw), a) and len(runner) == 1
+    model.double().float()                     # same values, new storage
+    assert torch.equal(sample_batch(model, d, 2, 0, **kw), a) and len(runner) == 2
+
+
 # ----------------------------------------------------------------------------- exact Gaussian model
 
 
@@ -672,6 +686,22 @@ def test_gpu_step_has_no_host_sync():
                 sampling.denoise_step(model, state, "bf16", True)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_runner_kept_across_sample_calls():
+    """A runner passed to sample() keeps its graphs: the second call captures nothing
+    and gives the same images; a model whose tensors moved is captured afresh."""
+    model, d = _gpu_model(), GaussianDiffusion.linear(T=8)
+    runner = CudaGraphRunner()
+    kw = dict(progress=False, sampler="unipc", steps=4, batch_size=4, cuda_graphs=runner)
+    a = sample(model, d, 4, seed=3, **kw)
+    entry = runner._cache[next(iter(runner._cache))]
+    assert torch.equal(a, sample(model, d, 4, seed=3, **kw)) and len(runner) == 1
+    assert runner._cache[next(iter(runner._cache))] is entry
+    moved = _gpu_model()
+    sample(moved, d, 4, seed=3, **kw)
+    assert len(runner) == 2
 
 
 @pytest.mark.gpu
