@@ -636,7 +636,8 @@ def _gpu_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 6), ("dpmpp2m", 6)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 6), ("dpmpp2m", 6), ("dpmpp3m", 6), ("unipc", 6),
+                                           ("ipndm", 6)])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpu_graphed_equals_eager(sampler, steps, precision):
     """Bit-identical: a replay runs the kernels of one eager step on the same buffers."""
@@ -674,7 +675,7 @@ def test_gpu_replays_draw_fresh_noise_and_cache_is_bounded():
 @pytest.mark.gpu
 def test_gpu_step_has_no_host_sync():
     model, d = _gpu_model(), GaussianDiffusion.linear(T=8)
-    for sampler in ("ddpm", "dpmpp2m"):
+    for sampler in sampling.SAMPLERS:
         plan = make_plan(d, sampler, 4)
         state = sampling.StepState.allocate(plan, (2, 3, 8, 8), torch.device("cuda"))
         state.reset(0, 0)
