@@ -2,8 +2,10 @@
 
 Writes DIR/samples.png (a grid) and DIR/samples.npz (uint8 NHWC under key
 arr_0, the format FID tools read). Samplers: ddpm (the paper's ancestral
-sampler; respaced over fewer steps), ddim, dpmpp2m (DPM-Solver++(2M)), all
-through one fused update; on CUDA each step is replayed from a CUDA graph.
+sampler; respaced over fewer steps), ddim, dpmpp2m / dpmpp3m (DPM-Solver++(2M)
+/ (3M)), unipc (UniPC, --order 1-3, --variant bh1/bh2), ipndm (improved PNDM,
+--order 1-4), all through one fused update; on CUDA each step is replayed from
+a CUDA graph. The timesteps: --spacing, or an explicit --timesteps 999,700,...
 
 Reproducibility: image i is drawn from the noise stream (--seed, i) alone, so
 --n only sets how many images (a smaller --n gives the first images of a
@@ -24,9 +26,9 @@ import torch
 from fastddpm import checkpoint
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, SAMPLERS, SPACINGS,
-                               NonFiniteSamplesError, apply_memory_format, compile_model, default_precision,
-                               make_plan, sample)
+from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, ORDERS, PRECISIONS, SAMPLERS, SPACINGS,
+                               UNIPC_VARIANTS, NonFiniteSamplesError, apply_memory_format, compile_model,
+                               default_precision, make_plan, sample)
 
 
 def parse_args(argv=None):
@@ -42,19 +44,27 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="noise stream, an int in [0, 2^63) (default 0): image i depends on (seed, i) only")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: ancestral (respaced when --steps < T); ddim; dpmpp2m: DPM-Solver++(2M) "
-                   "(default ddpm)")
+                   help="ddpm: ancestral (respaced when --steps < T); ddim; dpmpp2m / dpmpp3m: DPM-Solver++(2M) / "
+                   "(3M); unipc: UniPC predictor-corrector; ipndm: improved PNDM (default ddpm)")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample, 1..T, at that many distinct timesteps (default T)")
+    p.add_argument("--order", type=int, default=None,
+                   help="unipc: 1-3 (default 3); ipndm: 1-4 (default 4); lower orders in the first steps")
+    p.add_argument("--variant", choices=UNIPC_VARIANTS, default=None,
+                   help="unipc only: B(h) = h (bh1) or e^h - 1 (bh2, default)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 = ancestral with fixedsmall (default 0)")
     p.add_argument("--variance", choices=("fixedlarge", "fixedsmall"), default=None,
                    help="ddpm only: sigma_t^2 = beta_t (fixedlarge) or the posterior variance (fixedsmall; "
                    "cleaner when respaced to few --steps) (default: the checkpoint's)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
-                   help="timesteps kept when --steps < T: uniform; quadratic (the DDIM paper's CIFAR-10 choice); "
-                   "logsnr (uniform in log(alpha/sigma), DPM-Solver's) (default: uniform for ddpm, quadratic "
-                   "for ddim, logsnr for dpmpp2m)")
+                   help="timesteps kept when --steps < T: uniform; trailing (uniform from T-1); quadratic (the "
+                   "DDIM paper's CIFAR-10 choice); logsnr (uniform in log(alpha/sigma), DPM-Solver's); edm "
+                   "(Karras et al.'s rho = 7 sigma grid) (default: uniform for ddpm, quadratic for ddim, logsnr "
+                   "for dpmpp2m, dpmpp3m, unipc and ipndm)")
+    p.add_argument("--timesteps", default=None, metavar="LIST",
+                   help="explicit timesteps instead of --spacing: comma-separated, strictly decreasing integers "
+                   "in [0, T-1], e.g. 999,700,400,100,0 (sets --steps)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default: bf16 on a GPU that supports it, else fp32)")
@@ -84,8 +94,31 @@ def parse_args(argv=None):
         _fail(f"--eta applies to --sampler ddim only, not {args.sampler}", code=2)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         _fail(f"--eta must lie in [0, 1], got {args.eta}", code=2)
+    if args.order is not None and args.sampler not in ORDERS:
+        _fail(f"--order applies to --sampler {' or '.join(ORDERS)} only, not {args.sampler}", code=2)
+    if args.order is not None and not ORDERS[args.sampler][0] <= args.order <= ORDERS[args.sampler][1]:
+        lo, hi, _ = ORDERS[args.sampler]
+        _fail(f"--order of {args.sampler} must lie in [{lo}, {hi}], got {args.order}", code=2)
+    if args.variant is not None and args.sampler != "unipc":
+        _fail(f"--variant applies to --sampler unipc only, not {args.sampler}", code=2)
+    if args.timesteps is not None:
+        if args.spacing is not None:
+            _fail("give --spacing or --timesteps, not both", code=2)
+        try:
+            args.timesteps = [int(v) for v in args.timesteps.split(",")]
+        except ValueError:
+            _fail(f"--timesteps must be comma-separated integers, got {args.timesteps!r}", code=2)
     args.device = _parse_device(args.device)
     return args
+
+
+def _option_of(msg):
+    """The CLI option a make_plan error is about, as a prefix ("--order: ")."""
+    for start, option in (("order", "--order"), ("timesteps", "--timesteps"), ("steps (", "--timesteps"),
+                          ("steps", "--steps"), ("variant", "--variant"), ("unknown spacing", "--spacing")):
+        if msg.startswith(start):
+            return option + ": "
+    return "--steps: " if "needs at least" in msg else ""
 
 
 def _parse_device(name):
@@ -156,9 +189,10 @@ def main(argv=None):
     if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
         _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:
-        plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance)
+        plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance,
+                         order=args.order, variant=args.variant, timesteps=args.timesteps)
     except ValueError as e:
-        _fail(str(e), code=2)
+        _fail(f"{_option_of(str(e))}{e}", code=2)
     _check_out(args.out)
     # a diffusers scheduler with clip_sample=false was trained/sampled without clipping x0_hat
     clip = not args.no_clip and (ckpt.get("config") or {}).get("sampling", {}).get("clip", True)
@@ -175,7 +209,8 @@ def main(argv=None):
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,
                    seed=args.seed, device=device, precision=precision, clip=clip,
                    progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
-                   spacing=plan.spacing, variance=args.variance, cuda_graphs=cuda_graphs)
+                   spacing=None if args.timesteps else plan.spacing, variance=args.variance, order=args.order,
+                   variant=args.variant, timesteps=args.timesteps, cuda_graphs=cuda_graphs)
     except NonFiniteSamplesError as e:
         _fail(f"{e} (no images written)")
     elapsed = time.perf_counter() - t0

@@ -490,6 +490,41 @@ def test_sample_cli_bad_flags_are_one_line_errors(tmp_path, capsys, args, match)
     assert match in _cli_error(tmp_path, capsys, *args)
 
 
+MULTISTEP_CLI = [(["--sampler", "unipc", "--steps", "4", "--order", "2", "--variant", "bh1", "--spacing", "edm"],
+                  dict(sampler="unipc", steps=4, order=2, variant="bh1", spacing="edm")),
+                 (["--sampler", "ipndm", "--timesteps", "9,6,3,0", "--order", "3"],
+                  dict(sampler="ipndm", timesteps=[9, 6, 3, 0], order=3)),
+                 (["--sampler", "dpmpp3m", "--steps", "3", "--spacing", "trailing"],
+                  dict(sampler="dpmpp3m", steps=3, spacing="trailing"))]
+
+
+@pytest.mark.parametrize("args,kw", MULTISTEP_CLI, ids=["unipc", "ipndm", "dpmpp3m"])
+def test_sample_cli_multistep_samplers(tmp_path, capsys, args, kw):
+    """--sampler dpmpp3m / unipc / ipndm with --order, --variant, --spacing, --timesteps."""
+    model, d, out = _cli(tmp_path, *args)
+    arr = np.load(out / "samples.npz")["arr_0"]
+    expect = sample(model, d, 5, batch_size=2, seed=1, progress=False, **kw)
+    assert np.array_equal(arr, ((expect + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    assert kw["sampler"] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sampler", "unipc", "--order", "4"], "--order of unipc must lie in [1, 3]"),
+    (["--sampler", "ipndm", "--order", "0"], "--order of ipndm must lie in [1, 4]"),
+    (["--sampler", "ddim", "--order", "2"], "--order applies to --sampler unipc or ipndm only"),
+    (["--sampler", "ipndm", "--variant", "bh1"], "--variant applies to --sampler unipc only"),
+    (["--sampler", "unipc", "--steps", "2"], "--steps: unipc of order 3 needs at least 3 steps"),
+    (["--sampler", "ipndm", "--timesteps", "9,5,1"], "--steps: ipndm of order 4 needs at least 4 steps"),
+    (["--timesteps", "5,7"], "--timesteps: timesteps must be strictly decreasing"),
+    (["--timesteps", "10,2"], "--timesteps: timesteps must lie in [0, 9]"),
+    (["--timesteps", "9,x"], "--timesteps must be comma-separated integers"),
+    (["--timesteps", "9,1", "--spacing", "edm"], "give --spacing or --timesteps"),
+    (["--timesteps", "9,1", "--steps", "3"], "--timesteps: steps (3) must equal the number of timesteps (2)"),
+    (["--spacing", "karras"], "invalid choice"), (["--sampler", "unipc", "--variant", "bh3"], "invalid choice")])
+def test_sample_cli_bad_sampler_flags_name_the_option(tmp_path, capsys, args, match):
+    assert match in _cli_error(tmp_path, capsys, *args)
+
+
 @pytest.mark.parametrize("device", ["foo", "mps", "meta", "cuda:99"])
 def test_sample_cli_bad_device_is_one_line(tmp_path, capsys, device):
     """Issue 10.8: --device foo / mps / meta gave tracebacks."""
