@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -92,3 +93,35 @@ def test_plot_cli_refuses_a_folder_without_metrics_in_one_line(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("fastddpm.plot: error:") and r.stderr.count("\n") == 1 and what in r.stderr
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_tensorboard_log_writes_scalars_and_images_that_read_back(tmp_path):
+    from fastddpm import tensorboard_log as tb
+
+    if tb.available():
+        pytest.skip(tb.available())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = tb.TensorBoardLog(str(tmp_path))
+    for s in (10, 20, 30):
+        log.record({"step": s, "loss": 1.0 / s, "lr": 2e-4, "skipped_steps": 0, "note": "text is left out"})
+    grid = (np.arange(8 * 12 * 3) % 256).astype(np.uint8).reshape(8, 12, 3)
+    log.image("samples", grid, 30)
+    with pytest.raises(ValueError, match="uint8"):
+        log.image("samples", grid.astype(np.float32), 30)
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert set(acc.Tags()["scalars"]) == {"loss", "lr", "skipped_steps"}
+    ev = acc.Scalars("loss")
+    assert [e.step for e in ev] == [10, 20, 30] and [e.value for e in ev] == pytest.approx([0.1, 0.05, 1 / 30])
+    (img,) = acc.Images("samples")
+    assert img.step == 30 and (img.width, img.height) == (12, 8)
+
+
+def test_tensorboard_missing_says_how_to_install(monkeypatch):
+    from fastddpm import tensorboard_log as tb
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    assert "pip install tensorboard" in tb.available()
+    with pytest.raises(tb.TensorBoardMissing, match="pip install tensorboard"):
+        tb.TensorBoardLog("unused")
