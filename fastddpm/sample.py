@@ -24,9 +24,9 @@ import torch
 from fastddpm import checkpoint
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, SAMPLERS, SPACINGS,
-                               NonFiniteSamplesError, apply_memory_format, compile_model, default_precision,
-                               make_plan, sample)
+from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
+                              default_precision)
+from fastddpm.sampling import MAX_SEED, SAMPLERS, SPACINGS, NonFiniteSamplesError, make_plan, sample
 
 
 def parse_args(argv=None):

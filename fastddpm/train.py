@@ -62,8 +62,9 @@ from fastddpm import data as data_mod
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, apply_memory_format, autocast,
-                               compile_model, default_precision)
+from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, autocast, compile_model,
+                              default_precision)
+from fastddpm.sampling import MAX_SEED
 from fastddpm.unet import UNet, UNetConfig
 
 _NET = UNetConfig()
