@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fastddpm import data as data_mod
-from fastddpm.runtime import autocast
+from fastddpm.runtime import autocast, parse_device
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -600,25 +600,10 @@ def build_parser():
     return p
 
 
-def _device(name):
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):  # torch's own message lists every device type torch knows
-        raise EvaluateError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvaluateError(f"--device {device}: CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EvaluateError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type != "cpu":
-        raise EvaluateError(f"--device {device}: evaluation runs on cpu or cuda, not {device.type}")
-    return device
-
-
 def _run(args):
     from fastddpm.inception import load_inception
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     progress = not args.no_progress
     if args.command == "nll":
         from fastddpm import checkpoint

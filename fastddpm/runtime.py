@@ -3,6 +3,7 @@
 network runs in (--memory-format). None of them changes a checkpoint: weights are
 the same numbers whatever device, precision, compile mode or layout ran them."""
 import contextlib
+import os
 
 import torch
 
@@ -15,6 +16,34 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 # --memory-format of the train and sample CLIs: the layout the network runs in (a
 # runtime choice: weights and checkpoints are the same numbers in either).
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+def local_rank():
+    """This process's GPU under torchrun (LOCAL_RANK), 0 outside it."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def parse_device(name, default_index=None):
+    """The torch.device a --device value names: cpu, cuda or cuda:N (None: cuda if
+    available, else cpu). A bare "cuda" (or None on a CUDA machine) gets
+    default_index (the trainer passes local_rank()). Raises ValueError, naming
+    the flag, for anything fastddpm cannot run on here."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):  # torch's own message lists every device type it knows
+        raise ValueError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here")
+        if device.index is None and default_index is not None:
+            device = torch.device("cuda", default_index)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: fastddpm runs on cpu or cuda, not {device.type}")
+    return device
 
 
 def default_precision(device) -> str:

@@ -63,7 +63,7 @@ from fastddpm.allocator import keep_freed_memory
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
 from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, autocast, compile_model,
-                              default_precision)
+                              default_precision, local_rank, parse_device)
 from fastddpm.sampling import MAX_SEED
 from fastddpm.unet import UNet, UNetConfig
 
@@ -450,12 +450,7 @@ def _validated(cfg: TrainConfig):
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ValueError(f"--seed must be in [0, 2**63 - 1], got {cfg.seed}")
     if cfg.device is not None:
-        try:
-            dev = torch.device(cfg.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"--device {cfg.device!r} is not a device (cpu, cuda or cuda:N)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device {cfg.device}: fastddpm trains on cpu or cuda (cuda:N), not {dev.type}")
+        parse_device(cfg.device)
     cfg.model_config()  # UNetConfig validates the network fields
     if cfg.fid_every:
         from fastddpm.evaluate import check_training_fid
@@ -566,7 +561,7 @@ class Trainer:
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
         self.resume_path = resume_path
         self._lock = None  # the run folder's lock file (rank 0), held while training
-        self.device = self._pick_device(cfg.device)
+        self.device = parse_device(cfg.device, default_index=local_rank())
         self.precision = cfg.precision or default_precision(self.device)
         self._warn_slow_settings()
         if cfg.threads:
@@ -625,22 +620,6 @@ class Trainer:
         if self.device.type == "cpu" and self.precision == "fp16":
             warn("--precision fp16 on the CPU has no fast kernels and runs many times slower than "
                  "fp32: use --precision fp32 (or bf16 on a CPU with native bf16 support)")
-
-    def _pick_device(self, name):
-        if name is None:
-            if torch.cuda.is_available():
-                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            return torch.device("cpu")
-        dev = torch.device(name)
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"--device {name}: CUDA is not available in this torch/machine")
-            if dev.index is None:
-                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            if dev.index >= torch.cuda.device_count():
-                raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                                 "device(s)")
-        return dev
 
     def _autocast(self):
         return autocast(self.device, self.precision)
@@ -1097,7 +1076,7 @@ def _init_distributed():
         return 0, 1
     rank = int(os.environ["RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
