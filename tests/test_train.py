@@ -436,9 +436,9 @@ def test_torn_metrics_line_is_cut_and_records_say_their_window(tmp_path):
 
 
 def test_slow_settings_warn(tmp_path, capsys):
-    from fastddpm.train import _usable_cpus
+    from fastddpm.training.config import usable_cpus
 
-    for flags, words in ((["--threads", str(_usable_cpus() + 1)], ["--threads", "cores", "slower"]),
+    for flags, words in ((["--threads", str(usable_cpus() + 1)], ["--threads", "cores", "slower"]),
                          (["--precision", "fp16", "--device", "cpu"], ["fp16", "CPU", "fp32"])):
         cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "r")] + flags)
         Trainer(cfg, log=lambda *a: None)
