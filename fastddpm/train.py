@@ -46,14 +46,11 @@ import fcntl
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
@@ -62,9 +59,12 @@ from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
 from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, apply_memory_format, autocast, compile_model,
                               default_precision, local_rank, parse_device)
+from fastddpm.training import distributed
 from fastddpm.training.config import (PRESETS, SEED_MAX, TrainConfig, check_resumable, preset_config, usable_cpus,
                                       validate)
+from fastddpm.training.distributed import PeerFailed
 from fastddpm.unet import UNet
+
 
 def _int(s):
     try:
@@ -306,44 +306,6 @@ def check_out_folder(out, resume_path=None, resume_step=None):
 
 # ---- helpers -------------------------------------------------------------------------
 
-def _mix(seed, step, stream):
-    """A 63-bit seed for (seed, step, stream)."""
-    h = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def rng_state():
-    """The process's RNG states as tensors and plain ints (checkpoints load with
-    weights_only=True, which refuses numpy arrays and arbitrary objects)."""
-    version, internal, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                        "gauss": gauss},
-             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
-    np.random.set_state(("MT19937", npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_rngs(seed, rank):
-    s = _mix(seed, rank, "process")
-    random.seed(s)
-    np.random.seed(s % 2 ** 32)
-    torch.manual_seed(s)
-
-
 def lr_at(cfg, step):
     """The paper's warm-up: lr * min(step / warmup, 1), step = updates done so far."""
     return cfg.lr * (min(step / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0)
@@ -379,12 +341,6 @@ class TrainingDiverged(RuntimeError):
 
 class _SamplingStopped(Exception):
     """A stop signal arrived while writing a sample grid or scoring an in-training FID."""
-
-
-class PeerFailed(RuntimeError):
-    """Under torchrun: rank 0 failed in work only it does (its run folder, a checkpoint
-    write, a sample grid, metrics.jsonl); the other ranks stop with this instead of
-    failing later in a collective that rank 0 has left."""
 
 
 class Stopped(Exception):
@@ -441,14 +397,10 @@ class Trainer:
         self._counters = torch.zeros(3, dtype=torch.int64, device=self.device)  # skipped, streak, max streak
         self._window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, gnorm sum, finite n
         self._gen = torch.Generator(device=self.device)
-        seed_rngs(cfg.seed, rank)
+        distributed.seed_rngs(cfg.seed, rank)
         if resume is not None:
             self._load(resume)
-        self.net = self.model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = distributed.data_parallel(self.model, self.device, world)
         self.net = compile_model(self.net, cfg.compile)  # checkpoints and the EMA use self.model
         self.signal = None  # set by SIGINT/SIGTERM handlers
 
@@ -475,7 +427,7 @@ class Trainer:
         """Timesteps, noise and flips of global step `step` for this rank's slice."""
         B, b = self.cfg.batch_size, self.cfg.batch_size // self.world
         S, C = self.cfg.image_size, self.in_channels
-        g = self._gen.manual_seed(_mix(self.cfg.seed, step, "batch"))
+        g = self._gen.manual_seed(distributed.mix_seed(self.cfg.seed, step, "batch"))
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g, device=self.device)
         noise = torch.randn((B, C, S, S), generator=g, device=self.device)
         flip = torch.rand((B,), generator=g, device=self.device) < 0.5
@@ -528,14 +480,8 @@ class Trainer:
     # -- state --
     def state_dict(self):
         """The checkpoint dict (see fastddpm.checkpoint); call on every rank (gathers RNG states)."""
-        rng = rng_state()
-        digest = params_digest(self.model)
-        if self.world > 1:
-            rngs, digests = [None] * self.world, [None] * self.world
-            dist.all_gather_object(rngs, rng)
-            dist.all_gather_object(digests, digest)
-        else:
-            rngs, digests = [rng], [digest]
+        rngs = distributed.gather(distributed.rng_state(), self.world)
+        digests = distributed.gather(params_digest(self.model), self.world)
         sampler = data_mod.ShardedBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
                                                self.step, self.step)
         epoch, position = sampler.position(self.step)
@@ -599,16 +545,14 @@ class Trainer:
                                        ts["counters"]["streak"]], dtype=torch.int64, device=self.device)
         rngs = ts["rng"]
         if self.rank < len(rngs):
-            set_rng_state(rngs[self.rank])
+            distributed.set_rng_state(rngs[self.rank])
         else:  # more ranks than the run that wrote it: fresh streams for the new ranks
-            seed_rngs(_mix(self.cfg.seed, self.step, "resume"), self.rank)
+            distributed.seed_rngs(distributed.mix_seed(self.cfg.seed, self.step, "resume"), self.rank)
 
     # -- reading the counters (every log_every steps) --
     def read_window(self):
         """Host copy of the window stats (summed over ranks) and counters; resets the window."""
-        w = self._window.clone()
-        if self.world > 1:
-            dist.all_reduce(w)
+        w = distributed.all_reduce_sum(self._window.clone(), self.world)
         loss_sum, gn_sum, n = w.tolist()
         skipped, streak, max_streak = self._counters.tolist()
         self._window.zero_()
@@ -637,31 +581,15 @@ class Trainer:
             return self.signal is not None
         if not sync:
             return False
-        flag = torch.tensor([0 if self.signal is None else int(self.signal)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signal is None:
-            self.signal = int(flag.item())
-        return bool(flag.item())
+        signum = distributed.agree_stop(self.signal, self.device)
+        if signum and self.signal is None:
+            self.signal = signum
+        return bool(signum)
 
     # -- the loop --
-    def on_rank0(self, fn):
-        """fn() on rank 0 only; under torchrun every rank then learns (one broadcast, which
-        also makes it a barrier) whether it raised: rank 0 re-raises its error, the other
-        ranks raise PeerFailed. Returns fn's value on rank 0, None elsewhere."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as e:  # noqa: BLE001  (re-raised below, after the others know)
-                error = e
-        if self.world > 1:
-            box = [None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(box, src=0)
-            if self.rank != 0 and box[0] is not None:
-                raise PeerFailed(f"rank 0 failed: {box[0]}")
-        if error is not None:
-            raise error
-        return result
+    def on_rank0(self, fn, *args):
+        """fn(*args) on rank 0 only, every rank learning whether it failed (distributed.on_rank0)."""
+        return distributed.on_rank0(self.rank, self.world, fn, *args)
 
     def save(self):
         """Checkpoint (all ranks take part, rank 0 writes); returns the path."""
@@ -915,20 +843,6 @@ def _write_atomic(path, text):
 
 # ---- main ----------------------------------------------------------------------------
 
-def _init_distributed():
-    """(rank, world) from torchrun's environment; initialises the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    rank = int(os.environ["RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return rank, world
-
-
 def _os_error_line(e):
     """An OSError as one line naming its file: 'FILE: No space left on device'."""
     if isinstance(e, OSError) and e.filename and e.strerror:
@@ -940,7 +854,7 @@ def main(argv=None):
     """The CLI. Returns the exit status: 0 done, 1 a write failed while training (disk
     full: the message names the file), 2 bad input or data, 3 diverged, 128+signal when
     stopped (a checkpoint written)."""
-    rank, world = _init_distributed()
+    rank, world = distributed.init()
     say = print if rank == 0 else (lambda *a, **k: None)
 
     def error(msg, code):
@@ -1016,8 +930,7 @@ def main(argv=None):
             trainer.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.close(world)
 
 
 if __name__ == "__main__":
