@@ -41,8 +41,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import errno
-import fcntl
 import json
 import math
 import os
@@ -63,6 +61,7 @@ from fastddpm.training import distributed
 from fastddpm.training.config import (PRESETS, SEED_MAX, TrainConfig, check_resumable, preset_config, usable_cpus,
                                       validate)
 from fastddpm.training.distributed import PeerFailed
+from fastddpm.training.run_folder import RunFolder, check_out_folder
 from fastddpm.unet import UNet
 
 
@@ -248,62 +247,6 @@ def config_from_args(argv=None):
     return cfg, ckpt, path
 
 
-class RunFolderError(ValueError):
-    """--out cannot be used: not a writable folder, in use, or holding another run."""
-
-
-def _check_out_path(out):
-    """--out is, or can be created as, a writable folder (checked before anything is written)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RunFolderError(f"--out {out} is a file, not a folder")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise RunFolderError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunFolderError(f"--out {out}: {parent} is not writable")
-
-
-def _same_folder(a, b):
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def check_out_folder(out, resume_path=None, resume_step=None):
-    """Refuse a run folder where writing would touch another run's files.
-
-    A folder holds a run when it has checkpoints or a non-empty metrics.jsonl.
-    A new run, or a resumed one continuing in a new folder, needs one that holds
-    none. A run resumed in its own folder must resume its newest checkpoint:
-    resuming an older one there would leave the newer ones (another future of the
-    run) to be pruned or resumed by mistake, so branching needs a new --out."""
-    _check_out_path(out)
-    ckpts = ckpt_io.list_checkpoints(out)
-    if resume_path is not None and _same_folder(os.path.dirname(os.path.abspath(resume_path)), out):
-        newer = [os.path.basename(p) for s, p in ckpts if s > resume_step]
-        if newer:
-            raise RunFolderError(
-                f"cannot resume {resume_path} (step {resume_step}) in {out}: the folder holds newer "
-                f"checkpoints of the run ({', '.join(newer)}), which resuming there would discard. "
-                f"Continue the newest with --resume {out}, or branch from step {resume_step} into a "
-                "new folder with --out NEW")
-        return
-    metrics = os.path.join(out, "metrics.jsonl")
-    held = [f"{len(ckpts)} checkpoint(s)"] if ckpts else []
-    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
-        held.append("metrics.jsonl")
-    if not held:
-        return
-    if resume_path is None and not ckpts:  # nothing to resume: --resume would only fail
-        raise RunFolderError(f"{out} already holds a run that wrote no checkpoint (metrics.jsonl): "
-                             "choose another --out folder, or remove its metrics.jsonl to reuse it")
-    if resume_path is None:
-        raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): continue it with "
-                             f"--resume {out}, or choose another --out folder")
-    raise RunFolderError(f"cannot resume {resume_path} into {out}: that folder holds another run "
-                         f"({', '.join(held)}); choose a new or empty --out folder")
-
-
 # ---- helpers -------------------------------------------------------------------------
 
 def lr_at(cfg, step):
@@ -362,7 +305,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume=None, rank=0, world=1, log=print, resume_path=None):
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
         self.resume_path = resume_path
-        self._lock = None  # the run folder's lock file (rank 0), held while training
+        self.folder = RunFolder(cfg.out)  # rank 0 claims it (prepare_out) and holds its lock while training
         self.device = parse_device(cfg.device, default_index=local_rank())
         self.precision = cfg.precision or default_precision(self.device)
         self._warn_slow_settings()
@@ -596,16 +539,12 @@ class Trainer:
         state = self.state_dict()
         path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
 
-        def write():
-            ckpt_io.atomic_save(state, path)  # a failed write is a CheckpointError naming the file
-            for step, old in ckpt_io.list_checkpoints(self.cfg.out)[:-self.cfg.keep]:
-                if step < self.step:  # never a newer one (check_out_folder keeps them out anyway)
-                    try:
-                        os.unlink(old)
-                    except FileNotFoundError:
-                        pass
-        self.on_rank0(write)
+        self.on_rank0(self._write_checkpoint, state, path)
         return path
+
+    def _write_checkpoint(self, state, path):
+        ckpt_io.atomic_save(state, path)  # a failed write is a CheckpointError naming the file
+        self.folder.prune(self.cfg.keep, self.step)
 
     def stop_check(self):
         """For sampling and scoring between steps (sample grids, in-training FID): a
@@ -640,55 +579,14 @@ class Trainer:
         return path
 
     def prepare_out(self):
-        """Claim the run folder (rank 0; once): create it, lock it for the whole run (a
-        second trainer on it gets a RunFolderError), check again under the lock that it
-        holds no other run, remove temp files of killed writes, write config.json and cut
-        metrics.jsonl to the records of this run up to the step it starts from."""
-        cfg = self.cfg
-        if self.rank != 0 or self._lock is not None:
-            return
-        lock = os.path.join(cfg.out, ".lock")
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RunFolderError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from e
-        try:
-            # lockf, not flock: a flock is shared with every forked DataLoader worker and
-            # outlives a SIGKILLed trainer until they exit; a POSIX lock dies with the process
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise RunFolderError(f"cannot lock {lock}: {e.strerror or e}") from e
-            raise RunFolderError(f"{cfg.out} is in use by another trainer (it holds {lock}): wait for "
-                                 "it to finish, or choose another --out folder") from None
-        self._lock = fd
-        try:
-            check_out_folder(cfg.out, self.resume_path, self.step if self.resume_path else None)
-        except BaseException:
-            self.close()
-            raise
-        for n in os.listdir(cfg.out):  # temp files of writes killed half-way
-            if n.startswith(".tmp-") and n.endswith(".pt"):
-                try:
-                    os.unlink(os.path.join(cfg.out, n))
-                except FileNotFoundError:
-                    pass
-        _write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(self.config_dict(), indent=2) + "\n")
-        metrics = os.path.join(cfg.out, "metrics.jsonl")
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                lines = f.read().split("\n")
-            # lines[-1] is "" or a record torn by a kill; drop it and records past our step
-            kept = [ln + "\n" for ln in lines[:-1] if (st := _record_step(ln)) is not None and st <= self.step]
-            _write_atomic(metrics, "".join(kept))
+        """Claim the run folder (rank 0; once; see RunFolder.claim): lock it, check it,
+        write config.json and cut metrics.jsonl to the step this run starts from."""
+        if self.rank == 0:
+            self.folder.claim(self.config_dict(), self.resume_path, self.step)
 
     def close(self):
         """Release the run folder's lock."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        self.folder.close()
 
     def _data_error(self, e, start_step, last_ckpt):
         """A DataError met while training, after saving the steps done (single process)."""
@@ -824,21 +722,6 @@ class Trainer:
                 "images_per_s": steps_done * cfg.batch_size / train_time if train_time > 0 else float("nan"),
                 "loss": stats["loss"], "skipped": stats["skipped"], "checkpoint": last_ckpt[1],
                 "samples": last_samples[1] if last_samples else None}
-
-
-def _record_step(line):
-    """The step of a metrics.jsonl line; None for a line that is not a complete record."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, TypeError, KeyError):
-        return None
-
-
-def _write_atomic(path, text):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---- main ----------------------------------------------------------------------------
