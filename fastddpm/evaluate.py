@@ -446,35 +446,6 @@ def check_training_fid(cfg):
     resolve_weights(None)
 
 
-# In-training FID samples with the fastest sampler: DPM-Solver++(2M) at 20 network
-# evaluations (50x fewer than ancestral sampling at T = 1000). Its FID is a trend
-# to watch, not the 1000-step number a paper reports.
-TRAINING_FID_SAMPLER, TRAINING_FID_STEPS = "dpmpp2m", 20
-
-
-def log_training_fid(trainer, bar=None, metrics=None):
-    """Score the trainer's EMA model (all ranks sample a share), and on rank 0 append
-    {"step", "fid", "fid_n", "fid_seconds"} to metrics.jsonl and show it on the progress bar."""
-    cfg = trainer.cfg
-    steps = min(TRAINING_FID_STEPS, trainer.diffusion.num_timesteps)
-    r = score_model(trainer.ema, trainer.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
-                    seed=cfg.seed, device=trainer.device, precision=trainer.precision, rank=trainer.rank,
-                    world=trainer.world, sampler=TRAINING_FID_SAMPLER, steps=steps,
-                    check_stop=trainer.stop_check())
-    if trainer.rank != 0:
-        return None
-    rec = {"step": trainer.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"],
-           "fid_sampler": f"{TRAINING_FID_SAMPLER}-{steps}"}
-    if metrics is not None:
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
-    if bar is not None:
-        postfix = getattr(bar, "postfix", None)  # a disabled bar (--no-progress) has none
-        bar.set_postfix_str(f"{postfix + ', ' if postfix else ''}fid={r['fid']:.2f}", refresh=False)
-        bar.write(f"step {trainer.step}: FID {r['fid']:.3f} ({r['n']} EMA samples, {r['seconds']:.0f} s)")
-    return rec
-
-
 # ---- NLL ------------------------------------------------------------------------------
 
 @torch.no_grad()

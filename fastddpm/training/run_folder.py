@@ -142,6 +142,24 @@ class RunFolder:
                 except FileNotFoundError:
                     pass
 
+    def metrics_log(self):
+        """metrics.jsonl, opened for appending."""
+        return MetricsLog(os.path.join(self.out, "metrics.jsonl"))
+
+
+class MetricsLog:
+    """A run's metrics.jsonl: one JSON record a line, each flushed as it is written."""
+
+    def __init__(self, path):
+        self._file = open(path, "a")
+
+    def write(self, record):
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
 
 def _record_step(line):
     """The step of a metrics.jsonl line; None for a line that is not a complete record."""
