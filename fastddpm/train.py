@@ -6,36 +6,19 @@
     python -m fastddpm.train --resume runs/cifar10                 # continue a run
     torchrun --nproc_per_node=8 -m fastddpm.train --preset cifar10 --data ... --out ...
 
-Everything a run does is a function of its TrainConfig (saved as config.json
-beside the checkpoints and inside each checkpoint) and the step:
-  * the data order: epoch permutations from (seed, epoch), global batch j takes
-    positions [jB, (j+1)B), rank r of W its r-th slice (fastddpm.data);
-  * the timesteps, noise and flips of step s: drawn for the whole global batch
-    from a generator seeded with (seed, s), each rank keeping its slice;
-  * dropout: the global torch RNG, seeded per rank and saved in checkpoints.
-So a run stopped at step k and resumed is bit-identical on the CPU to one that
-never stopped, and it can resume on a different number of ranks.
+The command line of fastddpm.training: the flags (a preset, overridden flag by
+flag; --resume continues a run from its saved configuration) and the exit
+codes: 0 done, 1 a write failed while training (the message names the file), 2
+bad input or data, 3 diverged, 128 + the signal when stopped by SIGINT/SIGTERM
+(to the trainer alone or to its whole process group: a checkpoint is written,
+and --resume continues it bit-identically, see fastddpm.training.trainer).
 
-A run folder (--out) belongs to one run: a trainer holds a lock on it
-(.lock, a POSIX fcntl.lockf lock: held by the trainer process alone, so data-loader
-workers it forked never keep it after a kill) while it runs; a new run, or a resumed one continuing in a
-new folder, is refused a folder that holds checkpoints or metrics of another
-run; a run resumes in its own folder only from its newest checkpoint (branch
-from an older one with --out NEW). Keep-N pruning deletes only older
-checkpoints of the folder's own run. metrics.jsonl is cut, on resume, to the
-complete records up to the step resumed from; each record says how many steps
-its window covers (window_steps). SIGINT/SIGTERM, to the trainer alone or to
-its whole process group, save a checkpoint and exit 128 + the signal (a sample
-grid or in-training FID in progress is abandoned at its next network call; under
-torchrun the ranks agree at log steps). Under torchrun a failure in what rank 0 alone
-does (claiming the run folder, writing a checkpoint, a sample grid or metrics.jsonl)
-stops every rank with one line each (Trainer.on_rank0), not a traceback from a
-collective that rank 0 has left.
-
-The training step is small and free of host synchronisation: non-finite
-gradients skip the optimizer step and the EMA update on the device (fused Adam
-reads a found_inf flag; fp16 uses torch.amp.GradScaler, which does the same),
-and the counters are read only every --log-every steps.
+A run folder (--out) belongs to one run (fastddpm.training.run_folder: its lock,
+which folders a new or a resumed run may use, keep-N pruning, metrics.jsonl).
+Under torchrun a failure in what rank 0 alone does (claiming the run folder,
+writing a checkpoint, a sample grid or metrics.jsonl) stops every rank with one
+line each (fastddpm.training.distributed.on_rank0), not a traceback from a
+collective that rank 0 has left; the ranks agree on a stop signal at log steps.
 """
 import argparse
 import dataclasses

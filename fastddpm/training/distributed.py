@@ -1,6 +1,6 @@
-"""torchrun, and the process's random number generators: the one module that
-knows about ranks. A single process is rank 0 of a world of 1, where every
-function here is a plain call (no process group).
+"""torchrun, and the process's random number generators: the one module of
+training/ that calls torch.distributed. A single process is rank 0 of a world
+of 1, where every function here is a plain call (no process group).
 
 Work that rank 0 alone does (claiming the run folder, writing a checkpoint, a
 sample grid or metrics.jsonl) runs through on_rank0, which tells every rank

@@ -8,7 +8,8 @@ resumes in its own folder only from its newest checkpoint (branch from an older
 one with --out NEW). Keep-N pruning deletes only older checkpoints of the
 folder's own run. config.json holds the run's effective configuration;
 metrics.jsonl (MetricsLog) one JSON record a line, cut on resume to the complete
-records up to the step resumed from."""
+records up to the step resumed from; each training record says how many steps
+its window covers (window_steps)."""
 import errno
 import fcntl
 import json
