@@ -328,7 +328,7 @@ class Trainer:
             self.signal = signum
         return bool(signum)
 
-    # -- the loop --
+    # -- what runs between steps: rank 0's writes, the run folder, samples, FID --
     def on_rank0(self, fn, *args):
         """fn(*args) on rank 0 only, every rank learning whether it failed (distributed.on_rank0)."""
         return distributed.on_rank0(self.rank, self.world, fn, *args)
