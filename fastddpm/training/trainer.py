@@ -337,7 +337,6 @@ class Trainer:
         """Checkpoint (all ranks take part, rank 0 writes); returns the path."""
         state = self.state_dict()
         path = os.path.join(self.cfg.out, ckpt_io.checkpoint_name(self.step))
-
         self.on_rank0(self._write_checkpoint, state, path)
         return path
 
@@ -369,8 +368,8 @@ class Trainer:
 
     def record_fid(self, bar=None):
         """In-training FID of the EMA model (evaluate.score_model; every rank samples a
-        share): rank 0 appends {"step", "fid", "fid_n", "fid_seconds", "fid_sampler"}
-        to metrics.jsonl and shows it on the progress bar `bar`."""
+        share), called by train(): rank 0 appends {"step", "fid", "fid_n", "fid_seconds",
+        "fid_sampler"} to metrics.jsonl and shows it on the progress bar `bar`."""
         cfg = self.cfg
         steps = min(TRAINING_FID_STEPS, self.diffusion.num_timesteps)
         r = evaluate.score_model(self.ema, self.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
