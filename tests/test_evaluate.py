@@ -379,6 +379,7 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
 
     from fastddpm.images import to_uint8
     from fastddpm.sampling import sample
+    from fastddpm.training.trainer import TRAINING_FID_SAMPLER
 
     a = _feats(20, 2048, 11)
     ev.save_stats(tmp_path / "ref.npz", ev.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))
@@ -396,9 +397,9 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     fids = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
     assert len(fids) == 1 and fids[0]["fid_n"] == 3
     model, d, _ = checkpoint.load_for_sampling(out)
-    assert fids[0]["fid_sampler"] == f"{ev.TRAINING_FID_SAMPLER}-4"  # T = 4 < 20 steps
+    assert fids[0]["fid_sampler"] == f"{TRAINING_FID_SAMPLER}-4"  # T = 4 < 20 steps
     x = torch.cat([sample(model, d, k, batch_size=2, seed=0 + 1_000_003 * rank, progress=False,
-                          sampler=ev.TRAINING_FID_SAMPLER, steps=4)
+                          sampler=TRAINING_FID_SAMPLER, steps=4)
                    for rank, k in enumerate((2, 1))])
     net = inc.load_inception(HELPER)
     with torch.no_grad():

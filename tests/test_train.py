@@ -11,7 +11,8 @@ import torch
 from fastddpm import checkpoint as C
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import GaussianDiffusion
-from fastddpm.train import Trainer, config_from_args, main
+from fastddpm.train import config_from_args, main
+from fastddpm.training.trainer import Trainer
 
 TINY = ["--preset", "tiny", "--image-size", "8", "--ch", "16", "--ch-mult", "1", "--attn-resolutions", "8",
         "--num-groups", "4", "--T", "20", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
@@ -83,7 +84,7 @@ def test_memory_format_is_a_runtime_choice_with_contiguous_checkpoints(tmp_path,
     loaded from a contiguous checkpoint take the channels_last parameters' layout: with
     mismatched strides fused Adam updates the wrong elements, silently); and a resume
     with another --memory-format loads the same numbers."""
-    from fastddpm.train import params_digest
+    from fastddpm.training.trainer import params_digest
 
     args = TINY + ["--memory-format", "channels_last", "--ch-mult", "1,2", "--attn-resolutions", "4"]
     assert main(args + ["--out", str(tmp_path / "a"), "--steps", "4"]) == 0
@@ -436,9 +437,9 @@ def test_torn_metrics_line_is_cut_and_records_say_their_window(tmp_path):
 
 
 def test_slow_settings_warn(tmp_path, capsys):
-    from fastddpm.train import _usable_cpus
+    from fastddpm.training.config import usable_cpus
 
-    for flags, words in ((["--threads", str(_usable_cpus() + 1)], ["--threads", "cores", "slower"]),
+    for flags, words in ((["--threads", str(usable_cpus() + 1)], ["--threads", "cores", "slower"]),
                          (["--precision", "fp16", "--device", "cpu"], ["fp16", "CPU", "fp32"])):
         cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "r")] + flags)
         Trainer(cfg, log=lambda *a: None)
@@ -549,7 +550,7 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
         args += ["--sample-every", "3", "--sample-n", "2"]
     else:
         monkeypatch.setattr(E, "check_training_fid", lambda cfg: None)
-        monkeypatch.setattr(E, "log_training_fid", boom)
+        monkeypatch.setattr(Trainer, "record_fid", boom)
         args += ["--fid-every", "3", "--fid-ref", str(tmp_path / "ref.npz")]
     with pytest.raises(RuntimeError, match="hook failed") as e:
         main(args)
@@ -558,7 +559,7 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
     assert C.load(out)["step"] == 3
     # and the run continues from it (the hook working again)
     monkeypatch.setattr(Trainer, "write_samples", lambda self: None)
-    monkeypatch.setattr(E, "log_training_fid", lambda *a, **k: None)
+    monkeypatch.setattr(Trainer, "record_fid", lambda *a, **k: None)
     assert main(["--resume", str(out), "--steps", "4", "--no-progress"]) == 0
     assert C.load(out)["step"] == 4
 
