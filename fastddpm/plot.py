@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from fastddpm.curves import CurvesError, draw, read_metrics
+from fastddpm.training.curves import CurvesError, draw, read_metrics
 
 
 def build_parser():

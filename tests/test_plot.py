@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastddpm import curves, plot
+from fastddpm import plot
+from fastddpm.training import curves
 
 
 def _run(folder, steps, fid_at=(), torn=False, lr=1e-3):
@@ -96,7 +97,7 @@ def test_plot_cli_refuses_a_folder_without_metrics_in_one_line(tmp_path):
 
 
 def test_tensorboard_log_writes_scalars_and_images_that_read_back(tmp_path):
-    from fastddpm import tensorboard_log as tb
+    from fastddpm.training import tensorboard as tb
 
     if tb.available():
         pytest.skip(tb.available())
@@ -119,7 +120,7 @@ def test_tensorboard_log_writes_scalars_and_images_that_read_back(tmp_path):
 
 
 def test_tensorboard_missing_says_how_to_install(monkeypatch):
-    from fastddpm import tensorboard_log as tb
+    from fastddpm.training import tensorboard as tb
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     assert "pip install tensorboard" in tb.available()

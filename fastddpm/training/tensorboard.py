@@ -43,10 +43,11 @@ class TensorBoardLog:
         self.writer.flush()
 
     def image(self, tag, image, step):
-        """A (H, W, 3) uint8 image, e.g. a sample grid."""
+        """A (H, W, C) uint8 image (C = 1 or 3), e.g. a sample grid."""
         image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"TensorBoard image {tag!r}: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+            raise ValueError(f"TensorBoard image {tag!r}: expected (H, W, 1 or 3) uint8, got {image.shape} "
+                             f"{image.dtype}")
         self.writer.add_image(tag, image, int(step), dataformats="HWC")
         self.writer.flush()
 
