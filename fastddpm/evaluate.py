@@ -19,7 +19,8 @@ images), a folder of PNG/JPEG images, or an .npz of uint8 (N, H, W, C) images.
 Statistics files are .npz in pytorch-fid's layout (mu, sigma; plus n and a
 random subset of the features, for KID). FID from fewer than 2048 samples has
 a singular sample covariance and is biased upward; compare FIDs at equal n.
-KID: 100 subsets of min(1000, n) features; IS: 10 splits (Salimans et al.).
+KID: 100 subsets of min(1000, n) features (no spread when a set is used whole); IS: 10
+splits (Salimans et al.).
 
 Inception weights are read from a local file only: --inception-weights PATH,
 $FASTDDPM_INCEPTION, ~/.cache/fastddpm/pt_inception-2015-12-05-6726825d.pth or
@@ -202,7 +203,8 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
     """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
     k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
     m = min(subset_size, n_a, n_b) features of each set (without replacement), in
-    float64. Returns (mean, std over subsets)."""
+    float64. Returns (mean, std over subsets); the std is None when a set has no
+    more than m features (its subsets would all be the whole set)."""
     check_kid_args(subsets, subset_size)
     a, b = np.asarray(feats_a), np.asarray(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -210,6 +212,11 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise EvaluateError(f"KID needs at least 2 features in each set, got {a.shape[0]} and {b.shape[0]}")
+    # A set no larger than m enters every subset whole: the subsets' spread then leaves
+    # out that set's sampling noise (it is 0 when both do), so no spread is reported.
+    whole = m in (a.shape[0], b.shape[0])
+    if m == a.shape[0] and m == b.shape[0]:
+        subsets = 1  # every subset is the same pair of sets
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     ta = torch.from_numpy(a).to(device, torch.float64)
@@ -225,7 +232,7 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
             - 2 * kxy.sum() / (m * m)
         scores.append(mmd.item())
     scores = np.asarray(scores)
-    return float(scores.mean()), float(scores.std())
+    return float(scores.mean()), None if whole else float(scores.std())
 
 
 def inception_score(probs, splits=IS_SPLITS):
@@ -642,7 +649,10 @@ def _run(args):
         r.update(samples=args.samples, ref=args.ref, weights=net.source, precision=args.precision)
         text = f"FID {r['fid']:.4f} ({r['n_samples']} samples vs {r['n_ref'] or '?'} reference images)"
         if r["kid"] is not None:
-            text += f"\nKID {r['kid']:.6f} +- {r['kid_std']:.6f}"
+            text += f"\nKID {r['kid']:.6f} " + (f"+- {r['kid_std']:.6f}" if r["kid_std"] is not None else
+                                               f"(no spread: a set has no more than --kid-subset-size "
+                                               f"{args.kid_subset_size} features, so every subset is that whole "
+                                               "set; pass a smaller --kid-subset-size for one)")
         else:
             text += f"\nKID not computed: {args.ref} holds no features (make it with `stats`, or pass DATA)"
         if samples.n < 2048:

@@ -185,6 +185,10 @@ def build_parser():
                    help="allow TF32 matmuls/convolutions for fp32 on CUDA (default on)")
     p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction,
                    help="show the tqdm progress bar (default on)")
+    p.add_argument("--tensorboard", dest="tensorboard", action=argparse.BooleanOptionalAction,
+                   help="also write the metrics and sample grids as TensorBoard event files in "
+                   "OUT/tensorboard/ (needs `pip install tensorboard`; default off). Every run draws "
+                   "OUT/curves.png either way")
     return p
 
 

@@ -70,11 +70,24 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
         - 2 * k(x, y).sum() / m ** 2
     one, _ = ev.kernel_inception_distance(a, b, subsets=1, subset_size=1000)
     assert abs(one - first) <= 1e-10 * abs(first)
-    assert mean > 0.05 and std >= 0
+    assert mean > 0.05 and std is None  # b enters whole: no spread reported
     both = _feats(600, 8, 6)
     same, _ = ev.kernel_inception_distance(both[:300], both[300:], subsets=5, subset_size=100)
     far, _ = ev.kernel_inception_distance(both[:300], both[300:] + 1.0, subsets=5, subset_size=100)
     assert far > 20 * abs(same)
+
+
+def test_kid_reports_no_spread_when_a_set_is_used_whole():
+    a, b = _feats(50, 8, 7), _feats(50, 8, 8, shift=0.3)
+    # n <= subset size on both sides: every subset is the pair (a, b): one estimate, no spread
+    mean, std = ev.kernel_inception_distance(a, b, subsets=10, subset_size=1000)
+    one, _ = ev.kernel_inception_distance(a, b, subsets=1, subset_size=50)
+    assert std is None and mean == one
+    # subsets smaller than both sets: a real spread over different subsets
+    mean, std = ev.kernel_inception_distance(a, b, subsets=10, subset_size=20)
+    assert std is not None and std > 0
+    # one side whole (the samples), the other subsampled: the spread would leave out the samples' noise
+    assert ev.kernel_inception_distance(a[:20], b, subsets=10, subset_size=1000)[1] is None
 
 
 def test_inception_score_of_one_hot_outputs_is_the_number_of_classes():
@@ -156,6 +169,10 @@ def test_cli_stats_then_fid_and_kid(tmp_path, capsys):
                     "--json", "--kid-subsets", "2"] + common) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fid"] > 0 and r["kid"] is not None and r["n_samples"] == 3
+    assert r["kid_std"] is None  # 3 features each, subsets of 1000: every subset is the whole set
+    assert ev.main(["fid", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "st.npz")]
+                   + common) == 0
+    assert "KID" in (out := capsys.readouterr().out) and "no spread" in out and "+-" not in out.split("KID")[1]
     # the file holds the statistics of the network's own features of those images
     net = inc.load_inception(HELPER)
     with torch.no_grad():

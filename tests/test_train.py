@@ -141,6 +141,56 @@ def test_metrics_config_samples_and_sampling_cli_reads_it(tmp_path, capsys):
     _equal_state(raw.state_dict(), ckpt["model"], "use_ema=False")
 
 
+def test_every_run_draws_its_curves_at_each_grid_and_at_the_end(tmp_path, monkeypatch):
+    from fastddpm.training import curves
+
+    drawn = []
+    real = curves.write_run_curves
+    monkeypatch.setattr(curves, "write_run_curves",
+                        lambda run: drawn.append([r["step"] for r in curves.read_metrics(run)]) or real(run))
+    out = tmp_path / "run"
+    assert main(TINY + ["--out", str(out), "--steps", "5", "--sample-every", "2", "--sample-n", "4"]) == 0
+    # grids at steps 2 and 4 (after that step's log record), then the end (a grid at 5 too)
+    assert drawn == [[2], [2, 4], [2, 4, 5]]
+    assert (out / "curves.png").stat().st_size > 0
+    drawn.clear()
+    assert main(TINY + ["--out", str(tmp_path / "nogrid"), "--steps", "2"]) == 0  # --sample-n 0: at the end
+    assert drawn == [[2]] and (tmp_path / "nogrid" / "curves.png").exists()
+
+
+def test_a_failed_curves_drawing_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
+    from fastddpm.training import curves
+
+    def broken(run):
+        raise RuntimeError("no fonts")
+    monkeypatch.setattr(curves, "write_run_curves", broken)
+    assert main(TINY + ["--out", str(tmp_path / "r"), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "curves.png not drawn: RuntimeError: no fonts" in err
+    assert C.list_checkpoints(tmp_path / "r")
+
+
+def test_tensorboard_flag_writes_metrics_and_grids_or_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from fastddpm.training import tensorboard as tb
+
+    if tb.available() is None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        out = tmp_path / "tb"
+        assert main(TINY + ["--out", str(out), "--steps", "4", "--sample-every", "2", "--sample-n", "4",
+                            "--tensorboard"]) == 0
+        acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+        recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+        assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
+        assert [e.step for e in acc.Images("samples")] == [2, 4]
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as if not installed
+    capsys.readouterr()
+    assert main(TINY + ["--out", str(tmp_path / "no"), "--steps", "2", "--tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install tensorboard" in err and not (tmp_path / "no").exists()
+
+
 def _poison(monkeypatch, bad_steps, value=float("nan")):
     """Make training_loss non-finite on the given (0-based) steps of each Trainer call."""
     orig = GaussianDiffusion.training_loss

@@ -12,6 +12,7 @@ from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, parse_device
 from fastddpm.sampling import MAX_SEED
+from fastddpm.training import tensorboard
 from fastddpm.unet import UNetConfig
 
 SEED_MAX = MAX_SEED  # the samplers' range: sample grids and in-training FID use the run's seed
@@ -66,6 +67,7 @@ class TrainConfig:
     workers: int = 4
     threads: int = 0
     progress: bool = True
+    tensorboard: bool = False  # also write RUN/tensorboard/ event files
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -160,6 +162,8 @@ def validate(cfg: TrainConfig):
     if cfg.device is not None:
         parse_device(cfg.device)
     cfg.model_config()  # UNetConfig validates the network fields
+    if cfg.tensorboard and tensorboard.available():
+        raise ValueError(tensorboard.available())
     if cfg.fid_every:
         evaluate.check_training_fid(cfg)  # ref stats and Inception weights usable: fail now, not hours in
     return cfg

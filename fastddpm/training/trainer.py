@@ -32,10 +32,11 @@ from fastddpm import data as data_mod
 from fastddpm import evaluate
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import GaussianDiffusion
-from fastddpm.images import save_grid, to_uint8
+from fastddpm.images import make_grid, save_grid, to_uint8
 from fastddpm.runtime import apply_memory_format, autocast, compile_model, default_precision, local_rank, parse_device
 from fastddpm.sampling import before_each_call, sample
-from fastddpm.training import distributed
+from fastddpm.training import curves, distributed
+from fastddpm.training.tensorboard import TensorBoardLog
 from fastddpm.training.config import TrainConfig, usable_cpus
 from fastddpm.training.run_folder import RunFolder
 from fastddpm.unet import UNet
@@ -145,6 +146,7 @@ class Trainer:
         self.signal = None  # set by SIGINT/SIGTERM handlers
         self.last_ckpt = self.last_samples = None  # (step, path) train() last wrote
         self.metrics = None  # the run's MetricsLog while train() runs (rank 0)
+        self.tensorboard = None  # its TensorBoardLog then, with --tensorboard (rank 0)
 
     # -- setup --
     def _warn_slow_settings(self):
@@ -363,8 +365,24 @@ class Trainer:
             x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
                        seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
-        save_grid(to_uint8(x), path)
+        images = to_uint8(x)
+        save_grid(images, path)
+        if self.tensorboard is not None:
+            self.tensorboard.image("samples", make_grid(images), self.step)
+        self.draw_curves()
         return path
+
+    def draw_curves(self):
+        """Redraw OUT/curves.png from metrics.jsonl (rank 0, at each sample grid and at the
+        end). The curves are derived data (`python -m fastddpm.plot` redraws them), so a
+        failure costs one warning line, never the run."""
+        if self.rank != 0:
+            return
+        try:
+            curves.write_run_curves(self.cfg.out)
+        except Exception as e:  # noqa: BLE001 - a plot must not stop training
+            print(f"fastddpm.train: warning: {os.path.join(self.cfg.out, curves.CURVES)} not drawn: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
 
     def record_fid(self, bar=None):
         """In-training FID of the EMA model (evaluate.score_model; every rank samples a
@@ -391,7 +409,10 @@ class Trainer:
             self.folder.claim(self.config_dict(), self.resume_path, self.step)
 
     def close(self):
-        """Release the run folder's lock."""
+        """Close the TensorBoard log and release the run folder's lock."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         self.folder.close()
 
     # -- the loop --
@@ -408,6 +429,8 @@ class Trainer:
         start_step, t_start = self.step, time.perf_counter()
         self.last_ckpt = self.last_samples = None
         self.metrics = self.on_rank0(self.folder.metrics_log)  # rank 0: metrics.jsonl
+        if cfg.tensorboard and self.rank == 0 and self.tensorboard is None:
+            self.tensorboard = TensorBoardLog(cfg.out)  # open until close(): the final grid goes there too
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
                    desc="train", unit="step", dynamic_ncols=True, smoothing=0.05)
         stats = {"loss": float("nan"), "skipped": int(self._counters[0])}
@@ -473,6 +496,8 @@ class Trainer:
 
     def _log(self, record):
         self.metrics.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def _periodic(self, bar):
         """After a step, what is due at this step: a checkpoint, a sample grid, an
@@ -503,6 +528,8 @@ class Trainer:
                 self.last_samples = (self.step, self.on_rank0(self.write_samples))
             except _SamplingStopped:  # the checkpoint is written: stop now, not minutes later
                 raise self._stop_now() from None
+        if self.last_samples is None or self.last_samples[0] != self.step:
+            self.draw_curves()  # else the grid just drew them
         steps_done = self.step - start_step
         return {"step": self.step, "steps": steps_done, "seconds": time.perf_counter() - t_start,
                 "train_seconds": clock.train_time,
