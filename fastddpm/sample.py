@@ -21,14 +21,14 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 from fastddpm import checkpoint
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, ORDERS, PRECISIONS, SAMPLERS, SPACINGS,
-                               UNIPC_VARIANTS, NonFiniteSamplesError, apply_memory_format, compile_model,
-                               default_precision, make_plan, sample)
+from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
+                              default_precision, parse_device)
+from fastddpm.sampling import (MAX_SEED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, NonFiniteSamplesError, make_plan,
+                               sample)
 
 
 def parse_args(argv=None):
@@ -108,7 +108,10 @@ def parse_args(argv=None):
             args.timesteps = [int(v) for v in args.timesteps.split(",")]
         except ValueError:
             _fail(f"--timesteps must be comma-separated integers, got {args.timesteps!r}", code=2)
-    args.device = _parse_device(args.device)
+    try:
+        args.device = parse_device(args.device)
+    except ValueError as e:
+        _fail(str(e), code=2)
     return args
 
 
@@ -119,23 +122,6 @@ def _option_of(msg):
         if msg.startswith(start):
             return option + ": "
     return "--steps: " if "needs at least" in msg else ""
-
-
-def _parse_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        _fail(f"--device {name}: not a device (use cpu, cuda or cuda:N)", code=2)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail(f"--device {name}: CUDA is not available here", code=2)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            _fail(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices", code=2)
-    elif device.type != "cpu":
-        _fail(f"--device {name}: sampling runs on cpu or cuda, not {device.type}", code=2)
-    return device
 
 
 def _check_out(out):

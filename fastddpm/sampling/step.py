@@ -7,24 +7,12 @@ the history ring); step += 1; rng.offset += 1. All of it reads and writes device
 tensors only, so one captured step replays for every step with no host
 synchronisation (fastddpm.sampling.graphs).
 """
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from fastddpm import ops, reference
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device, precision, cache_enabled=None):
-    """Autocast context for a precision name; fp32 means none."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
+from fastddpm.runtime import autocast
 
 
 @dataclass
