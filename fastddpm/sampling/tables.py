@@ -289,7 +289,7 @@ def dpmpp2m_table(alphas_cumprod, timesteps):
     return dpmpp_table(alphas_cumprod, timesteps, 2)
 
 
-def _unipc_step(lam, alpha, sig, s0, t, past, variant, corrector, N):
+def _unipc_step(lam, alpha, s0, t, past, variant, corrector, N):
     """UniP (corrector False) or UniC (True) from s0 to t as weights over D_0 .. D_{N-1}
     (its x_s0 coefficient is s_t / s_s0 either way). past: the earlier rows whose D
     it uses (nearest first); the corrector also uses D_t."""
@@ -337,12 +337,12 @@ def unipc_table(alphas_cumprod, timesteps, order=3, variant=DEFAULT_UNIPC_VARIAN
     w = np.zeros((N, 1 + MAX_HISTORY))
     for i, p in enumerate(orders):
         c_x[i] = sig[i + 1] / sig[i]
-        wi = _unipc_step(lam, alpha, sig, i, i + 1, list(range(i - 1, i - p, -1)), variant, False, N + 1)
+        wi = _unipc_step(lam, alpha, i, i + 1, list(range(i - 1, i - p, -1)), variant, False, N + 1)
         if i > 0:                                      # x_i^c = x_i + (UniC - UniP of row i - 1)
             q = orders[i - 1]
             past = list(range(i - 2, i - 1 - q, -1))
-            corr = _unipc_step(lam, alpha, sig, i - 1, i, past, variant, True, N + 1) \
-                - _unipc_step(lam, alpha, sig, i - 1, i, past, variant, False, N + 1)
+            corr = _unipc_step(lam, alpha, i - 1, i, past, variant, True, N + 1) \
+                - _unipc_step(lam, alpha, i - 1, i, past, variant, False, N + 1)
             wi = wi + c_x[i] * corr
         assert not wi[i + 1:].any() and not wi[:max(i - MAX_HISTORY, 0)].any()
         for j in range(min(i, MAX_HISTORY) + 1):
