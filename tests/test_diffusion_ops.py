@@ -428,11 +428,16 @@ def test_kernels_clamp_t_when_the_range_check_is_skipped():
         a = ops.q_sample(x, bad, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"], check_range=False)
         b = ops.q_sample(x, last, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
     assert torch.equal(a, b)
-    table = torch.rand(4, 6, dtype=torch.float64, device=DEV)
+    table = torch.rand(4, len(reference.SAMPLER_COEFS), dtype=torch.float64, device=DEV)
     for step in (7, -3):
-        out, _ = _sample_step("triton", x, x, table, torch.tensor([step], device=DEV), noise=x, check_range=False)
-        ref, _ = reference.sample_step_ref(x, x, table, torch.tensor([min(max(step, 0), 3)], device=DEV), noise=x)
+        ring = _ring(2, x.shape, torch.float32)
+        ring_ref = ring.clone()
+        out, _ = _sample_step("triton", x, x, table, torch.tensor([step], device=DEV), ring, noise=x,
+                              check_range=False)
+        ref, _ = reference.sample_step_ref(x, x, table, torch.tensor([min(max(step, 0), 3)], device=DEV), ring_ref,
+                                           noise=x)
         torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(ring, ring_ref)
 
 
 # ----------------------------------------------------------------------------- sample_step
