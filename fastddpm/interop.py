@@ -26,7 +26,9 @@ import warnings
 
 import torch
 
-from fastddpm.checkpoint import FORMAT, VERSION, CheckpointError, file_mode, safe_torch_load
+from fastddpm import limits
+from fastddpm.checkpoint import (FORMAT, VERSION, CheckpointError, expected_shapes, file_mode, read_json,
+                                 safe_torch_load)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_VERSION = "0.42.1"  # the version the mapping was checked against
@@ -78,16 +80,7 @@ def folder_kind(path):
 
 
 def _read_json(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return data
+    return read_json(path)  # at most limits.MAX_CONFIG_BYTES
 
 
 def _with_defaults(cfg, defaults, where, what):
@@ -126,6 +119,17 @@ def unet_config_from_diffusers(raw: dict, where="config.json"):
         if not isinstance(cfg[field], (list, tuple)):
             _refuse(where, field, cfg[field], "a list")
     boc, down, up = list(cfg["block_out_channels"]), list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    size = cfg["sample_size"]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]  # square
+    try:  # before anything loops over the levels or builds a network
+        limits.check_int(where, "sample_size", size, limits.MAX_IMAGE_SIZE)
+        limits.check_int(where, "len(block_out_channels)", len(boc), limits.MAX_LEVELS, "resolution levels")
+        limits.check_int(where, "max(block_out_channels)", max((c for c in boc if isinstance(c, int)), default=0),
+                         limits.MAX_CHANNELS, "channels at one level")
+        limits.check_int(where, "layers_per_block", cfg["layers_per_block"], limits.MAX_RES_BLOCKS)
+    except limits.LimitError as e:
+        raise CheckpointError(str(e)) from None
     if not boc or not all(isinstance(c, int) and c > 0 for c in boc):
         _refuse(where, "block_out_channels", boc, "expected positive ints")
     ch = boc[0]
@@ -153,11 +157,8 @@ def unet_config_from_diffusers(raw: dict, where="config.json"):
     if cfg["attn_norm_num_groups"] not in (None, cfg["norm_num_groups"]):
         _refuse(where, "attn_norm_num_groups", cfg["attn_norm_num_groups"],
                 f"must be null or norm_num_groups {cfg['norm_num_groups']}")
-    size = cfg["sample_size"]
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            _refuse(where, "sample_size", size, "fastddpm's images are square")
-        size = size[0]
+    if isinstance(size, (list, tuple)):  # a square one became an int above
+        _refuse(where, "sample_size", size, "fastddpm's images are square")
     if not isinstance(size, int) or isinstance(size, bool):
         _refuse(where, "sample_size", size, "an int image size is needed")
     # one head count for every attention block (ours); diffusers fixes the head
@@ -223,6 +224,8 @@ def diffusion_config_from_scheduler(raw: dict, where="scheduler_config.json"):
     T = cfg["num_train_timesteps"]
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         _refuse(where, "num_train_timesteps", T, "a positive int")
+    if T > limits.MAX_T:
+        _refuse(where, "num_train_timesteps", T, f"fastddpm's bound on the schedule length is {limits.MAX_T}")
     betas = cfg["trained_betas"]
     if betas is not None and not (isinstance(betas, list) and len(betas) == T
                                   and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
@@ -356,13 +359,10 @@ def state_dict_from_diffusers(sd: dict, cfg, where="weights") -> dict:
 
 
 def _check_shapes(sd, cfg, where):
-    from fastddpm.unet import UNet
-    with torch.device("meta"):
-        ref = UNet(cfg).state_dict()
-    for key, t in ref.items():
-        if tuple(sd[key].shape) != tuple(t.shape):
+    for key, shape in expected_shapes(cfg).items():
+        if tuple(sd[key].shape) != shape:
             raise CheckpointError(f"{where}: tensor for {key} has shape {tuple(sd[key].shape)}, the config "
-                                  f"needs {tuple(t.shape)}")
+                                  f"needs {shape}")
 
 
 def state_dict_to_diffusers(sd: dict, cfg) -> dict:
