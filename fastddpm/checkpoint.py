@@ -67,12 +67,22 @@ def file_mode(base=0o666):
     return base & ~umask
 
 
+def check_parent(path, what="checkpoint"):
+    """A CheckpointError when a folder above `path` is a file (makedirs would only say "File exists")."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+
+
 def atomic_save(obj, path) -> None:
     """torch.save(obj, path) so that `path` is always either the old or the new file.
     A failed write (disk full, read-only folder) is a CheckpointError naming the
     file and the cause; the temp file is removed and the old file left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    check_parent(path)
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)

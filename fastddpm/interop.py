@@ -27,8 +27,8 @@ import warnings
 import torch
 
 from fastddpm import limits
-from fastddpm.checkpoint import (FORMAT, VERSION, CheckpointError, expected_shapes, file_mode, read_json,
-                                 safe_torch_load)
+from fastddpm.checkpoint import (FORMAT, VERSION, CheckpointError, check_parent, expected_shapes, file_mode,
+                                 read_json, safe_torch_load)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_VERSION = "0.42.1"  # the version the mapping was checked against
@@ -467,6 +467,7 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst} already exists and is not an empty folder")
     parent = os.path.dirname(dst)
+    check_parent(dst, "pipeline folder")
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
