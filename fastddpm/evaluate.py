@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fastddpm import data as data_mod
+from fastddpm import limits
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -64,6 +65,7 @@ class Stats:
     n: int
     features: Optional[np.ndarray] = None
     source: str = ""
+    eig: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)  # (w, V) of sigma, float64
 
     @property
     def dim(self):
@@ -111,13 +113,70 @@ def is_stats_file(path):
         return False
 
 
+def _npy_header(zf, name, path):
+    """(shape, dtype) of array `name` in an open .npz, from its .npy header alone."""
+    with zf.open(name + ".npy") as m:
+        version = np.lib.format.read_magic(m)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise EvaluateError(f"{path}: array '{name}' has .npy format version {version}, not 1.0 or 2.0")
+        shape, _, dtype = read(m)
+    return shape, dtype
+
+
+def _check_stats_headers(path, headers):
+    """Refuse, before any array is read (numpy allocates what a header declares),
+    shapes and dtypes that are not statistics of at most limits.MAX_FEATURE_DIM features."""
+    (mu, mu_t), (sigma, sigma_t) = headers["mu"], headers["sigma"]
+    if len(mu) != 1 or sigma != (mu[0], mu[0]):
+        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu} and {sigma}")
+    if mu[0] > limits.MAX_FEATURE_DIM:
+        raise EvaluateError(f"{path}: {mu[0]}-d features, above fastddpm's bound {limits.MAX_FEATURE_DIM} "
+                            "(the Inception's pool features are 2048-d)")
+    floats = lambda t: t.kind == "f" and t.itemsize <= 8  # noqa: E731
+    if not (floats(mu_t) and floats(sigma_t)):
+        raise EvaluateError(f"{path}: mu and sigma must be floating point, got {mu_t}, {sigma_t}")
+    if "n" in headers and (headers["n"][0] != () or headers["n"][1].kind not in "iu"):
+        raise EvaluateError(f"{path}: n must be one integer, got {headers['n'][1]} of shape {headers['n'][0]}")
+    if "features" in headers:
+        shape, dtype = headers["features"]
+        if len(shape) != 2 or shape[1] != mu[0] or not floats(dtype):
+            raise EvaluateError(f"{path}: features must be floating point (k, {mu[0]}), got {dtype} {shape}")
+        if shape[0] > limits.MAX_KID_FEATURES:
+            raise EvaluateError(f"{path}: {shape[0]} features, above fastddpm's bound {limits.MAX_KID_FEATURES}")
+
+
+def covariance_eig(sigma, where, stored=np.float64):
+    """(w, V) with sigma = V diag(w) V^T (float64 torch, CPU), after checking that sigma
+    is symmetric and positive semi-definite up to the rounding of the dtype it was
+    stored in (a tolerance of max(1e-6, 10 D eps) relative to its largest entry /
+    eigenvalue). The FID reuses this eigendecomposition (frechet_distance's eig1)."""
+    d = sigma.shape[0]
+    tol = max(1e-6, 10 * d * float(np.finfo(stored).eps))
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    asym = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
+    if asym > tol * scale:
+        raise EvaluateError(f"{where}: sigma is not symmetric (|sigma - sigma^T| reaches {asym:.3g}, its largest "
+                            f"entry is {scale:.3g}): not a covariance")
+    a = torch.from_numpy(np.ascontiguousarray(sigma, np.float64))
+    w, v = torch.linalg.eigh((a + a.t()) / 2)
+    top = float(w.abs().max()) if w.numel() else 0.0
+    if w.numel() and float(w.min()) < -tol * top:
+        raise EvaluateError(f"{where}: sigma is not positive semi-definite (eigenvalue {float(w.min()):.6g}, the "
+                            f"largest is {float(w.max()):.6g}): not a covariance")
+    return w, v
+
+
 def load_stats(path):
-    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours)."""
+    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours): shapes
+    bounded before reading; mu finite, sigma a finite symmetric PSD matrix."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
                 raise EvaluateError(f"{path}: not a statistics file (no 'mu' and 'sigma' arrays; "
                                     f"it holds {f.files})")
+            _check_stats_headers(path, {k: _npy_header(f.zip, k, path) for k in ("mu", "sigma", "n", "features")
+                                        if k in f.files})
             mu, sigma = f["mu"], f["sigma"]
             n = int(f["n"]) if "n" in f.files else 0
             feats = f["features"] if "features" in f.files else None
@@ -125,15 +184,10 @@ def load_stats(path):
         raise
     except Exception as e:
         raise EvaluateError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
-        raise EvaluateError(f"{path}: mu and sigma must be floating point, got {mu.dtype}, {sigma.dtype}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluateError(f"{path}: mu or sigma holds NaN or inf")
-    if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
-        raise EvaluateError(f"{path}: features must be (k, {mu.shape[0]}), got {feats.shape}")
-    return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path))
+    eig = covariance_eig(sigma, path, sigma.dtype)
+    return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path), eig=eig)
 
 
 class _Moments:
@@ -161,7 +215,7 @@ class _Moments:
         return self.mean.cpu().numpy(), sigma.cpu().numpy()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
+def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu", eig1=None):
     """FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in float64.
 
     tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of the
@@ -169,7 +223,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     symmetric eigendecompositions (torch.linalg, float64, on `device`): no
     scipy.linalg.sqrtm and no complex parts. Singular covariances (fewer samples
     than dimensions) need no epsilon offset (pytorch-fid's fix for sqrtm):
-    eigenvalues below the numerical rank tolerance (max * D * machine eps) count as 0."""
+    eigenvalues below the numerical rank tolerance (max * D * machine eps) count as 0.
+    eig1: S1's (w, V) if known (covariance_eig, which load_stats runs to validate a file)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -178,7 +233,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     eps = np.finfo(np.float64).eps
     a = torch.from_numpy(s1).to(device)
     b = torch.from_numpy(s2).to(device)
-    w, v = torch.linalg.eigh((a + a.t()) / 2)  # S1 = V diag(w) V^T: L = V sqrt(w)
+    # S1 = V diag(w) V^T: L = V sqrt(w)
+    w, v = (t.to(device) for t in eig1) if eig1 is not None else torch.linalg.eigh((a + a.t()) / 2)
     w = torch.where(w > w.max().clamp_min(0) * w.numel() * eps, w, 0.0)
     lt = v.t() * w.sqrt()[:, None]
     m = lt @ b @ lt.t()
@@ -381,7 +437,9 @@ def check_compatible(*stats):
 def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, seed=0, device="cpu"):
     """{'fid', 'kid', 'kid_std'} of two Stats; KID is None unless both kept features."""
     check_compatible(samples, ref)
-    out = {"fid": frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma, device), "kid": None, "kid_std": None,
+    # the reference first: a file's sigma was eigendecomposed when load_stats checked it
+    out = {"fid": frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma, device, ref.eig), "kid": None,
+           "kid_std": None,
            "n_samples": samples.n, "n_ref": ref.n}
     if samples.features is not None and ref.features is not None:
         out["kid"], out["kid_std"] = kernel_inception_distance(samples.features, ref.features, kid_subsets,
@@ -437,7 +495,7 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     moments = _Moments(2048, device)
     moments.add(feats)
     mu, sigma = moments.result()
-    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma, device)
+    fid = frechet_distance(ref.mu, ref.sigma, mu, sigma, device, ref.eig)
     return {"fid": fid, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
 
 
@@ -568,7 +626,7 @@ def build_parser():
     s.add_argument("--image-size", type=int, default=None,
                    help="image folders only: crop/resize to this size (default: the first image's short side)")
     s.add_argument("--kid-features", type=int, default=KID_FEATURES,
-                   help="features kept in the file for KID (0: none, -1: all)")
+                   help=f"features kept in the file for KID (0: none, -1: all, at most {limits.MAX_KID_FEATURES:,})")
     common(s)
 
     s = sub.add_parser("fid", help="FID and KID of samples against reference statistics or data",
@@ -656,8 +714,11 @@ def _run(args):
     if args.command == "stats":
         if not args.out.lower().endswith(".npz"):
             raise EvaluateError(f"--out {args.out}: the statistics file must be named *.npz")
-        if args.kid_features < -1:
-            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count, got {args.kid_features}")
+        if not -1 <= args.kid_features <= limits.MAX_KID_FEATURES:
+            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count up to "
+                                f"{limits.MAX_KID_FEATURES:,}, got {args.kid_features}")
+        if args.kid_features == -1:  # all, within the bound load_stats reads back
+            args.kid_features = limits.MAX_KID_FEATURES
         images = open_images(args.data, args.image_size)
         _check_out(args.out)
     else:
@@ -717,6 +778,11 @@ def main(argv=None):
     except (EvaluateError, data_mod.DataError, CheckpointError, ValueError, TypeError) as e:
         print(f"fastddpm.evaluate: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
+            raise
+        print(f"fastddpm.evaluate: error: out of memory ({type(e).__name__}): lower --batch-size", file=sys.stderr)
+        return 1
     print(json.dumps(out) if args.json else text)
     return 0
 
