@@ -19,7 +19,7 @@ MAX_HEADS = 64             # attention heads: the paper uses 1, diffusers' 8-cha
 MAX_ATTN_RESOLUTION = 64   # attention over r x r tokens stores heads x r^4 scores per image
                            # (64: 64 MiB per head in fp32); the paper attends at 16x16
 MAX_SAMPLES = 1_000_000    # sample --n: 20x the 50,000 of an FID (larger sets: shard with --seed)
-MAX_FEATURE_DIM = 4096     # statistics files: the Inception's pool features are 2048-d
+MAX_FEATURE_DIM = 2048     # statistics files: the Inception's pool features (pytorch-fid's other --dims are smaller)
 MAX_KID_FEATURES = 100_000  # features kept in a statistics file (float32: 800 MB at 2048-d)
 MAX_CONFIG_BYTES = 16 << 20  # a JSON config (trained_betas of MAX_T numbers take ~2.5 MB)
 
