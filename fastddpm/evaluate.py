@@ -769,7 +769,7 @@ def _run(args):
 
 
 def main(argv=None):
-    """The CLI; returns 0, or 2 with a one-line `error:` for bad input."""
+    """The CLI; returns 0, 2 with a one-line `error:` for bad input, 1 (one line) out of memory."""
     from fastddpm.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)

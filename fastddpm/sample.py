@@ -212,6 +212,11 @@ def _write(out, images):
             os.unlink(paths[1])
         for tmp, path in zip(tmps, paths):
             os.replace(tmp, path)
+        dfd = os.open(out, os.O_RDONLY)  # the renames themselves survive a power cut
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except BaseException as e:  # a write error, or a signal (_Stopped)
         for tmp in tmps:
             if os.path.exists(tmp):
