@@ -79,10 +79,6 @@ def folder_kind(path):
     return None
 
 
-def _read_json(path):
-    return read_json(path)  # at most limits.MAX_CONFIG_BYTES
-
-
 def _with_defaults(cfg, defaults, where, what):
     unknown = sorted(k for k in cfg if k not in defaults and not k.startswith("_"))
     if unknown:
@@ -421,7 +417,7 @@ def load_folder(path) -> dict:
     source = "diffusers UNet2DModel"
     if kind == "pipeline":
         index_path = os.path.join(path, "model_index.json")
-        index = _read_json(index_path)
+        index = read_json(index_path)
         for part, cls in (("unet", "UNet2DModel"), ("scheduler", "DDPMScheduler")):
             entry = index.get(part)
             if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == cls):
@@ -434,9 +430,9 @@ def load_folder(path) -> dict:
     if kind == "pipeline" and sched is None:
         raise CheckpointError(f"{os.path.join(path, 'scheduler', 'scheduler_config.json')} is missing "
                               "(nor is there a scheduler_config.json beside model_index.json)")
-    diffusion, clip = diffusion_config_from_scheduler(_read_json(sched), sched) if sched else (None, True)
+    diffusion, clip = diffusion_config_from_scheduler(read_json(sched), sched) if sched else (None, True)
     cfg_path = os.path.join(unet_dir, "config.json")
-    cfg = unet_config_from_diffusers(_read_json(cfg_path), cfg_path)
+    cfg = unet_config_from_diffusers(read_json(cfg_path), cfg_path)
     weights_path, raw = _read_weights(unet_dir)
     state = state_dict_from_diffusers(raw, cfg, weights_path)
     config = {"model": cfg.to_dict(), "source": {"format": source, "path": os.path.abspath(path)},
