@@ -43,8 +43,10 @@ for module, argv in json.load(open(sys.argv[2])):
         except BaseException:
             traceback.print_exc()
             code = 1
-    results.append({"code": code if isinstance(code, int) else 0 if code is None else 1, "err": err.getvalue()})
-results.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM: this process image's peak RSS (ru_maxrss would keep the forking pytest's across exec)
+    hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    results.append({"code": code if isinstance(code, int) else 0 if code is None else 1, "err": err.getvalue(),
+                    "rss": hwm * 1024})
 json.dump(results, open(sys.argv[3], "w"))
 """
 
@@ -56,13 +58,12 @@ def _env():
 
 
 def _run_probes(tmp_path, probes):
-    """[(code, stderr)] of each (module, argv) run in one address-space-capped child; its peak RSS."""
+    """[(code, stderr, peak RSS so far)] of each (module, argv), run in turn in one address-space-capped child."""
     (tmp_path / "probes.json").write_text(json.dumps(probes))
     r = subprocess.run([sys.executable, "-c", _CHILD, str(AS_LIMIT), str(tmp_path / "probes.json"),
                         str(tmp_path / "results.json")], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    *results, rss = json.loads((tmp_path / "results.json").read_text())
-    return [(x["code"], x["err"]) for x in results], rss
+    return [(x["code"], x["err"], x["rss"]) for x in json.loads((tmp_path / "results.json").read_text())]
 
 
 def _assert_refused(code, err, match, what):
@@ -229,11 +230,11 @@ def test_every_probe_of_the_issue_is_refused_in_bounded_memory(tmp_path):
     probes.append(("convert a folder under a regular file", (V, [str(t / "ok-folder"), str(t / "afile" / "c.pt")]),
                    "afile is a file, not a folder"))
     before = sorted(os.listdir(t))
-    results, rss = _run_probes(t, [p[1] for p in probes])
-    for (what, _, match), (code, err) in zip(probes, results):
+    results = _run_probes(t, [p[1] for p in probes])
+    for (what, _, match), (code, err, rss) in zip(probes, results):
         _assert_refused(code, err, match, what)
+        assert rss < RSS_LIMIT, f"{what}: peak RSS {rss / 2**20:.0f} MiB"
     assert sorted(os.listdir(t)) == sorted(before + ["probes.json", "results.json"])  # no --out, no dst
-    assert rss < RSS_LIMIT, f"peak RSS {rss / 2**20:.0f} MiB"
 
 
 def test_sample_into_a_folder_that_holds_samples_is_refused_unless_overwrite(tmp_path, capsys):
