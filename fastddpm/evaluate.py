@@ -134,8 +134,8 @@ def _check_stats_headers(path, headers):
         raise EvaluateError(f"{path}: {mu[0]}-d features, above fastddpm's bound {limits.MAX_FEATURE_DIM} "
                             "(the Inception's pool features are 2048-d)")
     floats = lambda t: t.kind == "f" and t.itemsize <= 8  # noqa: E731
-    if not (floats(mu_t) and floats(sigma_t)):
-        raise EvaluateError(f"{path}: mu and sigma must be floating point, got {mu_t}, {sigma_t}")
+    if not all(t.kind == "f" and t.itemsize in (4, 8) for t in (mu_t, sigma_t)):  # float16 rounds away PSD-ness
+        raise EvaluateError(f"{path}: mu and sigma must be float32 or float64, got {mu_t}, {sigma_t}")
     if "n" in headers and (headers["n"][0] != () or headers["n"][1].kind not in "iu"):
         raise EvaluateError(f"{path}: n must be one integer, got {headers['n'][1]} of shape {headers['n'][0]}")
     if "features" in headers:

@@ -161,13 +161,12 @@ def test_every_probe_of_the_issue_is_refused_in_bounded_memory(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(t / "imgs.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     np.savez(t / "empty.npz")
-    feats = rng.normal(size=(3000, 2048))
-    cov = np.cov(feats[:100], rowvar=False)
+    cov = np.cov(rng.normal(size=(40, 64)), rowvar=False)  # load_stats checks sigma before the 2048-d check
     (t / "afile").write_text("x")
     stats = {
-        "not-psd": _stats(t / "not-psd.npz", np.zeros(2048), cov - 1e6 * np.eye(2048)),
-        "asym": _stats(t / "asym.npz", np.zeros(2048), cov + np.triu(np.ones((2048, 2048)), 1)),
-        "mu-inf": _stats(t / "mu-inf.npz", np.full(2048, np.inf), cov),
+        "not-psd": _stats(t / "not-psd.npz", np.zeros(64), cov - 1e6 * np.eye(64)),
+        "asym": _stats(t / "asym.npz", np.zeros(64), cov + np.triu(np.ones((64, 64)), 1)),
+        "mu-inf": _stats(t / "mu-inf.npz", np.full(64, np.inf), cov),
         "huge-mu": _npz_declaring(t / "huge-mu.npz", "mu", (2**40,)),
         "huge-feats": _stats(t / "huge-feats.npz", np.zeros(4), np.eye(4)),
     }
@@ -349,3 +348,47 @@ def test_bounds_are_generous_for_real_models():
     with pytest.raises(ValueError, match="in_channels=4 is not supported"):
         UNetConfig.tiny(in_channels=4)
     assert resource.RLIMIT_AS  # the probes' cap exists on this platform
+
+
+def test_an_n_whose_samples_cannot_fit_in_memory_is_refused_first(tmp_path, capsys, monkeypatch):
+    import fastddpm.sample as S
+    torch.save(_ckpt(), tmp_path / "m.pt")
+    monkeypatch.setattr(S, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (64 << 20) // 4096}  # a 64 MiB machine
+    monkeypatch.setattr(S.os, "sysconf", lambda name: pages[name])
+    with pytest.raises(SystemExit) as e:  # 100,000 x 3x8x8 x 9 bytes = 165 MiB
+        S.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o"), "--n", "100000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--n 100000 images of 3x8x8 need ~0.2 GiB to hold, more than this machine's 0.1 GiB" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    from fastddpm import evaluate as ev
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(ev, "_run", oom)
+    assert ev.main(["nll", "--checkpoint", "c.pt", "--data", "d.npz"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory (RuntimeError): lower --batch-size" in err, err
+
+
+def test_real_covariances_pass_the_checks_in_float64_and_float32(tmp_path):
+    """A singular sample covariance (n < D) and one rounded to float32 are PSD within
+    the rounding of their dtype; the FID from the stored eigendecomposition is the FID."""
+    from fastddpm import evaluate as ev
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(150, 256)) @ rng.normal(size=(256, 256)) / 16  # 256-d keeps it quick
+    mu, cov = feats.mean(0), np.cov(feats, rowvar=False)
+    for dtype in (np.float64, np.float32):
+        s = ev.load_stats(_stats(tmp_path / f"{np.dtype(dtype).name}.npz", mu.astype(dtype), cov.astype(dtype)))
+        other = np.cov(feats[:100] + 0.1, rowvar=False)
+        want = ev.frechet_distance(s.mu, s.sigma, feats[:100].mean(0), other)
+        assert ev.frechet_distance(s.mu, s.sigma, feats[:100].mean(0), other, eig1=s.eig) == pytest.approx(want,
+                                                                                                         rel=1e-9)
+    np.savez(tmp_path / "f16.npz", mu=mu.astype(np.float16), sigma=cov.astype(np.float16))
+    with pytest.raises(ev.EvaluateError, match="float32 or float64"):
+        ev.load_stats(tmp_path / "f16.npz")
