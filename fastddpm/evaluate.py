@@ -65,7 +65,6 @@ class Stats:
     n: int
     features: Optional[np.ndarray] = None
     source: str = ""
-    eig: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)  # (w, V) of sigma, float64
 
     @property
     def dim(self):
@@ -146,11 +145,12 @@ def _check_stats_headers(path, headers):
             raise EvaluateError(f"{path}: {shape[0]} features, above fastddpm's bound {limits.MAX_KID_FEATURES}")
 
 
-def covariance_eig(sigma, where, stored=np.float64):
-    """(w, V) with sigma = V diag(w) V^T (float64 torch, CPU), after checking that sigma
-    is symmetric and positive semi-definite up to the rounding of the dtype it was
-    stored in (a tolerance of max(1e-6, 10 D eps) relative to its largest entry /
-    eigenvalue). The FID reuses this eigendecomposition (frechet_distance's eig1)."""
+def check_covariance(sigma, where, stored=np.float64):
+    """Refuse a sigma that is not symmetric and positive semi-definite up to the
+    rounding of the dtype it was stored in: a tolerance tol = max(1e-6, 10 D eps)
+    relative to its largest entry s. PSD within tolerance is a Cholesky factorization
+    of sigma + tol s I (float64, a tenth of the FID's eigendecomposition's cost; the
+    eigenvalues are computed only to name the failure)."""
     d = sigma.shape[0]
     tol = max(1e-6, 10 * d * float(np.finfo(stored).eps))
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
@@ -159,12 +159,11 @@ def covariance_eig(sigma, where, stored=np.float64):
         raise EvaluateError(f"{where}: sigma is not symmetric (|sigma - sigma^T| reaches {asym:.3g}, its largest "
                             f"entry is {scale:.3g}): not a covariance")
     a = torch.from_numpy(np.ascontiguousarray(sigma, np.float64))
-    w, v = torch.linalg.eigh((a + a.t()) / 2)
-    top = float(w.abs().max()) if w.numel() else 0.0
-    if w.numel() and float(w.min()) < -tol * top:
+    a = (a + a.t()) / 2
+    if d and torch.linalg.cholesky_ex(a + tol * max(scale, 1e-300) * torch.eye(d, dtype=a.dtype)).info != 0:
+        w = torch.linalg.eigvalsh(a)
         raise EvaluateError(f"{where}: sigma is not positive semi-definite (eigenvalue {float(w.min()):.6g}, the "
                             f"largest is {float(w.max()):.6g}): not a covariance")
-    return w, v
 
 
 def load_stats(path):
@@ -186,8 +185,8 @@ def load_stats(path):
         raise EvaluateError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluateError(f"{path}: mu or sigma holds NaN or inf")
-    eig = covariance_eig(sigma, path, sigma.dtype)
-    return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path), eig=eig)
+    check_covariance(sigma, path, sigma.dtype)
+    return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path))
 
 
 class _Moments:
@@ -215,7 +214,7 @@ class _Moments:
         return self.mean.cpu().numpy(), sigma.cpu().numpy()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu", eig1=None):
+def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     """FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in float64.
 
     tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of the
@@ -223,8 +222,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu", eig1=None):
     symmetric eigendecompositions (torch.linalg, float64, on `device`): no
     scipy.linalg.sqrtm and no complex parts. Singular covariances (fewer samples
     than dimensions) need no epsilon offset (pytorch-fid's fix for sqrtm):
-    eigenvalues below the numerical rank tolerance (max * D * machine eps) count as 0.
-    eig1: S1's (w, V) if known (covariance_eig, which load_stats runs to validate a file)."""
+    eigenvalues below the numerical rank tolerance (max * D * machine eps) count as 0."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -233,8 +231,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu", eig1=None):
     eps = np.finfo(np.float64).eps
     a = torch.from_numpy(s1).to(device)
     b = torch.from_numpy(s2).to(device)
-    # S1 = V diag(w) V^T: L = V sqrt(w)
-    w, v = (t.to(device) for t in eig1) if eig1 is not None else torch.linalg.eigh((a + a.t()) / 2)
+    w, v = torch.linalg.eigh((a + a.t()) / 2)  # S1 = V diag(w) V^T: L = V sqrt(w)
     w = torch.where(w > w.max().clamp_min(0) * w.numel() * eps, w, 0.0)
     lt = v.t() * w.sqrt()[:, None]
     m = lt @ b @ lt.t()
@@ -437,9 +434,7 @@ def check_compatible(*stats):
 def fid_kid(samples, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, seed=0, device="cpu"):
     """{'fid', 'kid', 'kid_std'} of two Stats; KID is None unless both kept features."""
     check_compatible(samples, ref)
-    # the reference first: a file's sigma was eigendecomposed when load_stats checked it
-    out = {"fid": frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma, device, ref.eig), "kid": None,
-           "kid_std": None,
+    out = {"fid": frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma, device), "kid": None, "kid_std": None,
            "n_samples": samples.n, "n_ref": ref.n}
     if samples.features is not None and ref.features is not None:
         out["kid"], out["kid_std"] = kernel_inception_distance(samples.features, ref.features, kid_subsets,
@@ -495,7 +490,7 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     moments = _Moments(2048, device)
     moments.add(feats)
     mu, sigma = moments.result()
-    fid = frechet_distance(ref.mu, ref.sigma, mu, sigma, device, ref.eig)
+    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma, device)
     return {"fid": fid, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
 
 
