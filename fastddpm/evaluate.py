@@ -150,8 +150,8 @@ def check_covariance(sigma, where, stored=np.float64):
     """Refuse a sigma that is not symmetric and positive semi-definite up to the
     rounding of the dtype it was stored in: a tolerance tol = max(1e-6, 10 D eps)
     relative to its largest entry s. PSD within tolerance is a Cholesky factorization
-    of sigma + tol s I (float64, a tenth of the FID's eigendecomposition's cost; the
-    eigenvalues are computed only to name the failure)."""
+    of sigma + tol s I in float64 (~1 s at 2048-d on the loaded 2-core CI machine,
+    where an eigendecomposition took ~6 s); eigenvalues only to name a failure."""
     d = sigma.shape[0]
     tol = max(1e-6, 10 * d * float(np.finfo(stored).eps))
     scale = float(np.abs(sigma).max()) if sigma.size else 0.0
