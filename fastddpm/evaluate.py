@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fastddpm import data as data_mod
+from fastddpm import limits
 from fastddpm.runtime import autocast, parse_device
 
 KID_SUBSETS = 100
@@ -112,13 +113,70 @@ def is_stats_file(path):
         return False
 
 
+def _npy_header(zf, name, path):
+    """(shape, dtype) of array `name` in an open .npz, from its .npy header alone."""
+    with zf.open(name + ".npy") as m:
+        version = np.lib.format.read_magic(m)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise EvaluateError(f"{path}: array '{name}' has .npy format version {version}, not 1.0 or 2.0")
+        shape, _, dtype = read(m)
+    return shape, dtype
+
+
+def _check_stats_headers(path, headers):
+    """Refuse, before any array is read (numpy allocates what a header declares),
+    shapes and dtypes that are not statistics of at most limits.MAX_FEATURE_DIM features."""
+    (mu, mu_t), (sigma, sigma_t) = headers["mu"], headers["sigma"]
+    if len(mu) != 1 or sigma != (mu[0], mu[0]):
+        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu} and {sigma}")
+    if mu[0] > limits.MAX_FEATURE_DIM:
+        raise EvaluateError(f"{path}: {mu[0]}-d features, above fastddpm's bound {limits.MAX_FEATURE_DIM} "
+                            "(the Inception's pool features are 2048-d)")
+    floats = lambda t: t.kind == "f" and t.itemsize <= 8  # noqa: E731
+    if not all(t.kind == "f" and t.itemsize in (4, 8) for t in (mu_t, sigma_t)):  # float16 rounds away PSD-ness
+        raise EvaluateError(f"{path}: mu and sigma must be float32 or float64, got {mu_t}, {sigma_t}")
+    if "n" in headers and (headers["n"][0] != () or headers["n"][1].kind not in "iu"):
+        raise EvaluateError(f"{path}: n must be one integer, got {headers['n'][1]} of shape {headers['n'][0]}")
+    if "features" in headers:
+        shape, dtype = headers["features"]
+        if len(shape) != 2 or shape[1] != mu[0] or not floats(dtype):
+            raise EvaluateError(f"{path}: features must be floating point (k, {mu[0]}), got {dtype} {shape}")
+        if shape[0] > limits.MAX_KID_FEATURES:
+            raise EvaluateError(f"{path}: {shape[0]} features, above fastddpm's bound {limits.MAX_KID_FEATURES}")
+
+
+def check_covariance(sigma, where, stored=np.float64):
+    """Refuse a sigma that is not symmetric and positive semi-definite up to the
+    rounding of the dtype it was stored in: a tolerance tol = max(1e-6, 10 D eps)
+    relative to its largest entry s. PSD within tolerance is a Cholesky factorization
+    of sigma + tol s I in float64 (~1 s at 2048-d on the loaded 2-core CI machine,
+    where an eigendecomposition took ~6 s); eigenvalues only to name a failure."""
+    d = sigma.shape[0]
+    tol = max(1e-6, 10 * d * float(np.finfo(stored).eps))
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    asym = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
+    if asym > tol * scale:
+        raise EvaluateError(f"{where}: sigma is not symmetric (|sigma - sigma^T| reaches {asym:.3g}, its largest "
+                            f"entry is {scale:.3g}): not a covariance")
+    a = torch.from_numpy(np.ascontiguousarray(sigma, np.float64))
+    a = (a + a.t()) / 2
+    if d and torch.linalg.cholesky_ex(a + tol * max(scale, 1e-300) * torch.eye(d, dtype=a.dtype)).info != 0:
+        w = torch.linalg.eigvalsh(a)
+        raise EvaluateError(f"{where}: sigma is not positive semi-definite (eigenvalue {float(w.min()):.6g}, the "
+                            f"largest is {float(w.max()):.6g}): not a covariance")
+
+
 def load_stats(path):
-    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours)."""
+    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours): shapes
+    bounded before reading; mu finite, sigma a finite symmetric PSD matrix."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
                 raise EvaluateError(f"{path}: not a statistics file (no 'mu' and 'sigma' arrays; "
                                     f"it holds {f.files})")
+            _check_stats_headers(path, {k: _npy_header(f.zip, k, path) for k in ("mu", "sigma", "n", "features")
+                                        if k in f.files})
             mu, sigma = f["mu"], f["sigma"]
             n = int(f["n"]) if "n" in f.files else 0
             feats = f["features"] if "features" in f.files else None
@@ -126,14 +184,9 @@ def load_stats(path):
         raise
     except Exception as e:
         raise EvaluateError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
-        raise EvaluateError(f"{path}: mu and sigma must be floating point, got {mu.dtype}, {sigma.dtype}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluateError(f"{path}: mu or sigma holds NaN or inf")
-    if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
-        raise EvaluateError(f"{path}: features must be (k, {mu.shape[0]}), got {feats.shape}")
+    check_covariance(sigma, path, sigma.dtype)
     return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path))
 
 
@@ -540,7 +593,7 @@ def build_parser():
     s.add_argument("--image-size", type=int, default=None,
                    help="image folders only: crop/resize to this size (default: the first image's short side)")
     s.add_argument("--kid-features", type=int, default=KID_FEATURES,
-                   help="features kept in the file for KID (0: none, -1: all)")
+                   help=f"features kept in the file for KID (0: none, -1: all, at most {limits.MAX_KID_FEATURES:,})")
     common(s)
 
     s = sub.add_parser("fid", help="FID and KID of samples against reference statistics or data",
@@ -613,8 +666,11 @@ def _run(args):
     if args.command == "stats":
         if not args.out.lower().endswith(".npz"):
             raise EvaluateError(f"--out {args.out}: the statistics file must be named *.npz")
-        if args.kid_features < -1:
-            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count, got {args.kid_features}")
+        if not -1 <= args.kid_features <= limits.MAX_KID_FEATURES:
+            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count up to "
+                                f"{limits.MAX_KID_FEATURES:,}, got {args.kid_features}")
+        if args.kid_features == -1:  # all, within the bound load_stats reads back
+            args.kid_features = limits.MAX_KID_FEATURES
         images = open_images(args.data, args.image_size)
         _check_out(args.out)
     else:
@@ -668,7 +724,7 @@ def _run(args):
 
 
 def main(argv=None):
-    """The CLI; returns 0, or 2 with a one-line `error:` for bad input."""
+    """The CLI; returns 0, 2 with a one-line `error:` for bad input, 1 (one line) out of memory."""
     from fastddpm.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -677,6 +733,11 @@ def main(argv=None):
     except (EvaluateError, data_mod.DataError, CheckpointError, ValueError, TypeError) as e:
         print(f"fastddpm.evaluate: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
+            raise
+        print(f"fastddpm.evaluate: error: out of memory ({type(e).__name__}): lower --batch-size", file=sys.stderr)
+        return 1
     print(json.dumps(out) if args.json else text)
     return 0
 
