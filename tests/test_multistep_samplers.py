@@ -9,8 +9,9 @@
   the same timesteps agrees to 1e-6 relative per step. Both schedulers are run
   with their defaults that match ours (final_sigmas_type "zero": a first-order
   last step to sigma = 0; lower_order_final), on our timesteps (its grids are
-  its own). One diffusers-only difference: its UniPC bh1 returns NaN in the
-  last step into sigma = 0 (-inf times a zero correction).
+  its own). Diffusers-only differences: its UniPC bh1 returns NaN in the last
+  step into sigma = 0 (-inf times a zero correction); its DPM-Solver step casts
+  the sample to float32 (measured agreement 3e-8 .. 1.3e-7 relative, UniPC 2e-15).
 """
 import math
 
