@@ -15,7 +15,8 @@
 #   correctness  pytest tests -m gpu, not the torch.compile ones, in PROCS (4) processes
 #                at once so that Triton compiles and autotuning overlap                    (170)
 #   kernels      kernel-target benchmarks: test_kernels.py, test_attention.py, eager        (100)
-#   model        whole model, reference vs fused, eager: test_model.py, test_sampling.py    (90)
+#   model        whole model, reference vs fused, eager: test_model.py, test_sampling.py
+#                (with 10-step images/s of every sampler at batch 256 / 1024, graphed)    (90)
 #   ablations    fusion ablations (-k resblock_tail / projection / ablation)                (50)
 #   rest         every other benchmark file (new ones), eager; the CPU-only test_cpu.py last (40)
 #   compile      torch.compile variants only: benchmarks -m compile (the marker

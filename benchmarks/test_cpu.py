@@ -243,18 +243,19 @@ def test_p_sample_step(benchmark, threads):
            {"reference": step("reference"), "cpp": step("cpp")})
 
 
-@pytest.mark.parametrize("mode", ["rng", "noise_x0_prev", "no_noise", "rng_bf16_eps"])
+@pytest.mark.parametrize("mode", ["rng", "noise_history", "no_noise", "rng_bf16_eps"])
 def test_sample_step(benchmark, threads, mode):
     """The one sampler update (fastddpm.ops.sample_step), (256, 3, 32, 32) fp32 x_t:
-    rng = DDPM with in-op Philox noise; noise_x0_prev = given noise and a multistep
-    x0_prev; no_noise = DDIM; rng_bf16_eps = a bf16 network output."""
+    rng = DDPM with in-op Philox noise; noise_history = given noise and a history
+    of 3 past predictions (iPNDM-4, UniPC-3); no_noise = DDIM; rng_bf16_eps = a
+    bf16 network output."""
     torch.manual_seed(0)
     shape = (256, 3, 32, 32)
-    x, z, prev = torch.randn(shape), torch.randn(shape), torch.randn(shape).clamp(-1, 1)
+    x, z, ring = torch.randn(shape), torch.randn(shape), torch.randn(4, *shape).clamp(-1, 1)
     e = torch.randn(shape).to(torch.bfloat16 if mode == "rng_bf16_eps" else torch.float32)
-    table = torch.rand(10, 6, dtype=torch.float64)
+    table = torch.rand(10, len(reference.SAMPLER_COEFS), dtype=torch.float64)
     step, rng = torch.tensor([4]), torch.tensor([1234567, 3, 0])
-    kw = {"noise": z, "x0_prev": prev} if mode == "noise_x0_prev" else {"rng": rng} if mode.startswith("rng") else {}
+    kw = {"noise": z, "history": ring} if mode == "noise_history" else {"rng": rng} if mode.startswith("rng") else {}
 
     def run_step(backend):
         def run():

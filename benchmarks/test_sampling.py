@@ -66,6 +66,26 @@ def test_net_evals_per_s_cifar10_bf16(benchmark, provider, batch):
 
 
 @GPU
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m", "dpmpp3m", "unipc", "ipndm"])
+@pytest.mark.parametrize("batch", [256, 1024])
+def test_10_step_images_per_s_cifar10_bf16(benchmark, sampler, batch):
+    """Images/s of 10-step sampling (10 network evaluations each), graphed: the
+    multistep samplers' history ring and wider table rows cost next to nothing."""
+    model, d = _cifar10()
+    plan = make_plan(d, sampler, 10)
+    run = _runner("graphed", model, d, plan, batch)
+    t0 = time.perf_counter()
+    assert torch.isfinite(run()).all()             # capture
+    warmup_s = time.perf_counter() - t0
+    benchmark.group = f"10-step sampling, CIFAR-10 UNet bf16, graphed, batch {batch}"
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info.update(provider=sampler, batch=batch, warmup_s=warmup_s,
+                                device=torch.cuda.get_device_name())
+    if benchmark.stats:
+        benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
+
+
+@GPU
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_1000_step_sample_batch_1_cifar10_bf16(benchmark, provider):
     model, d = _cifar10()

@@ -32,8 +32,9 @@ TORCH_LIBRARY(fastddpm_cpp, m) {
   m.def("p_sample_step(Tensor x_t, Tensor t, Tensor eps, Tensor sqrt_recip_abar, Tensor sqrt_recipm1_abar, "
         "Tensor coef1, Tensor coef2, Tensor log_var, Tensor noise, bool clip) -> Tensor");
   // One step of any sampler: see fastddpm.reference.sample_step_ref. Returns
-  // (x_next, x0_hat if write_x0 else an empty (0,) tensor), contiguous in x_t's dtype.
-  m.def("sample_step(Tensor x_t, Tensor eps, Tensor table, Tensor step, Tensor? x0_prev, Tensor? noise, "
+  // (x_next, x0_hat if write_x0 else an empty (0,) tensor), contiguous in x_t's dtype,
+  // and writes this step's prediction into the history ring (in place).
+  m.def("sample_step(Tensor x_t, Tensor eps, Tensor table, Tensor step, Tensor(a!)? history, Tensor? noise, "
         "Tensor? rng, bool clip, bool write_x0) -> (Tensor, Tensor)");
   // The CPU ops' output block cache (cpu/output_cache.h): (bytes held, hits,
   // misses, limit in bytes), and a call that hands every held block back.

@@ -18,6 +18,8 @@ _REBUILD = "rebuild it with `python setup.py build_ext --inplace` (or reinstall 
 # some, and registering their fake kernels would make `import fastddpm` raise
 OPS = ("group_norm", "group_norm_backward", "q_sample", "simple_loss", "p_sample_step", "sample_step",
        "cpu_cache_stats", "cpu_empty_cache")
+# an argument each op's current schema has and older builds lacked (same op name, new signature)
+SCHEMA_ARGS = {"sample_step": "history"}
 
 
 def _built_for():
@@ -43,6 +45,10 @@ def _load():
     missing = [op for op in OPS if not hasattr(torch.ops.fastddpm_cpp, op)]
     if missing:
         return f"fastddpm._C is out of date (no fastddpm_cpp::{', '.join(missing)}); " + _REBUILD
+    stale = [f"{op}({arg})" for op, arg in SCHEMA_ARGS.items()
+             if arg not in [a.name for a in getattr(torch.ops.fastddpm_cpp, op).default._schema.arguments]]
+    if stale:
+        return f"fastddpm._C is out of date (older schema of fastddpm_cpp::{', '.join(stale)}); " + _REBUILD
     return None
 
 

@@ -450,7 +450,8 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     Samples with fastddpm.sampling.sample (extra keyword arguments go to it; the
     network in `precision`), then one fp32 Inception pass. Under torch.distributed
     (world > 1, every rank calls it) each rank draws its share of the n samples
-    (seeds offset per rank) and the features are all-gathered, so no rank idles
+    (rank r the next images of the one stream `seed`, so the samples do not
+    depend on the world size) and the features are all-gathered, so no rank idles
     into a collective's timeout; rank 0 computes the FID (None elsewhere).
     check_stop: called before every network call, sampling and Inception (it
     raises to abandon the score). Returns {'fid', 'n', 'seconds', 'sample_seconds'}."""
@@ -469,8 +470,9 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     t1 = t0
     if shares[rank]:
         with before_each_call(check_stop, model):
-            x = sample(model, diffusion, shares[rank], batch_size=batch_size, seed=seed + 1_000_003 * rank,
-                       device=device, precision=precision, progress=False, **sample_kw)
+            x = sample(model, diffusion, shares[rank], batch_size=batch_size, seed=seed,
+                       first_sample=sum(shares[:rank]), device=device, precision=precision, progress=False,
+                       **sample_kw)
         t1 = time.perf_counter()
         net = inception if inception is not None else load_inception(weights, device)
         with torch.no_grad(), before_each_call(check_stop, *net.modules()):  # its blocks: slow on a CPU

@@ -109,12 +109,19 @@ def p_sample_step_ref(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, co
 
 
 # ----------------------------------------------------------------------------- samplers
-# Every sampler (ancestral / respaced DDPM, DDIM, DPM-Solver++(2M)) is a float64
-# table with one row per network evaluation and these columns, run by one update:
-#   x0_hat = a_x x_t - a_e eps              (clipped to [-1, 1] if clip)
-#   x_next = c_x x_t + c_0 x0_hat + c_p x0_prev + sigma z
-# x0_prev is the previous step's x0_hat (multistep samplers; zero otherwise).
-SAMPLER_COEFS = ("a_x", "a_e", "c_x", "c_0", "c_p", "sigma")
+# Every sampler (ancestral / respaced DDPM, DDIM, DPM-Solver++(2M/3M), UniPC,
+# iPNDM) is a float64 table with one row per network evaluation and these
+# columns, run by one linear multistep update:
+#   x0_hat = a_x x_t - a_e eps                          (clipped to [-1, 1] if clip)
+#   x_next = c_x x_t + c_0 x0_hat + sum_{j=1..K} c_j H_{i-j} + sigma z
+#   H_i    = h_x x_t + h_0 x0_hat                       (kept for the next K steps)
+# H is the sampler's history: x0_hat itself (h_x = 0, h_0 = 1; DPM-Solver++,
+# UniPC) or eps recomputed from the clipped x0_hat (iPNDM). It lives in a ring
+# of K + 1 slots on the device indexed by the step (H_i in slot i mod (K + 1)),
+# so a captured step replays for every step; the slot written is never read in
+# the same step, so running a step twice gives the same result.
+SAMPLER_COEFS = ("a_x", "a_e", "c_x", "c_0", "c_1", "c_2", "c_3", "c_4", "h_x", "h_0", "sigma")
+MAX_HISTORY = 4    # past predictions a row can read (c_1 .. c_4)
 
 _M32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -144,48 +151,72 @@ def philox4x32_ref(key, c0, c1, c2, c3, rounds=10):
     return c0, c1, c2, c3
 
 
+def _philox_normal(key, c0, c1, c2, c3):
+    """float32 normals from the first two Philox words of each counter: u1, u2 =
+    ((word >> 8) + 0.5) / 2^24 in (0, 1), z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller)."""
+    w0, w1, _, _ = philox4x32_ref(key, c0, c1, c2, c3)
+    u1 = ((w0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = ((w1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
 def philox_normal_ref(rng, shape):
     """Standard normals (float32, `shape` = (B, ...)) of the sampler noise stream.
 
     rng: int64 tensor (3,) = (key, offset, first_sample) on the output device.
     Element d of sample b uses Philox(key, counter = (d, first_sample + b,
-    offset mod 2^32, offset >> 32)); its first two words give u1, u2 =
-    ((word >> 8) + 0.5) / 2^24 in (0, 1) and z = sqrt(-2 ln u1) cos(2 pi u2)
-    (Box-Muller). Image b's noise thus depends only on (key, first_sample + b,
-    offset), never on the batch it is drawn in. Reads rng on the device (no sync).
+    offset mod 2^32, offset >> 32)) (_philox_normal). Image b's noise thus
+    depends only on (key, first_sample + b, offset), never on the batch it is
+    drawn in. Reads rng on the device (no sync).
     """
     B, D = shape[0], math.prod(shape[1:])
     dev = rng.device
     key, offset, first = rng[0], rng[1], rng[2]
     c0 = torch.arange(D, dtype=torch.int64, device=dev).view(1, D)
     c1 = ((first + torch.arange(B, dtype=torch.int64, device=dev)) & _M32).view(B, 1)
-    w0, w1, _, _ = philox4x32_ref(key, c0, c1, offset & _M32, (offset >> 32) & _M32)
-    u1 = ((w0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    u2 = ((w1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return z.view(shape)
+    return _philox_normal(key, c0, c1, offset & _M32, (offset >> 32) & _M32).view(shape)
 
 
-def sample_step_ref(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, clip=True):
+def seeded_step_noise_ref(shape, t, seed, offset=0):
+    """Standard normals (float32, `shape` = (B, ...), on t's device) of the seeded
+    ancestral step (ops.p_sample_step(seed=...)): element e (its flat index in the
+    whole tensor, < 2^32) of sample b uses Philox(key = seed, counter = (e, t[b],
+    offset mod 2^32, offset >> 32)), as the Triton kernel draws them. seed: int in
+    [0, 2^63), offset: int in [0, 2^64). Reads t on the device only (no sync)."""
+    B, D = shape[0], math.prod(shape[1:])
+    dev = t.device
+    c0 = (torch.arange(B * D, dtype=torch.int64, device=dev) & _M32).view(B, D)
+    c1 = (t.to(torch.int64) & _M32).view(B, 1)
+    # seed and offset stay Python ints (no host-to-device copy): philox4x32_ref mixes them in
+    return _philox_normal(int(seed), c0, c1, offset & _M32, (offset >> 32) & _M32).view(shape)
+
+
+def sample_step_ref(x_t, eps, table, step, history=None, noise=None, rng=None, clip=True):
     """One step of any sampler (see SAMPLER_COEFS): returns (x_next, x0_hat),
-    both in x_t's dtype.
+    both in x_t's dtype, and writes H_i into the history ring.
 
-    table: (S, 6) coefficients (any float dtype, applied in float32, float64 for
-    float64 x_t); step: int64 (1,), the row to use, on the device; x0_prev: like
-    x_t, or None for zero; noise: z like x_t, or None to draw it from `rng` with
-    philox_normal_ref, or neither: no noise term. eps may have another float
-    dtype than x_t.
+    table: (S, 11) coefficients (any float dtype, applied in float32, float64 for
+    float64 x_t); step: int64 (1,), the row to use, on the device; history: a
+    ring (K + 1, *x_t.shape) in x_t's dtype, K in [1, MAX_HISTORY], or None (no
+    history: the c_j and h columns are unused); noise: z like x_t, or None to
+    draw it from `rng` with philox_normal_ref, or neither: no noise term. eps
+    may have another float dtype than x_t. Reads step on the device only.
     """
     cd = _compute_dtype(x_t.dtype)
-    a_x, a_e, c_x, c_0, c_p, sigma = table.index_select(0, step).to(cd)[0].unbind()
+    row = table.index_select(0, step).to(cd)[0]
+    a_x, a_e, c_x, c_0 = row[0], row[1], row[2], row[3]
     x = x_t.to(cd)
     x0 = a_x * x - a_e * eps.to(cd)
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
     out = c_x * x + c_0 * x0
-    if x0_prev is not None:
-        out = out + c_p * x0_prev.to(cd)
+    if history is not None:
+        R = history.shape[0]
+        for j in range(1, R):
+            out = out + row[3 + j] * history.index_select(0, (step - j) % R)[0].to(cd)
+        h = row[8] * x + row[9] * x0
+        history.index_copy_(0, step % R, h.to(history.dtype).unsqueeze(0))
     if noise is not None or rng is not None:
         z = philox_normal_ref(rng, x_t.shape) if noise is None else noise
-        out = out + sigma * z.to(cd)
+        out = out + row[10] * z.to(cd)
     return out.to(x_t.dtype), x0.to(x_t.dtype)

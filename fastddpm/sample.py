@@ -8,8 +8,10 @@ only once both are complete. A run that fails leaves no files (and no DIR it
 created) behind. Exit codes: 0 done, 1 sampling or writing failed (non-finite
 network outputs, out of memory, disk), 2 bad input (flags, checkpoint, --out),
 128 + signal when stopped by SIGINT/SIGTERM. Samplers: ddpm (the paper's ancestral
-sampler; respaced over fewer steps), ddim, dpmpp2m (DPM-Solver++(2M)), all
-through one fused update; on CUDA each step is replayed from a CUDA graph.
+sampler; respaced over fewer steps), ddim, dpmpp2m / dpmpp3m (DPM-Solver++(2M)
+/ (3M)), unipc (UniPC, --order 1-3, --variant bh1/bh2), ipndm (improved PNDM,
+--order 1-4), all through one fused update; on CUDA each step is replayed from
+a CUDA graph. The timesteps: --spacing, or an explicit --timesteps 999,700,...
 
 Reproducibility: image i is drawn from the noise stream (--seed, i) alone, so
 --n only sets how many images (a smaller --n gives the first images of a
@@ -35,7 +37,8 @@ from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
 from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
                               default_precision, parse_device)
-from fastddpm.sampling import MAX_SEED, SAMPLERS, SPACINGS, NonFiniteSamplesError, make_plan, sample
+from fastddpm.sampling import (MAX_SEED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, NonFiniteSamplesError, make_plan,
+                               sample)
 
 
 def parse_args(argv=None):
@@ -55,19 +58,27 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="noise stream, an int in [0, 2^63) (default 0): image i depends on (seed, i) only")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: ancestral (respaced when --steps < T); ddim; dpmpp2m: DPM-Solver++(2M) "
-                   "(default ddpm)")
+                   help="ddpm: ancestral (respaced when --steps < T); ddim; dpmpp2m / dpmpp3m: DPM-Solver++(2M) / "
+                   "(3M); unipc: UniPC predictor-corrector; ipndm: improved PNDM (default ddpm)")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample, 1..T, at that many distinct timesteps (default T)")
+    p.add_argument("--order", type=int, default=None,
+                   help="unipc: 1-3 (default 3); ipndm: 1-4 (default 4); lower orders in the first steps")
+    p.add_argument("--variant", choices=UNIPC_VARIANTS, default=None,
+                   help="unipc only: B(h) = h (bh1) or e^h - 1 (bh2, default)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 = ancestral with fixedsmall (default 0)")
     p.add_argument("--variance", choices=("fixedlarge", "fixedsmall"), default=None,
                    help="ddpm only: sigma_t^2 = beta_t (fixedlarge) or the posterior variance (fixedsmall; "
                    "cleaner when respaced to few --steps) (default: the checkpoint's)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
-                   help="timesteps kept when --steps < T: uniform; quadratic (the DDIM paper's CIFAR-10 choice); "
-                   "logsnr (uniform in log(alpha/sigma), DPM-Solver's) (default: uniform for ddpm, quadratic "
-                   "for ddim, logsnr for dpmpp2m)")
+                   help="timesteps kept when --steps < T: uniform; trailing (uniform from T-1); quadratic (the "
+                   "DDIM paper's CIFAR-10 choice); logsnr (uniform in log(alpha/sigma), DPM-Solver's); edm "
+                   "(Karras et al.'s rho = 7 sigma grid) (default: uniform for ddpm, quadratic for ddim, logsnr "
+                   "for dpmpp2m, dpmpp3m, unipc and ipndm)")
+    p.add_argument("--timesteps", default=None, metavar="LIST",
+                   help="explicit timesteps instead of --spacing: comma-separated, strictly decreasing integers "
+                   "in [0, T-1], e.g. 999,700,400,100,0 (sets --steps)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default: bf16 on a GPU that supports it, else fp32)")
@@ -98,11 +109,34 @@ def parse_args(argv=None):
         _fail(f"--eta applies to --sampler ddim only, not {args.sampler}", code=2)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         _fail(f"--eta must lie in [0, 1], got {args.eta}", code=2)
+    if args.order is not None and args.sampler not in ORDERS:
+        _fail(f"--order applies to --sampler {' or '.join(ORDERS)} only, not {args.sampler}", code=2)
+    if args.order is not None and not ORDERS[args.sampler][0] <= args.order <= ORDERS[args.sampler][1]:
+        lo, hi, _ = ORDERS[args.sampler]
+        _fail(f"--order of {args.sampler} must lie in [{lo}, {hi}], got {args.order}", code=2)
+    if args.variant is not None and args.sampler != "unipc":
+        _fail(f"--variant applies to --sampler unipc only, not {args.sampler}", code=2)
+    if args.timesteps is not None:
+        if args.spacing is not None:
+            _fail("give --spacing or --timesteps, not both", code=2)
+        try:
+            args.timesteps = [int(v) for v in args.timesteps.split(",")]
+        except ValueError:
+            _fail(f"--timesteps must be comma-separated integers, got {args.timesteps!r}", code=2)
     try:
         args.device = parse_device(args.device)
     except ValueError as e:
         _fail(str(e), code=2)
     return args
+
+
+def _option_of(msg):
+    """The CLI option a make_plan error is about, as a prefix ("--order: ")."""
+    for start, option in (("order", "--order"), ("timesteps", "--timesteps"), ("steps (", "--timesteps"),
+                          ("steps", "--steps"), ("variant", "--variant"), ("unknown spacing", "--spacing")):
+        if msg.startswith(start):
+            return option + ": "
+    return "--steps: " if "needs at least" in msg else ""
 
 
 OUTPUTS = ("samples.npz", "samples.png")
@@ -255,9 +289,10 @@ def main(argv=None):
     if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
         _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:
-        plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance)
+        plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance,
+                         order=args.order, variant=args.variant, timesteps=args.timesteps)
     except ValueError as e:
-        _fail(str(e), code=2)
+        _fail(f"{_option_of(str(e))}{e}", code=2)
     _check_fits(args.n, model)
     out = _OutFolder(args.out, args.overwrite)  # the last check: nothing is written before it
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -288,7 +323,8 @@ def _sample_and_write(args, model, diffusion, ckpt, plan, precision):
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,
                    seed=args.seed, device=device, precision=precision, clip=clip,
                    progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
-                   spacing=plan.spacing, variance=args.variance, cuda_graphs=cuda_graphs)
+                   spacing=None if args.timesteps else plan.spacing, variance=args.variance, order=args.order,
+                   variant=args.variant, timesteps=args.timesteps, cuda_graphs=cuda_graphs)
         images = to_uint8(x)
     except NonFiniteSamplesError as e:
         _fail(f"{e} (no images written)")

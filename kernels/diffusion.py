@@ -15,10 +15,11 @@ The sampler step of every sampler (`_sample_step_fwd_kernel`) reads its row of
 a coefficient table at a step index held in a device tensor, and draws its
 noise in the kernel from a Philox state held in a device tensor too.
 
-Noise of the fused sampler step is either given or drawn by Philox inside the
+Noise of the fused ancestral step is either given or drawn by Philox inside the
 kernel from the key `seed` and the counter (element index, t[b], offset_lo,
-offset_hi): every (step t, element) gets its own normal, the same for a given
-seed on every run, with no generator state on the host (CUDA-graph safe).
+offset_hi) (reference.seeded_step_noise_ref): every (step t, element) gets its
+own normal, the same for a given seed on every run and backend, with no
+generator state on the host (CUDA-graph safe).
 """
 import torch
 import triton
@@ -148,11 +149,12 @@ def _p_sample_step_fwd_kernel(
         # arguments specialised to constants still broadcast; launcher guarantees B * D < 2^32
         elem = base + offs
         zero = elem * 0
-        i1, i2, _, _ = tl.random.philox(seed, elem.to(tl.uint32), (zero + t).to(tl.uint32),
+        # normals as reference.seeded_step_noise_ref (u = ((word >> 8) + 0.5) / 2^24, Box-Muller)
+        w0, w1, _, _ = tl.random.philox(seed, elem.to(tl.uint32), (zero + t).to(tl.uint32),
                                         (zero + offset_lo).to(tl.uint32), (zero + offset_hi).to(tl.uint32))
-        u1 = tl.random.uint_to_uniform_float(i1)
-        u2 = tl.random.uint_to_uniform_float(i2)
-        z, _ = tl.random.pair_uniform_to_normal(u1, u2)
+        u1 = ((w0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u2 = ((w1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
     tl.store(Out + base + offs, (mean + std * z).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -250,25 +252,28 @@ def p_sample_step_fwd(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, co
 
 # ----------------------------------------------------------------------------- sampler step
 
-NUM_COEFS = 6   # columns of a sampler table: a_x, a_e, c_x, c_0, c_p, sigma (reference.SAMPLER_COEFS)
+NUM_COEFS = 11      # columns of a sampler table (reference.SAMPLER_COEFS):
+# a_x, a_e, c_x, c_0, c_1 .. c_4, h_x, h_0, sigma
+MAX_HISTORY = 4     # past predictions a row can read
 
 
 @triton.jit
 def _sample_step_fwd_kernel(
     Xt,         # (B, D) contiguous x_t
     Eps,        # (B, D) contiguous eps_hat, any kernel dtype
-    Prev,       # (B, D) contiguous x0_hat of the previous step, x_t's dtype; unused unless HAS_PREV
+    Hist,       # (HIST + 1, B, D) contiguous history ring, x_t's dtype; unused unless HIST > 0
     Noise,      # (B, D) contiguous z; unused unless NOISE == 1
-    Table,      # (num_rows, 6) contiguous sampler coefficients, any float dtype
+    Table,      # (num_rows, 11) contiguous sampler coefficients, any float dtype
     Step,       # (1,) int64: the table row of this step (read on the device)
     Rng,        # (3,) int64: Philox key, stream offset, index of sample 0; unused unless NOISE == 2
     Out,        # (B, D) contiguous out x_next, x_t's dtype
     X0Out,      # (B, D) contiguous out x0_hat, x_t's dtype; unused unless WRITE_X0
     D,          # elements per sample
+    slot_stride,  # B * D: elements per ring slot
     num_rows,   # table rows
     b_first,    # first sample of this launch (launches are chunked by 65535 samples)
     CLIP: tl.constexpr,
-    HAS_PREV: tl.constexpr,
+    HIST: tl.constexpr,          # K, past predictions read (the ring has K + 1 slots); 0: no ring
     NOISE: tl.constexpr,         # 0: none (deterministic samplers), 1: Noise, 2: Philox from Rng
     WRITE_X0: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -276,13 +281,12 @@ def _sample_step_fwd_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1) + b_first
     # clamped so that a bad step can never read outside the table (ops checks the range)
-    row = Table + tl.minimum(tl.maximum(tl.load(Step), 0), num_rows - 1) * 6
+    step = tl.minimum(tl.maximum(tl.load(Step), 0), num_rows - 1)
+    row = Table + step * 11
     a_x = tl.load(row + 0).to(tl.float32)
     a_e = tl.load(row + 1).to(tl.float32)
     c_x = tl.load(row + 2).to(tl.float32)
     c_0 = tl.load(row + 3).to(tl.float32)
-    c_p = tl.load(row + 4).to(tl.float32)
-    sigma = tl.load(row + 5).to(tl.float32)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     base = b.to(tl.int64) * D
@@ -292,10 +296,16 @@ def _sample_step_fwd_kernel(
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     out = c_x * x + c_0 * x0
-    if HAS_PREV:
-        out += c_p * tl.load(Prev + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HIST > 0:
+        # H_{step-j} sits in slot (step - j) mod (K + 1); the slot written below is not among them
+        for j in tl.static_range(1, HIST + 1):
+            slot = (step + (HIST + 1 - j)) % (HIST + 1)
+            c_j = tl.load(row + 3 + j).to(tl.float32)
+            out += c_j * tl.load(Hist + slot * slot_stride + base + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(row + 8).to(tl.float32) * x + tl.load(row + 9).to(tl.float32) * x0
+        tl.store(Hist + (step % (HIST + 1)) * slot_stride + base + offs, h.to(Hist.dtype.element_ty), mask=mask)
     if NOISE == 1:
-        out += sigma * tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
+        out += tl.load(row + 10).to(tl.float32) * tl.load(Noise + base + offs, mask=mask, other=0.0).to(tl.float32)
     if NOISE == 2:
         # reference.philox_normal_ref: counter (d, first_sample + b, offset lo, offset hi)
         key = tl.load(Rng)
@@ -307,21 +317,23 @@ def _sample_step_fwd_kernel(
                                         (zero + ((offset >> 32) & 0xFFFFFFFF)).to(tl.uint32))
         u1 = ((w0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         u2 = ((w1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        out += sigma * (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2))
+        out += tl.load(row + 10).to(tl.float32) * (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2))
     tl.store(Out + base + offs, out.to(Out.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(X0Out + base + offs, x0.to(X0Out.dtype.element_ty), mask=mask)
 
 
-def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, clip=True, write_x0=False):
+def sample_step_fwd(x_t, eps, table, step, history=None, noise=None, rng=None, clip=True, write_x0=False):
     """One step of any sampler (reference.sample_step_ref): returns (x_next, x0_hat)
     as contiguous tensors in x_t's dtype; x0_hat is an empty (0,) tensor unless
-    write_x0. z is `noise` when given, Philox normals from `rng` ((3,) int64
-    on the device: key, offset, first sample index) when that is given, else
-    zero (no noise term). Philox is drawn in the kernel: no host
+    write_x0. history: None or the contiguous ring (K + 1, *x_t.shape) in x_t's
+    dtype, K in [1, 4]: the step reads the last K predictions from it and writes
+    its own (in place). z is `noise` when given, Philox normals from `rng`
+    ((3,) int64 on the device: key, offset, first sample index) when that is
+    given, else zero (no noise term). Philox is drawn in the kernel: no host
     sync and no host-side generator state, so a CUDA graph replay that advances
-    rng on the device draws fresh noise. One read of x_t, eps (and x0_prev), one
-    write of x_next (and x0_hat)."""
+    rng on the device draws fresh noise. One read of x_t, eps (and K history
+    slots), one write of x_next (and the history slot, x0_hat)."""
     _check_kernel_dtype("sample_step", x_t)
     _check_kernel_dtype("sample_step", eps)
     if table.dim() != 2 or table.shape[1] != NUM_COEFS or table.shape[0] < 1:
@@ -332,12 +344,15 @@ def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, c
         raise ValueError("sample_step: give noise or rng, not both")
     if rng is not None and (rng.shape != (3,) or rng.dtype != torch.int64):
         raise ValueError("sample_step: rng must be a (3,) int64 tensor")
+    if history is not None and (tuple(history.shape[1:]) != tuple(x_t.shape) or history.dtype != x_t.dtype
+                                or not 2 <= history.shape[0] <= MAX_HISTORY + 1 or not history.is_contiguous()):
+        raise ValueError(f"sample_step: history must be a contiguous ring (K + 1, *x_t.shape) in x_t's dtype, "
+                         f"K in [1, {MAX_HISTORY}], got {tuple(history.shape)} {history.dtype}")
     B = x_t.shape[0]
     D = x_t[0].numel() if B else 0
     if rng is not None and D >= 2**32:
         raise ValueError(f"sample_step: in-kernel noise needs fewer than 2^32 elements per sample, got {D}")
     xc, ec = x_t.contiguous(), eps.contiguous()
-    pc = x0_prev.to(x_t.dtype).contiguous() if x0_prev is not None else xc
     nz = noise.to(x_t.dtype).contiguous() if noise is not None else xc
     y = _empty(x_t.shape, x_t.dtype, x_t.device)
     x0 = _empty(x_t.shape if write_x0 else (0,), x_t.dtype, x_t.device)
@@ -345,8 +360,9 @@ def sample_step_fwd(x_t, eps, table, step, x0_prev=None, noise=None, rng=None, c
         return y, x0
     tab = table.contiguous()
     _batched_launch(_sample_step_fwd_kernel, B, D,
-                    lambda b0: (xc, ec, pc, nz, tab, step, rng if rng is not None else step, y,
-                                x0 if write_x0 else y, D, tab.shape[0], b0),
-                    CLIP=bool(clip), HAS_PREV=x0_prev is not None,
+                    lambda b0: (xc, ec, history if history is not None else xc, nz, tab, step,
+                                rng if rng is not None else step, y, x0 if write_x0 else y, D, B * D,
+                                tab.shape[0], b0),
+                    CLIP=bool(clip), HIST=0 if history is None else history.shape[0] - 1,
                     NOISE=1 if noise is not None else 2 if rng is not None else 0, WRITE_X0=bool(write_x0))
     return y, x0

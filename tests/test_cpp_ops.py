@@ -332,17 +332,19 @@ def test_seeded_step_uses_reference_noise():
     assert rel_err(outs[1], outs[0]) < 1e-6
 
 
-def _step_case(dtype, eps_dtype, noise_mode, prev, B=3, shape=(3, 5, 7)):
+def _step_case(dtype, eps_dtype, noise_mode, k, B=3, shape=(3, 5, 7)):
+    """A random step: table rows with every column nonzero, a history ring of k past
+    predictions (k = 0: none), the noise source."""
     x = torch.randn(B, *shape).to(dtype)
     eps = torch.randn(B, *shape).to(eps_dtype)
-    x0_prev = (torch.randn(B, *shape) * 0.7).to(dtype) if prev else None
-    table = torch.rand(4, 6, dtype=torch.float64) * 1.5 - 0.25
+    ring = (torch.randn(k + 1, B, *shape) * 0.7).to(dtype) if k else None
+    table = torch.rand(4, len(reference.SAMPLER_COEFS), dtype=torch.float64) * 1.5 - 0.25
     kw = {}
     if noise_mode == "noise":
         kw["noise"] = torch.randn(B, *shape).to(eps_dtype)
     elif noise_mode == "rng":
         kw["rng"] = torch.tensor([(1 << 62) + 12345, (1 << 33) + 9, 6])
-    return x, eps, table, torch.tensor([2]), x0_prev, kw
+    return x, eps, table, torch.tensor([2]), ring, kw
 
 
 @pytest.mark.parametrize("noise_mode", ("noise", "rng", "none"))
@@ -352,26 +354,32 @@ def _step_case(dtype, eps_dtype, noise_mode, prev, B=3, shape=(3, 5, 7)):
                          ids=str)
 def test_sample_step_matches_float64(poisoned, dtype, eps_dtype, noise_mode):
     fresh_seed()
-    for prev, clip in ((False, True), (True, False), (True, True)):
-        x, eps, table, step, x0_prev, kw = _step_case(dtype, eps_dtype, noise_mode, prev)
+    for k, clip in ((0, True), (1, False), (4, True), (2, True)):
+        x, eps, table, step, ring, kw = _step_case(dtype, eps_dtype, noise_mode, k)
+        ring_ref = None if ring is None else ring.double()
+        ring2 = None if ring is None else ring.clone()
         with ops.use_backend("cpp"):
-            out, x0 = ops.sample_step(x, eps, table, step, x0_prev, clip=clip, return_x0=True, **kw)
-        ref_kw = {k: v.double() if k == "noise" else v for k, v in kw.items()}
-        ref, ref_x0 = reference.sample_step_ref(x.double(), eps.double(), table, step,
-                                                None if x0_prev is None else x0_prev.double(), clip=clip, **ref_kw)
+            out, x0 = ops.sample_step(x, eps, table, step, ring, clip=clip, return_x0=True, **kw)
+        ref_kw = {n: v.double() if n == "noise" else v for n, v in kw.items()}
+        ref, ref_x0 = reference.sample_step_ref(x.double(), eps.double(), table, step, ring_ref, clip=clip,
+                                                **ref_kw)
         assert out.dtype == dtype and x0.dtype == dtype and out.shape == x.shape
         tol = 2e-6 if dtype == torch.float32 else REL_TOL[dtype]
-        assert_close_rel(out, ref, dtype, f"x_next prev={prev} clip={clip}", tol)
-        assert_close_rel(x0, ref_x0, dtype, f"x0_hat prev={prev} clip={clip}", tol)
+        assert_close_rel(out, ref, dtype, f"x_next K={k} clip={clip}", tol)
+        assert_close_rel(x0, ref_x0, dtype, f"x0_hat K={k} clip={clip}", tol)
+        if ring is not None:
+            assert_close_rel(ring, ring_ref, dtype, f"history K={k} clip={clip}", tol)
         with ops.use_backend("cpp"):
-            out2, none = ops.sample_step(x, eps, table, step, x0_prev, clip=clip, **kw)
+            out2, none = ops.sample_step(x, eps, table, step, ring2, clip=clip, **kw)
         assert none is None and torch.equal(out2, out)
+        if ring is not None:
+            assert torch.equal(ring2, ring)
 
 
 def test_sample_step_noise_is_the_reference_philox_stream():
     # sigma = 1, everything else 0: x_next is the drawn noise itself
-    table = torch.zeros(3, 6, dtype=torch.float64)
-    table[1, 5] = 1.0
+    table = torch.zeros(3, len(reference.SAMPLER_COEFS), dtype=torch.float64)
+    table[1, -1] = 1.0
     x = torch.randn(4, 3, 9, 11)
     for rng in (torch.tensor([7, 0, 0]), torch.tensor([-(1 << 40) - 3, (1 << 35) + 2, 2**32 - 2])):
         with ops.use_backend("cpp"):
@@ -387,7 +395,7 @@ def test_sample_step_noise_is_the_reference_philox_stream():
 
 
 def test_sample_step_falls_back_where_the_kernel_cannot():
-    x, eps, table, step, _, kw = _step_case(torch.float64, torch.float64, "noise", False)
+    x, eps, table, step, _, kw = _step_case(torch.float64, torch.float64, "noise", 0)
     with ops.use_backend("cpp"):
         out, _ = ops.sample_step(x, eps, table, step, **kw)
         empty, _ = ops.sample_step(x[:0], eps[:0], table, step, noise=kw["noise"][:0])
@@ -398,24 +406,29 @@ def test_sample_step_falls_back_where_the_kernel_cannot():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_sample_step(dtype):
     fresh_seed()
-    for mode, prev in (("noise", True), ("rng", False), ("none", True)):
-        x, eps, table, step, x0_prev, kw = _step_case(dtype, torch.float32, mode, prev)
+    for mode, k in (("noise", 1), ("rng", 0), ("none", 3)):
+        x, eps, table, step, ring, kw = _step_case(dtype, torch.float32, mode, k)
         for write_x0 in (True, False):
-            torch.library.opcheck(CPP.sample_step, (x, eps, table, step, x0_prev, kw.get("noise"), kw.get("rng"),
+            torch.library.opcheck(CPP.sample_step, (x, eps, table, step, ring, kw.get("noise"), kw.get("rng"),
                                                     True, write_x0))
 
 
 def test_sample_step_bad_input_clear_errors():
     x = torch.randn(2, 3, 4)
-    tab, step = torch.rand(5, 6), torch.tensor([1])
+    tab, step = torch.rand(5, 11), torch.tensor([1])
+    ring = torch.randn(3, 2, 3, 4)
     with pytest.raises(RuntimeError, match=r"step 5 is outside \[0, 4\]"):
         CPP.sample_step(x, x, tab, torch.tensor([5]), None, None, None, True, False)
-    with pytest.raises(RuntimeError, match=r"table must be a \(S, 6\)"):
-        CPP.sample_step(x, x, torch.rand(5, 5), step, None, None, None, True, False)
+    with pytest.raises(RuntimeError, match=r"table must be a \(S, 11\)"):
+        CPP.sample_step(x, x, torch.rand(5, 6), step, None, None, None, True, False)
     with pytest.raises(RuntimeError, match="eps shape"):
         CPP.sample_step(x, x[:1], tab, step, None, None, None, True, False)
-    with pytest.raises(RuntimeError, match="x0_prev dtype"):
-        CPP.sample_step(x, x, tab, step, x.half(), None, None, True, False)
+    with pytest.raises(RuntimeError, match="history must be a contiguous"):
+        CPP.sample_step(x, x, tab, step, ring.half(), None, None, True, False)
+    with pytest.raises(RuntimeError, match="history must be a contiguous"):
+        CPP.sample_step(x, x, tab, step, torch.randn(6, 2, 3, 4), None, None, True, False)
+    with pytest.raises(RuntimeError, match="history"):
+        CPP.sample_step(x, x, tab, step, ring[:, :1], None, None, True, False)
     with pytest.raises(RuntimeError, match="give noise or rng, not both"):
         CPP.sample_step(x, x, tab, step, None, x, torch.tensor([1, 2, 3]), True, False)
     with pytest.raises(RuntimeError, match=r"rng must be a \(3,\) int64"):
@@ -428,6 +441,8 @@ def test_sample_step_bad_input_clear_errors():
             ops.sample_step(x, x, tab, torch.tensor([5]))
         with pytest.raises(ValueError, match="give noise or rng, not both"):
             ops.sample_step(x, x, tab, step, noise=x, rng=torch.tensor([1, 2, 3]))
+        with pytest.raises(TypeError, match="history has dtype"):
+            ops.sample_step(x, x, tab, step, ring.half())
 
 
 def test_auto_picks_cpp_only_for_the_measured_ops():
@@ -517,7 +532,7 @@ def _cached_outputs(shape):
     want_y.backward(dy.double())
     tabs = (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod, d.posterior_mean_coef1,
             d.posterior_mean_coef2, d.model_log_variance)
-    table, step = torch.rand(3, 6, dtype=torch.float64), torch.tensor([1])
+    table, step = torch.rand(3, len(reference.SAMPLER_COEFS), dtype=torch.float64), torch.tensor([1])
     return {
         "group_norm": (lambda: CACHE.group_norm(x, 4, w, b, 1e-6, True, None, 0.0, None)[:1], (want_y,)),
         "group_norm_backward": (lambda: CACHE.group_norm_backward(dy, x, w, b, None, mean, rstd, 4, True, 0.0, None,

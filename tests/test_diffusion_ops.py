@@ -265,6 +265,20 @@ def test_seeded_noise_is_standard_normal(backend):
     assert 0.64 < (z.abs() < 1).double().mean().item() < 0.72   # P(|z| < 1) = 0.683
 
 
+def test_seeded_noise_is_the_same_on_every_backend():
+    """Philox (seed, element, t, offset) as device ops on the reference path, in the
+    kernel on Triton: the same normals, no host-side generator (issue 24)."""
+    tabs = _tables()
+    x, eps = _rand((3, 2, 4, 4), torch.float32), _rand((3, 2, 4, 4), torch.float32)
+    t = torch.tensor([1, 7, T_STEPS - 1], device=DEV)
+    for seed, offset in ((3, 0), (2**62 + 9, 2**40 + 3)):
+        ref = _step("reference", x, t, eps, tabs, seed=seed, offset=offset)
+        tri = _step("triton", x, t, eps, tabs, seed=seed, offset=offset)
+        assert_close_rel(tri, ref, torch.float32, tol=1e-5)
+    z = reference.seeded_step_noise_ref((3, 2, 4, 4), t, 3, 0)
+    assert torch.equal(_seeded_noise_of("reference", x, t, eps, tabs, seed=3)[0][1:].sign(), z[1:].sign())
+
+
 def test_seeded_step_triton_matches_explicit_noise_math():
     """The seeded kernel is the explicit-noise kernel with Philox z: clip, mean and std agree."""
     tabs = _tables()
@@ -309,11 +323,11 @@ def test_torch_compile_fullgraph():
         with ops.use_backend("triton"):
             return ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=9)
 
-    table, step, rng = torch.rand(5, 6, dtype=torch.float64), torch.tensor([3]), torch.tensor([7, 2, 0])
+    table, step, rng = _sampler_table(), torch.tensor([3]), torch.tensor([7, 2, 0])
 
-    def sampler_fn(x, eps, prev):
+    def sampler_fn(x, eps, ring):
         with ops.use_backend("triton"):
-            return ops.sample_step(x, eps, table, step, prev, rng=rng, return_x0=True)
+            return ops.sample_step(x, eps, table, step, ring, rng=rng, return_x0=True)
 
     x0, noise = _rand((2, 2, 3, 3), torch.float32), _rand((2, 2, 3, 3), torch.float32)
     t = _t(2)
@@ -328,9 +342,12 @@ def test_torch_compile_fullgraph():
     assert_close_rel(gw, gw_ref, torch.float32, tol=1e-5)
     out = torch.compile(step_fn, fullgraph=True)(x0, t, noise)
     assert torch.equal(out, step_fn(x0, t, noise))
-    compiled = torch.compile(sampler_fn, fullgraph=True)(x0, noise, w.detach())
-    for a, b in zip(compiled, sampler_fn(x0, noise, w.detach())):
+    ring = _ring(2, x0.shape, torch.float32)
+    ring_eager = ring.clone()
+    compiled = torch.compile(sampler_fn, fullgraph=True)(x0, noise, ring)
+    for a, b in zip(compiled, sampler_fn(x0, noise, ring_eager)):
         assert torch.equal(a, b)
+    assert torch.equal(ring, ring_eager)            # the in-place history write survives compilation
 
 
 def test_bad_input_raises_clear_errors():
@@ -411,28 +428,40 @@ def test_kernels_clamp_t_when_the_range_check_is_skipped():
         a = ops.q_sample(x, bad, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"], check_range=False)
         b = ops.q_sample(x, last, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
     assert torch.equal(a, b)
-    table = torch.rand(4, 6, dtype=torch.float64, device=DEV)
+    table = torch.rand(4, len(reference.SAMPLER_COEFS), dtype=torch.float64, device=DEV)
     for step in (7, -3):
-        out, _ = _sample_step("triton", x, x, table, torch.tensor([step], device=DEV), noise=x, check_range=False)
-        ref, _ = reference.sample_step_ref(x, x, table, torch.tensor([min(max(step, 0), 3)], device=DEV), noise=x)
+        ring = _ring(2, x.shape, torch.float32)
+        ring_ref = ring.clone()
+        out, _ = _sample_step("triton", x, x, table, torch.tensor([step], device=DEV), ring, noise=x,
+                              check_range=False)
+        ref, _ = reference.sample_step_ref(x, x, table, torch.tensor([min(max(step, 0), 3)], device=DEV), ring_ref,
+                                           noise=x)
         torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(ring, ring_ref)
 
 
 # ----------------------------------------------------------------------------- sample_step
 
 
-def _sample_step(backend, x, eps, table, step, prev=None, noise=None, rng=None, clip=True, **kw):
+def _sample_step(backend, x, eps, table, step, hist=None, noise=None, rng=None, clip=True, **kw):
     with ops.use_backend(backend):
-        return ops.sample_step(x, eps, table, step, prev, noise, rng=rng, clip=clip, return_x0=True, **kw)
+        return ops.sample_step(x, eps, table, step, hist, noise, rng=rng, clip=clip, return_x0=True, **kw)
 
 
 def _sampler_table(rows=5, device=DEV):
-    """Random coefficients of the ranges the samplers use (x0 coefficients up to ~60)."""
-    t = torch.rand(rows, 6, dtype=torch.float64, device=device)
+    """Random coefficients of the ranges the samplers use (x0 coefficients up to ~60),
+    every column of reference.SAMPLER_COEFS nonzero."""
+    t = torch.rand(rows, len(reference.SAMPLER_COEFS), dtype=torch.float64, device=device)
     t[:, 0] = 1 + 10 * t[:, 0]
     t[:, 1] = 10 * t[:, 1]
-    t[:, 4] -= 0.5
+    t[:, 4:8] -= 0.5
+    t[:, 8] = 5 * t[:, 8]
     return t
+
+
+def _ring(k, shape, dtype):
+    """A history ring of K = k past predictions, every slot random."""
+    return _rand((k + 1, *shape), dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -442,34 +471,58 @@ def _sampler_table(rows=5, device=DEV):
 def test_sample_step_matches_reference(backend, dtype, shape, mode):
     table = _sampler_table()
     step = torch.randint(0, 5, (1,), device=DEV)
-    x, prev = _rand(shape, dtype, scale=1.5), _rand(shape, dtype)
+    k = int(torch.randint(1, 5, ()))                  # 1..4 past predictions
+    x, hist = _rand(shape, dtype, scale=1.5), _ring(k, shape, dtype)
     eps = _rand(shape, torch.bfloat16 if dtype == torch.float32 else dtype)   # a bf16 network output
     noise = _rand(shape, dtype) if mode == "noise" else None
     rng = torch.tensor([2**40 + 5, 3, 11], device=DEV) if mode == "rng" else None
     clip = mode != "none"
-    out, x0 = _sample_step(backend, x, eps, table, step, prev if mode != "none" else None, noise, rng, clip)
+    hist_ref = hist.double()
+    out, x0 = _sample_step(backend, x, eps, table, step, hist if mode != "none" else None, noise, rng, clip)
     ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step,
-                                            prev.double() if mode != "none" else None,
+                                            hist_ref if mode != "none" else None,
                                             None if noise is None else noise.double(), rng, clip)
     assert out.dtype == dtype and out.shape == x.shape and x0.dtype == dtype
-    assert_close_rel(out, ref, dtype)
+    assert_close_rel(out, ref, dtype, f"x_next (K={k}, step {int(step)})")
     assert_close_rel(x0, x0_ref, dtype, "x0_hat")
+    if mode != "none":      # the step's own prediction went into slot step mod (K + 1), the rest untouched
+        slot = int(step) % (k + 1)
+        assert_close_rel(hist[slot], hist_ref[slot], dtype, "history slot written")
+        others = [j for j in range(k + 1) if j != slot]
+        assert torch.equal(hist[others].double(), hist_ref[others])
 
 
 def test_sample_step_fp32_close_to_fp32_reference_and_poisoned(monkeypatch):
     monkeypatch.setattr(kd, "POISON", True)
     table = _sampler_table()
-    x, eps, prev = (_rand((4, 2, 3, 3), torch.float32) for _ in range(3))
+    x, eps = (_rand((4, 2, 3, 3), torch.float32) for _ in range(2))
+    hist = _ring(3, (4, 2, 3, 3), torch.float32)
+    hist_ref = hist.clone()
     rng = torch.tensor([9, 1, 0], device=DEV)
     for step in range(5):
         s = torch.tensor([step], device=DEV)
-        out, x0 = kd.sample_step_fwd(x, eps, table, s, prev, None, rng, True, True)
-        ref, x0_ref = reference.sample_step_ref(x, eps, table, s, prev, None, rng, True)
+        out, x0 = kd.sample_step_fwd(x, eps, table, s, hist, None, rng, True, True)
+        ref, x0_ref = reference.sample_step_ref(x, eps, table, s, hist_ref, None, rng, True)
         assert torch.isfinite(out).all() and torch.isfinite(x0).all()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x0, x0_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(hist, hist_ref, rtol=1e-5, atol=1e-5)
     out, x0 = kd.sample_step_fwd(x, eps, table, s, None, None, None, False, False)
     assert torch.isfinite(out).all() and x0.numel() == 0
+
+
+def test_sample_step_twice_gives_the_same_result():
+    """The slot written is never read in the same step: a step run twice (e.g. a
+    dispatch check beside the real call) leaves the same outputs and ring."""
+    table, step = _sampler_table(), torch.tensor([3], device=DEV)
+    x, eps = (_rand((2, 3, 4), torch.float32) for _ in range(2))
+    for backend in ("reference", "triton"):
+        for k in (1, 4):
+            hist = _ring(k, (2, 3, 4), torch.float32)
+            first = _sample_step(backend, x, eps, table, step, hist)[0]
+            ring = hist.clone()
+            assert torch.equal(_sample_step(backend, x, eps, table, step, hist)[0], first)
+            assert torch.equal(hist, ring)
 
 
 def test_philox_reference_known_answers():
@@ -484,7 +537,7 @@ def test_philox_reference_known_answers():
 
 def _kernel_noise(rng, shape):
     """z drawn by the sampler-step kernel: a table row that returns sigma * z with sigma = 1."""
-    table = torch.tensor([[1.0, 0, 0, 0, 0, 1.0]], dtype=torch.float64, device=DEV)
+    table = torch.tensor([[1.0] + [0.0] * 9 + [1.0]], dtype=torch.float64, device=DEV)
     x = torch.zeros(shape, device=DEV)
     return _sample_step("triton", x, x, table, torch.zeros(1, dtype=torch.int64, device=DEV), rng=rng)[0]
 
@@ -517,9 +570,10 @@ def test_philox_noise_statistics_and_streams(source):
 def test_sample_step_bad_input():
     x = _rand((2, 3), torch.float32)
     table, step, rng = _sampler_table(), torch.tensor([1], device=DEV), torch.tensor([1, 0, 0], device=DEV)
+    ring = _ring(2, (2, 3), torch.float32)
     cases = [
-        (dict(table=table[:, :5]), ValueError, r"\(S, 6\)"),
-        (dict(table=table[0]), ValueError, r"\(S, 6\)"),
+        (dict(table=table[:, :5]), ValueError, r"\(S, 11\)"),
+        (dict(table=table[0]), ValueError, r"\(S, 11\)"),
         (dict(table=table.long()), TypeError, "table must be"),
         (dict(step=step.int()), TypeError, "step must be an int64"),
         (dict(step=torch.tensor([1, 2], device=DEV)), TypeError, "step must be"),
@@ -528,25 +582,30 @@ def test_sample_step_bad_input():
         (dict(rng=rng[:2]), TypeError, "rng must be"),
         (dict(noise=x), ValueError, "not both"),
         (dict(eps=x[:1]), ValueError, "shape"),
-        (dict(prev=x.half()), TypeError, "dtype"),
+        (dict(hist=ring.half()), TypeError, "history has dtype"),
+        (dict(hist=x), ValueError, "history must be a ring"),
+        (dict(hist=ring[:1]), ValueError, r"K in \[1, 4\]"),
+        (dict(hist=_ring(5, (2, 3), torch.float32)), ValueError, r"K in \[1, 4\]"),
+        (dict(hist=ring[:, :1]), ValueError, "history must be a ring"),
+        (dict(hist=ring.transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "contiguous"),
         (dict(eps=x.long()), TypeError, "eps must be"),
     ]
     for kw, exc, match in cases:
-        args = dict(x=x, eps=x, table=table, step=step, prev=None, noise=None, rng=rng)
+        args = dict(x=x, eps=x, table=table, step=step, hist=None, noise=None, rng=rng)
         args.update(kw)
         for backend in ("reference", "triton"):
             with ops.use_backend(backend), pytest.raises(exc, match=match):
-                ops.sample_step(args["x"], args["eps"], args["table"], args["step"], args["prev"], args["noise"],
+                ops.sample_step(args["x"], args["eps"], args["table"], args["step"], args["hist"], args["noise"],
                                 rng=args["rng"])
 
 
 def test_sample_step_opcheck():
     table, step = _sampler_table(), torch.tensor([2])
-    x, eps, prev, z = (_rand((2, 2, 3, 3), torch.float32) for _ in range(4))
+    x, eps, z = (_rand((2, 2, 3, 3), torch.float32) for _ in range(3))
     rng = torch.tensor([5, 1, 0])
-    for args in ((x, eps, table, step, prev, None, rng, True, True), (x, eps.half(), table, step, None, z, None,
-                                                                       False, False),
-                 (x, eps, table, step, None, None, None, True, False)):
+    for args in ((x, eps, table, step, _ring(3, x.shape, x.dtype), None, rng, True, True),
+                 (x, eps.half(), table, step, None, z, None, False, False),
+                 (x, eps, table, step, _ring(1, x.shape, x.dtype), None, None, True, False)):
         torch.library.opcheck(torch.ops.fastddpm.sample_step.default, args)
 
 
@@ -556,15 +615,15 @@ tab = "*fp64"
 sig = dict(X0="*bf16", Noise="*bf16", T="*i64", SqrtAbar=tab, SqrtOneMinusAbar=tab, Out="*bf16",
            EpsHat="*bf16", Partial="*fp32", Grad="*bf16", grad_scale="fp32",
            Xt="*fp32", Eps="*fp32", SqrtRecipAbar=tab, SqrtRecipm1Abar=tab, Coef1=tab, Coef2=tab, LogVar=tab,
-           seed="i64", offset_hi="i64", Prev="*fp32", Table=tab, Step="*i64", Rng="*i64", X0Out="*fp32")
+           seed="i64", offset_hi="i64", Hist="*fp32", Table=tab, Step="*i64", Rng="*i64", X0Out="*fp32")
 assert "ld.global" in compile_ptx(k._q_sample_fwd_kernel, sig, dict(BLOCK=1024, D=1))
 assert "ld.global" in compile_ptx(k._simple_loss_fwd_kernel, sig, dict(WRITE_GRAD=True, BLOCK=4096))
 for noise in (True, False):   # ints equal to 1 are specialised to constants by the JIT
     c = dict(CLIP=True, HAS_NOISE=noise, BLOCK=1024, offset_lo=1, b_first=0, num_steps=1)
     assert "ld.global" in compile_ptx(k._p_sample_step_fwd_kernel, sig, c)
 sig["Eps"] = "*bf16"
-for noise in (0, 1, 2):
-    c = dict(CLIP=True, HAS_PREV=noise == 2, NOISE=noise, WRITE_X0=noise == 2, BLOCK=1024, b_first=0)
+for noise, hist in ((0, 0), (1, 1), (2, 4), (0, 3)):
+    c = dict(CLIP=True, HIST=hist, NOISE=noise, WRITE_X0=noise == 2, BLOCK=1024, b_first=0)
     assert "ld.global" in compile_ptx(k._sample_step_fwd_kernel, sig, c)
 print("compiled")
 """
@@ -664,14 +723,16 @@ def test_gpu_cuda_graph_sampler_loop():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_sample_step_real_shape(dtype):
     table = _sampler_table(device="cuda")
-    x, prev = (_rand((1024, 3, 32, 32), dtype, "cuda") for _ in range(2))
+    x, ring = _rand((1024, 3, 32, 32), dtype, "cuda"), _ring(3, (1024, 3, 32, 32), dtype).cuda()
     eps = _rand((1024, 3, 32, 32), torch.bfloat16, "cuda")
     rng = torch.tensor([77, 5, 0], device="cuda")
     step = torch.tensor([3], device="cuda")
-    out, x0 = _sample_step("triton", x, eps, table, step, prev, rng=rng)
-    ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step, prev.double(), None, rng)
+    ring_ref = ring.double()
+    out, x0 = _sample_step("triton", x, eps, table, step, ring, rng=rng)
+    ref, x0_ref = reference.sample_step_ref(x.double(), eps.double(), table, step, ring_ref, None, rng)
     assert_close_rel(out, ref, dtype)
     assert_close_rel(x0, x0_ref, dtype)
+    assert_close_rel(ring, ring_ref, dtype, "history")
     z = _kernel_noise(rng, (1024, 3, 32, 32))
     torch.testing.assert_close(z, reference.philox_normal_ref(rng, z.shape), rtol=1e-5, atol=1e-5)
 
@@ -680,7 +741,7 @@ def test_gpu_sample_step_real_shape(dtype):
 def test_gpu_sample_step_graph_replays_draw_fresh_noise():
     """rng advanced inside the graph: every replay draws the next offset's noise,
     exactly reference.philox_normal_ref's; the step row is read on the device too."""
-    table = torch.tensor([[1.0, 0, 0, 0, 0, 1.0], [1.0, 0, 0, 0, 0, 2.0]], dtype=torch.float64, device="cuda")
+    table = torch.tensor([[1.0] + [0.0] * 9 + [1.0], [1.0] + [0.0] * 9 + [2.0]], dtype=torch.float64, device="cuda")
     x = torch.zeros(8, 3, 4, 4, device="cuda")
     step = torch.zeros(1, dtype=torch.int64, device="cuda")
     rng = torch.tensor([99, 1, 0], device="cuda")
@@ -714,3 +775,21 @@ def test_sample_step_empty_batch_with_rng(backend):
     rng = torch.tensor([1, 1, 0], device=DEV)
     out, x0 = _sample_step(backend, x, x, _sampler_table(), torch.tensor([1], device=DEV), rng=rng)
     assert out.shape == x.shape and x0.shape == x.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gpu_seeded_step_has_no_host_sync(backend):
+    """p_sample_step(seed=...) draws its noise on the device on every backend."""
+    tabs = _tables(device="cuda")
+    x, eps = _rand((4, 3, 8, 8), torch.float32, "cuda"), _rand((4, 3, 8, 8), torch.float32, "cuda")
+    t = torch.tensor([1, 5, 9, 0], device="cuda")
+    with ops.use_backend(backend):
+        first = ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=7, offset=3, check_range=False)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = ops.p_sample_step(x, t, eps, *_step_tables(tabs), seed=7, offset=3, check_range=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first, again)

@@ -371,8 +371,9 @@ def test_training_fid_mid_run_with_no_progress(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
-    """torchrun, 2 CPU ranks: each samples its share (3 = 2 + 1) with its own seeds; the
-    FID rank 0 logs is that of all three samples, recomputed here in one process."""
+    """torchrun, 2 CPU ranks: each samples its share (3 = 2 + 1) of the one stream (rank 1
+    from image 2 on); the FID rank 0 logs is that of images 0..2 of seed 0, recomputed
+    here in one process (same batches: [0, 1] and [2])."""
     import os
     import subprocess
     import sys
@@ -398,9 +399,7 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     assert len(fids) == 1 and fids[0]["fid_n"] == 3
     model, d, _ = checkpoint.load_for_sampling(out)
     assert fids[0]["fid_sampler"] == f"{TRAINING_FID_SAMPLER}-4"  # T = 4 < 20 steps
-    x = torch.cat([sample(model, d, k, batch_size=2, seed=0 + 1_000_003 * rank, progress=False,
-                          sampler=TRAINING_FID_SAMPLER, steps=4)
-                   for rank, k in enumerate((2, 1))])
+    x = sample(model, d, 3, batch_size=2, seed=0, progress=False, sampler=TRAINING_FID_SAMPLER, steps=4)
     net = inc.load_inception(HELPER)
     with torch.no_grad():
         f = net(torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)).double().numpy()
@@ -531,3 +530,33 @@ def test_sigterm_during_an_in_training_fid_stops_promptly(tmp_path):
     assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
     assert checkpoint.load(out)["step"] == 1
     assert not [ln for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
+
+
+def test_score_model_samples_do_not_depend_on_the_world_size(monkeypatch):
+    """Rank r of W draws the next images of the one stream `seed` (issue 24): every
+    world size scores images 0..n-1 of (seed, i), not seed + offset per rank."""
+    import fastddpm.sampling as sampling
+    import torch.distributed as dist
+
+    drawn = []
+
+    def fake_sample(model, diffusion, n, *, seed, first_sample=0, **kw):
+        drawn.append((seed, first_sample, n))
+        return torch.zeros(n, 3, 8, 8)
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(dist, "all_gather", lambda parts, x: [p.copy_(x) for p in parts])
+    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+
+    class Net(torch.nn.Module):   # a stand-in for Inception
+        def forward(self, x):
+            return torch.zeros(len(x), 2048)
+
+    net = Net()
+    for world in (1, 2, 3):
+        drawn.clear()
+        for rank in range(world):
+            ev.score_model(_tiny(), GaussianDiffusion.linear(T=4), 7, ref, inception=net, seed=5, rank=rank,
+                           world=world)
+        images = sorted(i for seed, first, n in drawn for i in range(first, first + n))
+        assert images == list(range(7)) and {seed for seed, _, _ in drawn} == {5}, (world, drawn)

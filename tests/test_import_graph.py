@@ -47,9 +47,6 @@ KNOWN = {
     # checkpoint.py: a circle, and checkpoint importing upward. Issue 22 phase 2
     # (loader.py: the one loader above both) removes it.
     ("fastddpm.checkpoint", "fastddpm.interop"),
-    # sampling/graphs.py takes StepState and denoise_step from sampling/__init__.py,
-    # which imports graphs.py in sample(): a circle. sampling/step.py (issue 24) removes it.
-    ("fastddpm.sampling.graphs", "fastddpm.sampling"),
     # The Triton kernels take their helpers (interpreting, overlaps) from
     # kernels/__init__.py. That __init__ imports none of them, so no circle today;
     # moving the helpers to a module of their own (kernels/ is not part of issue

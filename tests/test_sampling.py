@@ -88,10 +88,18 @@ def test_spacings_follow_the_papers():
 # ----------------------------------------------------------------------------- coefficient tables
 
 
-def _apply(plan, i, x, eps, z, x0_prev):
-    """Row i of the plan through the reference update, in float64, no clipping."""
+def _apply(plan, i, x, eps, z, past=()):
+    """Row i of the plan through the reference update, in float64, no clipping;
+    past = (H_{i-1}, H_{i-2}, ...) placed in the history ring where row i reads them."""
     table = plan.table.double()
-    out, x0 = reference.sample_step_ref(x, eps, table, torch.tensor([i]), x0_prev, z, None, clip=False)
+    ring = None
+    if plan.history:
+        R = plan.history + 1
+        ring = torch.full((R, *x.shape), float("nan"), dtype=torch.float64)
+        ring[i % R] = 0.0                                   # the slot this row writes
+        for j in range(1, R):
+            ring[(i - j) % R] = past[j - 1] if j <= len(past) else 0.0
+    out, x0 = reference.sample_step_ref(x, eps, table, torch.tensor([i]), ring, z, None, clip=False)
     return out, x0
 
 
@@ -115,7 +123,7 @@ def test_ddpm_table_is_respaced_posterior(variance, steps):
         var = 0.0 if i == len(a) - 1 else beta if variance == "fixedlarge" else post_var
         x0 = x / math.sqrt(a[i]) - math.sqrt(1 / a[i] - 1) * eps
         mean = beta * math.sqrt(a_next[i]) / (1 - a[i]) * x0 + (1 - a_next[i]) * math.sqrt(1 - beta) / (1 - a[i]) * x
-        out, x0_hat = _apply(plan, i, x, eps, z, None)
+        out, x0_hat = _apply(plan, i, x, eps, z)
         torch.testing.assert_close(out, mean + math.sqrt(var) * z, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(x0_hat, x0, rtol=1e-12, atol=1e-12)
 
@@ -126,10 +134,13 @@ def test_full_respacing_equals_the_diffusion_buffers():
         tab = make_plan(d, "ddpm").table.flip(0)          # increasing t
         sigma = (0.5 * d.model_log_variance).exp()
         sigma[0] = 0
-        for col, buf in zip(tab.unbind(1), (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod,
-                                            d.posterior_mean_coef2, d.posterior_mean_coef1,
-                                            torch.zeros(1000, dtype=torch.float64), sigma)):
-            torch.testing.assert_close(col, buf, rtol=1e-9, atol=1e-12)
+        zero = torch.zeros(1000, dtype=torch.float64)
+        cols = dict(zip(reference.SAMPLER_COEFS, tab.unbind(1)))
+        for name, buf in (("a_x", d.sqrt_recip_alphas_cumprod), ("a_e", d.sqrt_recipm1_alphas_cumprod),
+                          ("c_x", d.posterior_mean_coef2), ("c_0", d.posterior_mean_coef1), ("c_1", zero),
+                          ("c_2", zero), ("c_3", zero), ("c_4", zero), ("h_x", zero), ("h_0", zero),
+                          ("sigma", sigma)):
+            torch.testing.assert_close(cols[name], buf, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
@@ -144,7 +155,7 @@ def test_ddim_table_is_song_eq_12(eta, steps, spacing):
         sigma = eta * math.sqrt((1 - a_next[i]) / (1 - a[i]) * (1 - a[i] / a_next[i]))
         x0 = (x - math.sqrt(1 - a[i]) * eps) / math.sqrt(a[i])
         expect = math.sqrt(a_next[i]) * x0 + math.sqrt(1 - a_next[i] - sigma ** 2) * eps + sigma * z
-        torch.testing.assert_close(_apply(plan, i, x, eps, z, None)[0], expect, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(_apply(plan, i, x, eps, z)[0], expect, rtol=1e-9, atol=1e-12)
     assert plan.stochastic == (eta > 0 and steps > 1)
 
 
@@ -169,9 +180,9 @@ def test_dpmpp2m_table_is_lu_algorithm_2(steps):
                 r = (lam(a[i]) - lam(a[i - 1])) / h
                 D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev
             expect = math.sqrt(1 - a_next[i]) / math.sqrt(1 - a[i]) * x - math.sqrt(a_next[i]) * (math.exp(-h) - 1) * D
-        out, x0_hat = _apply(plan, i, x, eps, z, prev)
+        out, x0_hat = _apply(plan, i, x, eps, z, (prev,))
         torch.testing.assert_close(out, expect, rtol=1e-9, atol=1e-12)
-    assert plan.multistep and not plan.stochastic
+    assert plan.multistep and plan.history == 1 and not plan.stochastic
 
 
 def test_ddim_eta1_table_equals_ddpm_fixedsmall():
@@ -328,6 +339,20 @@ def test_graph_runner_state_handling(monkeypatch, sampler, steps):
     assert len(runner) == 2 and runner.disabled is None
 
 
+def test_graph_runner_recaptures_a_model_whose_tensors_moved(monkeypatch):
+    """A kept runner (sample(cuda_graphs=runner) across calls) never replays a graph
+    on a model's old addresses: new parameter storage means a new capture."""
+    monkeypatch.setattr(CudaGraphRunner, "_record", staticmethod(lambda step, device: _EagerGraph(step)))
+    model, d = _model(), GaussianDiffusion.linear(T=10)
+    plan = make_plan(d, "unipc", 4)
+    runner = CudaGraphRunner()
+    kw = dict(plan=plan, device="cpu", progress=False, runner=runner)
+    a = sample_batch(model, d, 2, 0, **kw)
+    assert torch.equal(sample_batch(model, d, 2, 0, **kw), a) and len(runner) == 1
+    model.double().float()                     # same values, new storage
+    assert torch.equal(sample_batch(model, d, 2, 0, **kw), a) and len(runner) == 2
+
+
 # ----------------------------------------------------------------------------- exact Gaussian model
 
 
@@ -462,6 +487,41 @@ def _cli_error(tmp_path, capsys, *args, code=2):
                                         (["--seed", str(2**64)], "--seed"), (["--device", "foo"], "not a device"),
                                         (["--device", "mps"], "cpu or cuda"), (["--device", "meta"], "cpu or cuda")])
 def test_sample_cli_bad_flags_are_one_line_errors(tmp_path, capsys, args, match):
+    assert match in _cli_error(tmp_path, capsys, *args)
+
+
+MULTISTEP_CLI = [(["--sampler", "unipc", "--steps", "4", "--order", "2", "--variant", "bh1", "--spacing", "edm"],
+                  dict(sampler="unipc", steps=4, order=2, variant="bh1", spacing="edm")),
+                 (["--sampler", "ipndm", "--timesteps", "9,6,3,0", "--order", "3"],
+                  dict(sampler="ipndm", timesteps=[9, 6, 3, 0], order=3)),
+                 (["--sampler", "dpmpp3m", "--steps", "3", "--spacing", "trailing"],
+                  dict(sampler="dpmpp3m", steps=3, spacing="trailing"))]
+
+
+@pytest.mark.parametrize("args,kw", MULTISTEP_CLI, ids=["unipc", "ipndm", "dpmpp3m"])
+def test_sample_cli_multistep_samplers(tmp_path, capsys, args, kw):
+    """--sampler dpmpp3m / unipc / ipndm with --order, --variant, --spacing, --timesteps."""
+    model, d, out = _cli(tmp_path, *args)
+    arr = np.load(out / "samples.npz")["arr_0"]
+    expect = sample(model, d, 5, batch_size=2, seed=1, progress=False, **kw)
+    assert np.array_equal(arr, ((expect + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    assert kw["sampler"] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sampler", "unipc", "--order", "4"], "--order of unipc must lie in [1, 3]"),
+    (["--sampler", "ipndm", "--order", "0"], "--order of ipndm must lie in [1, 4]"),
+    (["--sampler", "ddim", "--order", "2"], "--order applies to --sampler unipc or ipndm only"),
+    (["--sampler", "ipndm", "--variant", "bh1"], "--variant applies to --sampler unipc only"),
+    (["--sampler", "unipc", "--steps", "2"], "--steps: unipc of order 3 needs at least 3 steps"),
+    (["--sampler", "ipndm", "--timesteps", "9,5,1"], "--steps: ipndm of order 4 needs at least 4 steps"),
+    (["--timesteps", "5,7"], "--timesteps: timesteps must be strictly decreasing"),
+    (["--timesteps", "10,2"], "--timesteps: timesteps must lie in [0, 9]"),
+    (["--timesteps", "9,x"], "--timesteps must be comma-separated integers"),
+    (["--timesteps", "9,1", "--spacing", "edm"], "give --spacing or --timesteps"),
+    (["--timesteps", "9,1", "--steps", "3"], "--timesteps: steps (3) must equal the number of timesteps (2)"),
+    (["--spacing", "karras"], "invalid choice"), (["--sampler", "unipc", "--variant", "bh3"], "invalid choice")])
+def test_sample_cli_bad_sampler_flags_name_the_option(tmp_path, capsys, args, match):
     assert match in _cli_error(tmp_path, capsys, *args)
 
 
@@ -611,7 +671,8 @@ def _gpu_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 6), ("dpmpp2m", 6)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 6), ("dpmpp2m", 6), ("dpmpp3m", 6), ("unipc", 6),
+                                           ("ipndm", 6)])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpu_graphed_equals_eager(sampler, steps, precision):
     """Bit-identical: a replay runs the kernels of one eager step on the same buffers."""
@@ -649,7 +710,7 @@ def test_gpu_replays_draw_fresh_noise_and_cache_is_bounded():
 @pytest.mark.gpu
 def test_gpu_step_has_no_host_sync():
     model, d = _gpu_model(), GaussianDiffusion.linear(T=8)
-    for sampler in ("ddpm", "dpmpp2m"):
+    for sampler in sampling.SAMPLERS:
         plan = make_plan(d, sampler, 4)
         state = sampling.StepState.allocate(plan, (2, 3, 8, 8), torch.device("cuda"))
         state.reset(0, 0)
@@ -661,6 +722,22 @@ def test_gpu_step_has_no_host_sync():
                 sampling.denoise_step(model, state, "bf16", True)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_runner_kept_across_sample_calls():
+    """A runner passed to sample() keeps its graphs: the second call captures nothing
+    and gives the same images; a model whose tensors moved is captured afresh."""
+    model, d = _gpu_model(), GaussianDiffusion.linear(T=8)
+    runner = CudaGraphRunner()
+    kw = dict(progress=False, sampler="unipc", steps=4, batch_size=4, cuda_graphs=runner)
+    a = sample(model, d, 4, seed=3, **kw)
+    entry = runner._cache[next(iter(runner._cache))]
+    assert torch.equal(a, sample(model, d, 4, seed=3, **kw)) and len(runner) == 1
+    assert runner._cache[next(iter(runner._cache))] is entry
+    moved = _gpu_model()
+    sample(moved, d, 4, seed=3, **kw)
+    assert len(runner) == 2
 
 
 @pytest.mark.gpu

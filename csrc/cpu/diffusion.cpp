@@ -294,25 +294,42 @@ FASTDDPM_CLONES void philox_normal(float* __restrict z, int64_t len, uint32_t j0
   }
 }
 
+constexpr int kMaxHistory = 4;  // reference.MAX_HISTORY
+constexpr int kNumCoefs = 11;   // reference.SAMPLER_COEFS
+
 struct StepCoefs {
-  float a_x, a_e, c_x, c_0, c_p, sigma;
+  float a_x, a_e, c_x, c_0, c[kMaxHistory], h_x, h_0, sigma;
 };
 
-// out = c_x x + c_0 x0 (+ c_p prev) (+ sigma z), x0 = clip(a_x x - a_e e); prev, z, x0_out may be null
+// out = c_x x + c_0 x0 + sum_j c_j hist[j] (+ sigma z), x0 = clip(a_x x - a_e e),
+// h_out = h_x x + h_0 x0 (when k > 0); z, x0_out may be null. The history terms are
+// added in the reference's order (j = 1 .. k).
 FASTDDPM_CLONES void step_update(const StepCoefs& c, const float* __restrict x, const float* __restrict e,
-                                 const float* __restrict prev, const float* __restrict z, float* __restrict out,
-                                 float* __restrict x0_out, int64_t len, bool clip) {
+                                 int k, const float* const* hist, const float* __restrict z,
+                                 float* __restrict out, float* __restrict x0_out, float* __restrict h_out,
+                                 int64_t len, bool clip) {
   const float lo = clip ? -1.0f : -INFINITY, hi = clip ? 1.0f : INFINITY;
-  const float a_x = c.a_x, a_e = c.a_e, c_x = c.c_x, c_0 = c.c_0, c_p = c.c_p, sigma = c.sigma;
+  const float a_x = c.a_x, a_e = c.a_e, c_x = c.c_x, c_0 = c.c_0, h_x = c.h_x, h_0 = c.h_0, sigma = c.sigma;
   for (int64_t i = 0; i < len; ++i) {
     float v = a_x * x[i] - a_e * e[i];
     v = v < lo ? lo : (v > hi ? hi : v);
     if (x0_out) x0_out[i] = v;
-    float o = c_x * x[i] + c_0 * v;
-    if (prev) o += c_p * prev[i];
-    if (z) o += sigma * z[i];
-    out[i] = o;
+    out[i] = c_x * x[i] + c_0 * v;
   }
+  for (int j = 0; j < k; ++j) {
+    const float cj = c.c[j];
+    const float* __restrict p = hist[j];
+    for (int64_t i = 0; i < len; ++i) out[i] += cj * p[i];
+  }
+  if (k > 0) {
+    for (int64_t i = 0; i < len; ++i) {
+      float v = a_x * x[i] - a_e * e[i];
+      v = v < lo ? lo : (v > hi ? hi : v);
+      h_out[i] = h_x * x[i] + h_0 * v;
+    }
+  }
+  if (z)
+    for (int64_t i = 0; i < len; ++i) out[i] += sigma * z[i];
 }
 
 // src[i0, i0 + n) of a float tensor as float32: a pointer into it for float32,
@@ -335,13 +352,14 @@ void store(const float* __restrict src, int64_t n, scalar_t* __restrict dst) {
 
 // reference.sample_step_ref for float32 / float16 / bfloat16 x_t (eps and noise
 // of any of those dtypes): float32 math in chunks; each chunk's inputs are read
-// into float32 buffers, combined, and written out in x_t's dtype. With rng the
-// noise is drawn here: Philox-4x32-10 words as in reference.philox_normal_ref
-// (bit-exact), Box-Muller in float32 with vectorisable ln / cos series (within
-// a few float32 ulps of the reference's normals).
+// into float32 buffers, combined, and written out in x_t's dtype; this step's
+// prediction goes into the history ring in place. With rng the noise is drawn
+// here: Philox-4x32-10 words as in reference.philox_normal_ref (bit-exact),
+// Box-Muller in float32 with vectorisable ln / cos series (within a few float32
+// ulps of the reference's normals).
 std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const at::Tensor& eps,
                                                    const at::Tensor& table, const at::Tensor& step,
-                                                   const c10::optional<at::Tensor>& x0_prev,
+                                                   const c10::optional<at::Tensor>& history,
                                                    const c10::optional<at::Tensor>& noise,
                                                    const c10::optional<at::Tensor>& rng, bool clip, bool write_x0) {
   const char* op = "sample_step";
@@ -359,12 +377,21 @@ std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const 
     TORCH_CHECK(!same_dtype || yt == dt, op, ": ", name, " dtype ", yt, " must equal x_t's ", dt);
   };
   check_in("eps", eps, false);
-  if (x0_prev.has_value()) check_in("x0_prev", *x0_prev, true);
+  int64_t R = 0;  // ring slots (K + 1), 0 without history
+  if (history.has_value()) {
+    const auto& h = *history;
+    TORCH_CHECK(h.device().is_cpu() && h.dim() == x_t.dim() + 1 && h.size(0) >= 2 && h.size(0) <= kMaxHistory + 1 &&
+                    h.is_contiguous() && h.scalar_type() == dt,
+                op, ": history must be a contiguous (K + 1, *x_t.shape) CPU ring in x_t's dtype, K in [1, ",
+                kMaxHistory, "], got ", h.sizes(), " ", h.scalar_type());
+    check_in("history[0]", h.select(0, 0), true);
+    R = h.size(0);
+  }
   TORCH_CHECK(!(noise.has_value() && rng.has_value()), op, ": give noise or rng, not both");
   if (noise.has_value()) check_in("noise", *noise, false);
-  TORCH_CHECK(table.device().is_cpu() && table.is_floating_point() && table.dim() == 2 && table.size(1) == 6 &&
-                  table.size(0) >= 1,
-              op, ": table must be a (S, 6) float CPU tensor, got ", table.sizes(), " ", table.scalar_type());
+  TORCH_CHECK(table.device().is_cpu() && table.is_floating_point() && table.dim() == 2 &&
+                  table.size(1) == kNumCoefs && table.size(0) >= 1,
+              op, ": table must be a (S, 11) float CPU tensor, got ", table.sizes(), " ", table.scalar_type());
   TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kLong && step.numel() == 1, op,
               ": step must be a one-element int64 CPU tensor");
   const int64_t s = step.reshape({}).item<int64_t>();
@@ -372,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const 
   // the row rounded to float32 straight from the table's dtype, as the reference
   const auto row = table.select(0, s).to(at::kFloat).contiguous();
   const float* cf = row.const_data_ptr<float>();
-  const float a_x = cf[0], a_e = cf[1], c_x = cf[2], c_0 = cf[3], c_p = cf[4], sigma = cf[5];
+  StepCoefs coefs{cf[0], cf[1], cf[2], cf[3], {cf[4], cf[5], cf[6], cf[7]}, cf[8], cf[9], cf[10]};
   const int64_t B = x_t.size(0), n = B == 0 ? 0 : x_t.numel() / B;
   uint32_t k0 = 0, k1 = 0, o0 = 0, o1 = 0;
   uint64_t first = 0;
@@ -388,28 +415,42 @@ std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const 
     first = static_cast<uint64_t>(r[2]);
   }
   const auto xc = x_t.contiguous(), ec = eps.contiguous();
-  const auto pc = x0_prev.has_value() ? x0_prev->contiguous() : at::Tensor();
   const auto zc = noise.has_value() ? noise->contiguous() : at::Tensor();
   auto out = cached_empty(x_t.sizes(), x_t.scalar_type(), at::MemoryFormat::Contiguous);
   auto x0_out = write_x0 ? cached_empty(x_t.sizes(), x_t.scalar_type(), at::MemoryFormat::Contiguous)
                          : at::empty({0}, x_t.options());
-  const bool has_prev = pc.defined(), has_z = zc.defined(), draw = rng.has_value();
+  const int k = R > 0 ? static_cast<int>(R - 1) : 0;
+  // H_{s-j} in slot (s - j) mod R (j = 1 .. k); H_s goes to slot s mod R, which none of them is
+  int64_t read_slot[kMaxHistory] = {};
+  for (int j = 1; j <= k; ++j) read_slot[j - 1] = ((s - j) % R + R) % R;
+  const int64_t write_slot = R > 0 ? s % R : 0, slot_elems = B * n;
+  const bool has_z = zc.defined(), draw = rng.has_value();
   constexpr int64_t kChunk = 2048;
   const int64_t per = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
-  const StepCoefs coefs{a_x, a_e, c_x, c_0, c_p, sigma};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sample_step_cpu", [&] {
     constexpr bool f32 = std::is_same_v<scalar_t, float>;
     scalar_t* op_ = out.data_ptr<scalar_t>();
     scalar_t* x0p = write_x0 ? x0_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* hp = R > 0 ? history->data_ptr<scalar_t>() : nullptr;
     // (sample, chunk) tasks: a batch of one still uses every thread
     at::parallel_for(0, B * per, 1, [&](int64_t t0, int64_t t1) {
-      alignas(64) float xb[kChunk], eb[kChunk], pb[kChunk], zb[kChunk], ob[kChunk], x0b[kChunk];
-      for (int64_t k = t0; k < t1; ++k) {
-        const int64_t b = k / per, j0 = (k % per) * kChunk, len = std::min(n, j0 + kChunk) - j0;
+      alignas(64) float xb[kChunk], eb[kChunk], zb[kChunk], ob[kChunk], x0b[kChunk], hb[kChunk];
+      alignas(64) float pb[kMaxHistory][kChunk];
+      for (int64_t q = t0; q < t1; ++q) {
+        const int64_t b = q / per, j0 = (q % per) * kChunk, len = std::min(n, j0 + kChunk) - j0;
         const int64_t i0 = b * n + j0;
         const float* x = as_float(xc, i0, len, xb);
         const float* e = as_float(ec, i0, len, eb);
-        const float* p = has_prev ? as_float(pc, i0, len, pb) : nullptr;
+        const float* hist[kMaxHistory] = {};
+        for (int j = 0; j < k; ++j) {
+          if constexpr (f32) {
+            hist[j] = reinterpret_cast<const float*>(hp) + read_slot[j] * slot_elems + i0;
+          } else {
+            const scalar_t* src = hp + read_slot[j] * slot_elems + i0;
+            for (int64_t i = 0; i < len; ++i) pb[j][i] = static_cast<float>(src[i]);
+            hist[j] = pb[j];
+          }
+        }
         const float* z = has_z ? as_float(zc, i0, len, zb) : nullptr;
         if (draw) {
           philox_normal(zb, len, static_cast<uint32_t>(j0), static_cast<uint32_t>(first + static_cast<uint64_t>(b)),
@@ -418,14 +459,17 @@ std::tuple<at::Tensor, at::Tensor> sample_step_cpu(const at::Tensor& x_t, const 
         }
         float* o = ob;
         float* x0o = x0p ? x0b : nullptr;
+        float* ho = hb;
         if constexpr (f32) {  // write straight into the outputs
           o = reinterpret_cast<float*>(op_ + i0);
           x0o = x0p ? reinterpret_cast<float*>(x0p + i0) : nullptr;
+          if (k > 0) ho = reinterpret_cast<float*>(hp) + write_slot * slot_elems + i0;
         }
-        step_update(coefs, x, e, p, z, o, x0o, len, clip);
+        step_update(coefs, x, e, k, hist, z, o, x0o, ho, len, clip);
         if constexpr (!f32) {
           store(ob, len, op_ + i0);
           if (x0p) store(x0b, len, x0p + i0);
+          if (k > 0) store(hb, len, hp + write_slot * slot_elems + i0);
         }
       }
     });

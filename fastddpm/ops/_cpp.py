@@ -99,7 +99,7 @@ def _register():
         return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
 
     @torch.library.register_fake(lib + "sample_step")
-    def _sample_step_fake(x_t, eps, table, step, x0_prev, noise, rng, clip, write_x0):
+    def _sample_step_fake(x_t, eps, table, step, history, noise, rng, clip, write_x0):
         torch._check(eps.shape == x_t.shape, lambda: "sample_step: eps and x_t shapes differ")
         return (torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device),
                 torch.empty(x_t.shape if write_x0 else (0,), dtype=x_t.dtype, device=x_t.device))
@@ -169,14 +169,14 @@ def p_sample_step_seeded(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1,
     return p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var, z, clip)
 
 
-def sample_step(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
+def sample_step(x_t, eps, table, step, history, noise, rng, clip, return_x0):
     """Every sampler's update in one pass; the rng noise is drawn in C++ (the
     reference's Philox words exactly, Box-Muller to float32 rounding)."""
-    given = [v for v in (x0_prev, noise) if v is not None]
+    given = [v for v in (history, noise) if v is not None]
     if x_t.dtype not in _DTYPES or eps.dtype not in _DTYPES or any(v.dtype not in _DTYPES for v in given) \
             or x_t.numel() == 0 or _needs_grad(x_t, eps, *given):
-        return reference.sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip)
-    x_next, x0 = torch.ops.fastddpm_cpp.sample_step(x_t, eps, table, step, x0_prev, noise, rng, bool(clip),
+        return reference.sample_step_ref(x_t, eps, table, step, history, noise, rng, clip)
+    x_next, x0 = torch.ops.fastddpm_cpp.sample_step(x_t, eps, table, step, history, noise, rng, bool(clip),
                                                     bool(return_x0))
     return x_next, (x0 if return_x0 else None)
 

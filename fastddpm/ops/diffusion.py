@@ -17,13 +17,11 @@ imported on first use.
 
 Ancestral-step noise: `p_sample_step(..., noise=z)` adds the given z (every
 backend gives the same result). `p_sample_step(..., noise=None, seed=s, offset=o)`
-draws z itself, deterministically for (s, o, t, element):
-  * triton: Philox inside the kernel (key s, counter (element, t[b], o));
-    no host sync, no generator state.
-  * reference/cpp: torch.randn from a torch.Generator seeded from (s, o, t);
-    it reads t on the host (eager only).
-Only the noise source differs between backends: the same (s, o) gives
-different, equally distributed z on each; the math around z is identical.
+draws z itself, deterministically for (s, o, t, element): Philox with key s
+and counter (element, t[b], o) (reference.seeded_step_noise_ref), inside the
+Triton kernel, as device tensor ops on the reference and C++ paths: the same
+normals on every backend (to float32 rounding of log/cos), no host sync, no
+generator state.
 
 The sampler step (`sample_step`, used by every sampler in fastddpm.sampling)
 keeps its whole state on the device instead: the table row is a device int64
@@ -34,7 +32,6 @@ to float32 rounding of log/cos). Nothing is read on the host (except the
 optional range check), so a CUDA graph can advance step and rng[1] on the
 device and draw fresh noise on every replay.
 """
-import hashlib
 import math
 from typing import Optional
 
@@ -46,6 +43,7 @@ from fastddpm.ops._checks import check_float, check_same, check_tables, check_ti
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NUM_COEFS = len(reference.SAMPLER_COEFS)
+MAX_HISTORY = reference.MAX_HISTORY
 
 
 def _check_batch(x, t, T, check_range):
@@ -105,19 +103,22 @@ def p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2,
     return _backend.pick("p_sample_step_seeded", x_t.device)(x_t, t, eps, *tables, seed, offset, clip)
 
 
-def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, clip=True, return_x0=False,
+def sample_step(x_t, eps, table, step, history=None, noise=None, *, rng=None, clip=True, return_x0=False,
                 check_range=True):
     """One step of any sampler (reference.sample_step_ref, SAMPLER_COEFS):
     x0_hat = a_x x_t - a_e eps (clipped if clip); x_next = c_x x_t + c_0 x0_hat
-    + c_p x0_prev + sigma z. Returns (x_next, x0_hat if return_x0 else None), in
-    x_t's dtype.
+    + sum_j c_j H_{step-j} + sigma z, and H_step = h_x x_t + h_0 x0_hat written
+    into `history` in place. Returns (x_next, x0_hat if return_x0 else None),
+    in x_t's dtype.
 
     x_t: (B, ...) float; eps: like x_t (any float dtype: a bf16 network output
-    needs no cast); table: (S, 6) float coefficients on x_t's device; step: (1,)
-    int64 on the device, the row (in [0, S-1]); x0_prev: like x_t or None (zero);
-    noise: z like x_t, or None with `rng`, a (3,) int64 device tensor (key,
-    offset, first_sample) from which z is drawn (reference.philox_normal_ref);
-    neither: no noise term (deterministic samplers: no Philox work at all).
+    needs no cast); table: (S, 11) float coefficients on x_t's device; step: (1,)
+    int64 on the device, the row (in [0, S-1]); history: None, or the ring
+    (K + 1, *x_t.shape) in x_t's dtype holding the last K predictions (K in
+    [1, 4]; H_i in slot i mod (K + 1)); noise: z like x_t, or None with `rng`,
+    a (3,) int64 device tensor (key, offset, first_sample) from which z is drawn
+    (reference.philox_normal_ref); neither: no noise term (deterministic
+    samplers: no Philox work at all).
     The caller advances step and rng[1] between steps, on the device.
     check_range=False skips reading step on the host (for callers that built it).
     """
@@ -133,8 +134,8 @@ def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, cl
     check_float("table", table)
     if table.device != x_t.device:
         raise ValueError(f"table is on {table.device}, expected {x_t.device}")
-    if x0_prev is not None:
-        check_same("x0_prev", x0_prev, "x_t", x_t)
+    if history is not None:
+        _check_history(history, x_t)
     if noise is not None and rng is not None:
         raise ValueError("sample_step: give noise or rng, not both")
     if noise is not None:
@@ -151,9 +152,23 @@ def sample_step(x_t, eps, table, step, x0_prev=None, noise=None, *, rng=None, cl
         i = int(step)
         if not 0 <= i < table.shape[0]:
             raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (the table's rows), got {i}")
-    x_next, x0 = _backend.pick("sample_step", x_t.device)(x_t, eps, table, step, x0_prev, noise, rng, clip,
+    x_next, x0 = _backend.pick("sample_step", x_t.device)(x_t, eps, table, step, history, noise, rng, clip,
                                                            return_x0)
     return x_next, (x0 if return_x0 else None)
+
+
+def _check_history(history, x_t):
+    if not isinstance(history, torch.Tensor) or history.dim() != x_t.dim() + 1 \
+            or tuple(history.shape[1:]) != tuple(x_t.shape) or not 2 <= history.shape[0] <= MAX_HISTORY + 1:
+        got = tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__
+        raise ValueError(f"history must be a ring (K + 1, {', '.join(map(str, x_t.shape))}) with K in "
+                         f"[1, {MAX_HISTORY}], got {got}")
+    if history.dtype != x_t.dtype:
+        raise TypeError(f"history has dtype {history.dtype}, expected x_t's {x_t.dtype}")
+    if history.device != x_t.device:
+        raise ValueError(f"history is on {history.device}, expected {x_t.device}")
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous (the step writes into it in place)")
 
 
 def _check_device_ints(name, x, shape, device):
@@ -164,21 +179,16 @@ def _check_device_ints(name, x, shape, device):
         raise ValueError(f"{name} is on {x.device}, expected {device}")
 
 
-def _sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
-    return reference.sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip)
+def _sample_step_ref(x_t, eps, table, step, history, noise, rng, clip, return_x0):
+    return reference.sample_step_ref(x_t, eps, table, step, history, noise, rng, clip)
 
 
 def seeded_noise(x_t, t, seed, offset=0):
-    """Noise of the reference path of the seeded step: torch.randn like x_t (fp32
-    compute dtype, fp64 for fp64) from a generator seeded by a hash of
-    (seed, offset, t). Reads t on the host."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(int(seed).to_bytes(8, "little") + int(offset).to_bytes(8, "little"))
-    h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    gen = torch.Generator(device=x_t.device)
-    gen.manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
-    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    return torch.randn(x_t.shape, generator=gen, device=x_t.device, dtype=dtype)
+    """Noise of the seeded step on the reference and C++ paths:
+    reference.seeded_step_noise_ref (the Triton kernel's Philox numbers), float32
+    (float64 for float64 x_t), like x_t. Nothing is read on the host."""
+    z = reference.seeded_step_noise_ref(tuple(x_t.shape), t, seed, offset)
+    return z.to(torch.float64) if x_t.dtype == torch.float64 else z
 
 
 def _p_sample_step_seeded_ref(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
@@ -331,26 +341,26 @@ def _p_sample_step_seeded_triton(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar
                                             _as_int64(int(offset)))
 
 
-@torch.library.custom_op("fastddpm::sample_step", mutates_args=())
+@torch.library.custom_op("fastddpm::sample_step", mutates_args=("history",))
 def sample_step_op(x_t: torch.Tensor, eps: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
-                   x0_prev: Optional[torch.Tensor], noise: Optional[torch.Tensor], rng: Optional[torch.Tensor],
+                   history: Optional[torch.Tensor], noise: Optional[torch.Tensor], rng: Optional[torch.Tensor],
                    clip: bool, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton sampler step: (x_next, x0_hat or an empty (0,) tensor unless write_x0).
-    No autograd (sampling)."""
-    return _kernels().sample_step_fwd(x_t, eps, table, step, x0_prev, noise, rng, clip, write_x0)
+    """Triton sampler step: (x_next, x0_hat or an empty (0,) tensor unless write_x0);
+    writes this step's prediction into the history ring. No autograd (sampling)."""
+    return _kernels().sample_step_fwd(x_t, eps, table, step, history, noise, rng, clip, write_x0)
 
 
 @sample_step_op.register_fake
-def _sample_step_fake(x_t, eps, table, step, x0_prev, noise, rng, clip, write_x0):
+def _sample_step_fake(x_t, eps, table, step, history, noise, rng, clip, write_x0):
     torch._check(eps.shape == x_t.shape, lambda: "sample_step: eps and x_t shapes differ")
     return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape if write_x0 else (0,))
 
 
-def _sample_step_triton(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
+def _sample_step_triton(x_t, eps, table, step, history, noise, rng, clip, return_x0):
     if x_t.dtype not in _KERNEL_DTYPES or eps.dtype not in _KERNEL_DTYPES or x_t.numel() == 0 \
-            or _needs_grad(x_t, eps, *(v for v in (x0_prev, noise) if v is not None)):
-        return _sample_step_ref(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0)
-    return torch.ops.fastddpm.sample_step(x_t, eps, table, step, x0_prev, noise, rng, bool(clip), bool(return_x0))
+            or _needs_grad(x_t, eps, *(v for v in (history, noise) if v is not None)):
+        return _sample_step_ref(x_t, eps, table, step, history, noise, rng, clip, return_x0)
+    return torch.ops.fastddpm.sample_step(x_t, eps, table, step, history, noise, rng, bool(clip), bool(return_x0))
 
 
 _backend.register("q_sample", "reference", reference.q_sample_ref)

@@ -1,12 +1,8 @@
-"""Samplers: ancestral / respaced DDPM, DDIM and DPM-Solver++(2M), chosen by
-name, each a float64 coefficient table (fastddpm.sampling.tables) run by the one
-fused update ops.sample_step, eagerly or replayed from a CUDA graph
+"""Samplers: ancestral / respaced DDPM, DDIM, DPM-Solver++(2M) and (3M), UniPC
+and iPNDM, chosen by name, each a float64 coefficient table
+(fastddpm.sampling.tables) run by the one fused update ops.sample_step
+(fastddpm.sampling.step), eagerly or replayed from a CUDA graph
 (fastddpm.sampling.graphs; the default on CUDA).
-
-One denoising step: t = timesteps[step]; eps = model(x, t); x, x0_prev =
-sample_step(x, eps, table[step], x0_prev, z(rng)); step += 1; rng.offset += 1.
-All of it reads and writes device tensors only, so one captured step replays
-for every step with no host synchronisation.
 
 Noise: image i (counted over the whole call, from 0) gets the Philox stream
 (key = seed, sample index i): x_T at offset 0, step k's noise at offset k + 1
@@ -19,15 +15,14 @@ stream (seeds 0, 1, 2, ... shard a large sample without duplicates).
 """
 import contextlib
 import sys
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from fastddpm import ops, reference
-from fastddpm.runtime import autocast
-from fastddpm.sampling.tables import (DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplerPlan,  # noqa: F401
-                                      make_plan, spaced_timesteps)
+from fastddpm import ops
+from fastddpm.sampling.step import StepState, denoise_step  # noqa: F401
+from fastddpm.sampling.tables import (DEFAULT_SPACING, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS,  # noqa: F401
+                                      SamplerPlan, check_timesteps, make_plan, spaced_timesteps)
 
 MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 2**32          # sample indices are one 32-bit Philox counter word
@@ -47,62 +42,6 @@ def before_each_call(fn, *modules):
     finally:
         for h in hooks:
             h.remove()
-
-
-@dataclass
-class StepState:
-    """Everything one denoising step reads and writes, on the device (fixed
-    addresses: a CUDA graph captures them)."""
-    x: torch.Tensor            # (B, C, H, W) float32, the current sample
-    x0_prev: torch.Tensor      # like x: the previous step's x0_hat (multistep samplers), else (0,)
-    step: torch.Tensor         # (1,) int64: the table row of the next step
-    rng: torch.Tensor          # (3,) int64: Philox key (seed), offset, first sample index
-    health: torch.Tensor       # (1,) float32: running sum of eps_hat (NaN/inf stick)
-    table: torch.Tensor        # (N, 6) float64 coefficients
-    timesteps: torch.Tensor    # (N,) int64 network timesteps
-    stochastic: bool           # whether steps add noise (else no Philox work)
-
-    @classmethod
-    def allocate(cls, plan, shape, device):
-        return cls(x=torch.empty(shape, device=device),
-                   x0_prev=torch.zeros(shape if plan.multistep else (0,), device=device),
-                   step=torch.zeros(1, dtype=torch.int64, device=device),
-                   rng=torch.zeros(3, dtype=torch.int64, device=device),
-                   health=torch.zeros(1, dtype=torch.float32, device=device),
-                   table=plan.table.to(device),
-                   timesteps=torch.tensor(plan.timesteps, dtype=torch.int64, device=device),
-                   stochastic=plan.stochastic)
-
-    def reset(self, seed, first_sample):
-        """Start a batch: x = x_T from (seed, first_sample) at offset 0, step 0."""
-        self.rng.copy_(torch.tensor([seed, 0, first_sample], dtype=torch.int64))
-        self.x.copy_(reference.philox_normal_ref(self.rng, tuple(self.x.shape)))
-        self.rng[1:2].fill_(1)
-        self.step.zero_()
-        self.x0_prev.zero_()
-        self.health.zero_()
-
-
-def denoise_step(model, state, precision, clip):
-    """One step of the plan held in `state`, in place; no host synchronisation."""
-    x = state.x
-    t = state.timesteps.index_select(0, state.step).expand(x.shape[0])
-    # cache_enabled=False: no cast cache kept across a CUDA-graph capture
-    with autocast(x.device, precision, cache_enabled=False):
-        eps = model(x, t)
-    if eps.shape != x.shape:
-        raise ValueError(f"model output has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
-    state.health.add_(eps.detach().sum(dtype=torch.float32))
-    multistep = state.x0_prev.numel() > 0
-    x_next, x0 = ops.sample_step(x, eps.detach(), state.table, state.step,
-                                 state.x0_prev if multistep else None,
-                                 rng=state.rng if state.stochastic else None, clip=clip,
-                                 return_x0=multistep, check_range=False)   # step built here
-    x.copy_(x_next)
-    if multistep:
-        state.x0_prev.copy_(x0)
-    state.step.add_(1)
-    state.rng[1:2].add_(1)
 
 
 def _check_finite(state, where):
@@ -141,16 +80,20 @@ def sample_batch(model, diffusion, n, seed=0, *, first_sample=0, plan=None, devi
 @torch.no_grad()
 def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="fp32", clip=True,
            progress=True, *, sampler="ddpm", steps=None, eta=None, spacing=None, variance=None,
-           cuda_graphs=None):
+           order=None, variant=None, timesteps=None, cuda_graphs=None, first_sample=0):
     """n samples from `model`, in batches of batch_size.
 
     sampler: "ddpm" (ancestral; respaced when steps < T), "ddim" (eta in [0, 1],
-    default 0) or "dpmpp2m" (DPM-Solver++(2M)); steps: network evaluations per
-    sample, 1..T (default T); spacing: "uniform", "quadratic" or "logsnr"
-    timesteps (default: uniform for ddpm, quadratic for ddim, logsnr for dpmpp2m);
-    variance: ddpm's "fixedlarge"/"fixedsmall" (default: the diffusion's).
-    cuda_graphs: replay one captured step per batch shape (default: on for CUDA
-    devices; falls back to eager with a message if capture fails).
+    default 0), "dpmpp2m" / "dpmpp3m" (DPM-Solver++(2M) / (3M)), "unipc"
+    (order 1..3, variant bh1/bh2) or "ipndm" (order 1..4); steps: network
+    evaluations per sample, 1..T (default T); spacing: SPACINGS (default per
+    sampler: tables.DEFAULT_SPACING) or timesteps, an explicit decreasing list;
+    variance: ddpm's "fixedlarge"/"fixedsmall" (default: the diffusion's): see
+    tables.make_plan. cuda_graphs: replay one captured step per batch shape
+    (default: on for CUDA devices; falls back to eager with a message if
+    capture fails), or a graphs.CudaGraphRunner to keep its captured graphs
+    across calls (e.g. every in-training FID of one run). first_sample: the
+    index of the first image in the stream `seed`.
 
     Returns (n, C, S, S) float32 on the CPU, in [-1, 1] when clip. Reproducible: image i
     depends only on (seed, i) (a smaller n gives a prefix of a larger one), up
@@ -166,13 +109,18 @@ def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
-    plan = make_plan(diffusion, sampler, steps, eta, spacing, variance)
+    if isinstance(first_sample, bool) or not isinstance(first_sample, int) \
+            or not 0 <= first_sample <= MAX_SAMPLES - n:
+        raise ValueError(f"first_sample must be an int in [0, 2^32 - n], got {first_sample!r}")
+    plan = make_plan(diffusion, sampler, steps, eta, spacing, variance, order=order, variant=variant,
+                     timesteps=timesteps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
-    if cuda_graphs and device.type != "cuda":
+    if cuda_graphs is not False and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
-    runner = CudaGraphRunner(log=lambda m: print(m, file=sys.stderr)) if cuda_graphs else None
+    runner = cuda_graphs if isinstance(cuda_graphs, CudaGraphRunner) else \
+        CudaGraphRunner(log=lambda m: print(m, file=sys.stderr)) if cuda_graphs else None
     was_training = model.training
     model.eval()
     diffusion = diffusion.to(device)
@@ -181,7 +129,7 @@ def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="
         nb = -(-n // batch_size)
         for b in range(nb):
             m = min(batch_size, n - b * batch_size)
-            out.append(sample_batch(model, diffusion, m, seed, first_sample=b * batch_size, plan=plan,
+            out.append(sample_batch(model, diffusion, m, seed, first_sample=first_sample + b * batch_size, plan=plan,
                                     device=device, precision=precision, clip=clip, progress=progress,
                                     desc=f"sampling {b + 1}/{nb}", runner=runner).cpu())
     finally:

@@ -4,8 +4,12 @@ A step (network forward + ops.sample_step + the in-place advance of the step
 index and of the Philox offset, all on the device) is captured once per
 (model, batch shape, device, precision, clip, sampler plan) and replayed
 plan.steps times per batch; a new batch only refills the captured buffers
-(x_T, step = 0, rng). Graphs are kept in a small LRU cache (each holds a
-memory pool of one forward's activations).
+(x_T, step = 0, rng, history). Graphs are kept in a small LRU cache (each holds
+a memory pool of one forward's activations); a runner kept by the caller keeps
+them across sample() calls (the trainer's grids and in-training FIDs). The key
+holds the addresses of the model's parameters and buffers, so a model whose
+tensors moved (or a new model at a reused id) is captured afresh, never
+replayed on freed memory.
 
 Graphed == eager, bit for bit: a replay runs exactly the kernels that one eager
 step launches, on the same inputs at the same addresses, and every one of them
@@ -21,7 +25,11 @@ from collections import OrderedDict
 
 import torch
 
-from fastddpm.sampling import StepState, denoise_step
+from fastddpm.sampling.step import StepState, denoise_step
+
+
+def _tensor_addresses(model):
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
 
 
 class CudaGraphRunner:
@@ -39,7 +47,7 @@ class CudaGraphRunner:
         capture is not possible (the caller then samples eagerly)."""
         if self.disabled is not None:
             return None
-        key = (id(model), tuple(shape), str(device), precision, bool(clip), plan.key)
+        key = (id(model), _tensor_addresses(model), tuple(shape), str(device), precision, bool(clip), plan.key)
         entry = self._cache.get(key)
         if entry is None:
             try:

@@ -35,6 +35,7 @@ from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.images import make_grid, save_grid, to_uint8
 from fastddpm.runtime import apply_memory_format, autocast, compile_model, default_precision, local_rank, parse_device
 from fastddpm.sampling import before_each_call, sample
+from fastddpm.sampling.graphs import CudaGraphRunner
 from fastddpm.training import curves, distributed
 from fastddpm.training.tensorboard import TensorBoardLog
 from fastddpm.training.config import TrainConfig, usable_cpus
@@ -139,6 +140,7 @@ class Trainer:
         self._window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, gnorm sum, finite n
         self._gen = torch.Generator(device=self.device)
         distributed.seed_rngs(cfg.seed, rank)
+        self.graph_runner = CudaGraphRunner(log=log) if self.device.type == "cuda" else None  # kept: grids, FIDs
         if resume is not None:
             self._load(resume)
         self.net = distributed.data_parallel(self.model, self.device, world)
@@ -363,7 +365,8 @@ class Trainer:
             return None
         with before_each_call(self.stop_check(), self.ema):
             x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
-                       seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False)
+                       seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False,
+                       cuda_graphs=self.graph_runner)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         images = to_uint8(x)
         save_grid(images, path)
@@ -393,7 +396,7 @@ class Trainer:
         r = evaluate.score_model(self.ema, self.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
                                  seed=cfg.seed, device=self.device, precision=self.precision, rank=self.rank,
                                  world=self.world, sampler=TRAINING_FID_SAMPLER, steps=steps,
-                                 check_stop=self.stop_check())
+                                 cuda_graphs=self.graph_runner, check_stop=self.stop_check())
         rec = {"step": self.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"],
                "fid_sampler": f"{TRAINING_FID_SAMPLER}-{steps}"}
         self.on_rank0(self._log, rec)

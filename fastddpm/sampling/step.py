@@ -1,0 +1,70 @@
+"""One denoising step: the state a sampler keeps on the device and the step that
+advances it (network forward + the one fused update ops.sample_step).
+
+One step: t = timesteps[step]; eps = model(x, t); x = sample_step(x, eps,
+table[step], history, z(rng)) (which also writes this step's prediction into
+the history ring); step += 1; rng.offset += 1. All of it reads and writes device
+tensors only, so one captured step replays for every step with no host
+synchronisation (fastddpm.sampling.graphs).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from fastddpm import ops, reference
+from fastddpm.runtime import autocast
+
+
+@dataclass
+class StepState:
+    """Everything one denoising step reads and writes, on the device (fixed
+    addresses: a CUDA graph captures them)."""
+    x: torch.Tensor            # (B, C, H, W) float32, the current sample
+    history: torch.Tensor      # (K + 1, B, C, H, W) ring of past predictions (plan.history = K > 0), else (0,)
+    step: torch.Tensor         # (1,) int64: the table row of the next step
+    rng: torch.Tensor          # (3,) int64: Philox key (seed), offset, first sample index
+    health: torch.Tensor       # (1,) float32: running sum of eps_hat (NaN/inf stick)
+    table: torch.Tensor        # (N, 11) float64 coefficients
+    timesteps: torch.Tensor    # (N,) int64 network timesteps
+    stochastic: bool           # whether steps add noise (else no Philox work)
+
+    @classmethod
+    def allocate(cls, plan, shape, device):
+        ring = (plan.history + 1, *shape) if plan.history else (0,)
+        return cls(x=torch.empty(shape, device=device),
+                   history=torch.zeros(ring, device=device),
+                   step=torch.zeros(1, dtype=torch.int64, device=device),
+                   rng=torch.zeros(3, dtype=torch.int64, device=device),
+                   health=torch.zeros(1, dtype=torch.float32, device=device),
+                   table=plan.table.to(device),
+                   timesteps=torch.tensor(plan.timesteps, dtype=torch.int64, device=device),
+                   stochastic=plan.stochastic)
+
+    def reset(self, seed, first_sample):
+        """Start a batch: x = x_T from (seed, first_sample) at offset 0, step 0, an
+        empty (zero: the first rows give it weight 0, and 0 * 0 stays finite) history."""
+        self.rng.copy_(torch.tensor([seed, 0, first_sample], dtype=torch.int64))
+        self.x.copy_(reference.philox_normal_ref(self.rng, tuple(self.x.shape)))
+        self.rng[1:2].fill_(1)
+        self.step.zero_()
+        self.history.zero_()
+        self.health.zero_()
+
+
+def denoise_step(model, state, precision, clip):
+    """One step of the plan held in `state`, in place; no host synchronisation."""
+    x = state.x
+    t = state.timesteps.index_select(0, state.step).expand(x.shape[0])
+    # cache_enabled=False: no cast cache kept across a CUDA-graph capture
+    with autocast(x.device, precision, cache_enabled=False):
+        eps = model(x, t)
+    if eps.shape != x.shape:
+        raise ValueError(f"model output has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
+    state.health.add_(eps.detach().sum(dtype=torch.float32))
+    x_next, _ = ops.sample_step(x, eps.detach(), state.table, state.step,
+                                state.history if state.history.numel() else None,
+                                rng=state.rng if state.stochastic else None, clip=clip,
+                                check_range=False)   # step built here
+    x.copy_(x_next)
+    state.step.add_(1)
+    state.rng[1:2].add_(1)
