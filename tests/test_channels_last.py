@@ -6,7 +6,7 @@ import torch
 
 import fastddpm.ops as ops
 from fastddpm import UNet, UNetConfig
-from _util import rel_err
+from _util import expect_ran, rel_err
 
 # two heads at 4x4 and 8x8 attention (the reference's head split and its one-head view),
 # Downsample's asymmetric pad, Upsample, the skip concatenations, 1x1 shortcuts
@@ -28,7 +28,8 @@ def _pair(cfg, dtype):
 
 def _fwd_bwd(model, x, t, backend):
     model.zero_grad(set_to_none=True)
-    with ops.use_backend(backend):
+    cpp = ("fastddpm_cpp::group_norm", "fastddpm_cpp::group_norm_backward")   # the C++ kernels must run
+    with ops.use_backend(backend), expect_ran(*(cpp if backend == "cpp" else ())):
         out = model(x, t)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}

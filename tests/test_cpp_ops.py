@@ -8,12 +8,14 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import _ext, reference
 from fastddpm.ops import _backend, _cpp
-from _util import REL_TOL, assert_close_rel, fresh_seed, rel_err
+from _util import REL_TOL, assert_close_rel, expect_ran, fresh_seed, rel_err, spread_groups
 
 pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C not loaded: {_ext.extension_error()}")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP = torch.ops.fastddpm_cpp
+# the C++ GroupNorm forward and backward: a test of the cpp backend asserts they ran
+GN_OPS = ("fastddpm_cpp::group_norm", "fastddpm_cpp::group_norm_backward")
 
 # (shape, groups, layout): odd channels, groups == channels, C not a multiple of the
 # vector width, 1x1 / 7x7 / odd spatial, batch 1, (N, C, L), (N, C), channels_last,
@@ -57,7 +59,7 @@ def _layout(x, layout):
 
 def _gn_case(shape, g, dtype, layout, affine=True, add=False, shift=0.0):
     C = shape[1]
-    x = _layout((torch.randn(shape) * 1.5 + shift).to(dtype), layout)
+    x = _layout(spread_groups(shape, g, 1.5, shift).to(dtype), layout)
     w = (torch.randn(C) * 0.5 + 1).to(dtype) if affine else None
     b = (torch.randn(C) * 0.5).to(dtype) if affine else None
     a = torch.randn(shape[:2]).to(dtype) if add else None
@@ -75,7 +77,7 @@ def _grads(fn, tensors, dy):
 def _check_gn(x, w, b, a, g, act, p=0.0):
     dy = torch.randn(x.shape).to(x.dtype)
     torch.manual_seed(1234)
-    with ops.use_backend("cpp"):
+    with ops.use_backend("cpp"), expect_ran(*GN_OPS):
         y, grads = _grads(lambda x_, w_, b_, a_: ops.group_norm(x_, g, w_, b_, 1e-6, act, add=a_, dropout=p),
                           (x, w, b, a), dy)
     mask = None
@@ -99,7 +101,6 @@ def _check_gn(x, w, b, a, g, act, p=0.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,g,layout", CASES, ids=IDS)
 def test_group_norm_silu_matches_float64(poisoned, shape, g, layout, dtype):
-    fresh_seed()
     y = _check_gn(*_gn_case(shape, g, dtype, layout), g, "silu")
     if layout == "cl":
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -108,7 +109,6 @@ def test_group_norm_silu_matches_float64(poisoned, shape, g, layout, dtype):
 @pytest.mark.parametrize("shape,g,layout", CASES[:6], ids=IDS[:6])
 @pytest.mark.parametrize("act,affine", [(None, True), ("silu", False), (None, False)])
 def test_group_norm_variants_match_float64(poisoned, shape, g, layout, act, affine):
-    fresh_seed()
     _check_gn(*_gn_case(shape, g, torch.float32, layout, affine=affine), g, act)
 
 
@@ -116,7 +116,6 @@ def test_group_norm_variants_match_float64(poisoned, shape, g, layout, act, affi
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape,g", [((3, 12, 6, 5), 4), ((2, 32, 5, 3), 8)], ids=["c12", "c32"])
 def test_group_norm_add_and_dropout_match_float64(poisoned, dtype, layout, shape, g):
-    fresh_seed()
     _check_gn(*_gn_case(shape, g, dtype, layout, add=True), g, "silu", p=0.3)
 
 
@@ -126,7 +125,6 @@ def test_group_norm_add_and_dropout_match_float64(poisoned, dtype, layout, shape
 def test_bf16_io_is_the_float32_path_rounded(poisoned, layout, shape, g, p):
     """bfloat16 x and dy are read and written as bfloat16 (each task converts its slice):
     bit for bit the float32 kernels on the same values, rounded to nearest even."""
-    torch.manual_seed(fresh_seed())
     x, dy = (_layout(torch.randn(shape).to(torch.bfloat16), layout) for _ in range(2))
     w, b, a = torch.randn(shape[1]), torch.randn(shape[1]), torch.randn(shape[:2])
     seed = torch.tensor([fresh_seed()]) if p else None
@@ -145,7 +143,7 @@ def test_bf16_io_is_the_float32_path_rounded(poisoned, layout, shape, g, p):
 def test_dropout_mask_distribution_layout_and_seed():
     torch.manual_seed(0)
     x = torch.randn(4, 16, 32, 32)
-    with ops.use_backend("cpp"):
+    with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::group_norm"):
         torch.manual_seed(7)
         y1 = ops.group_norm(x, 4, act="silu", dropout=0.25)
         torch.manual_seed(7)
@@ -164,7 +162,6 @@ def test_dropout_mask_distribution_layout_and_seed():
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_group_norm_silu_saturates_like_float64(poisoned, layout):
     # |z| up to ~1000: the SIMD sigmoid clamps its exp argument; SiLU -> z and -> 0
-    fresh_seed()
     x, w, b, _ = _gn_case((2, 32, 5, 4), 8, torch.float32, layout)
     _check_gn(x, w * 300.0, b * 50.0, None, 8, "silu")
 
@@ -173,7 +170,7 @@ def test_nan_input_gives_nan_not_a_number():
     x = torch.randn(2, 16, 4, 4)
     x[0, 3, 1, 2] = float("nan")
     for layout_x in (x, x.to(memory_format=torch.channels_last)):
-        with ops.use_backend("cpp"):
+        with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::group_norm"):
             y = ops.group_norm(layout_x, 8, act="silu")
         # channel 3 is in group 1 (channels 2, 3): that group is NaN, nothing else
         nan = torch.zeros_like(y, dtype=torch.bool)
@@ -185,7 +182,6 @@ def test_nan_input_gives_nan_not_a_number():
 def test_group_norm_is_the_same_on_one_and_two_threads(layout):
     """The kernels run in parallel (built with OpenMP) and stay deterministic:
     bit-identical forward and gradients whatever the thread count."""
-    fresh_seed()
     x, w, b, a = _gn_case((6, 32, 9, 8), 8, torch.float32, layout, add=True)
     dy = torch.randn_like(x)
     out = []
@@ -195,9 +191,9 @@ def test_group_norm_is_the_same_on_one_and_two_threads(layout):
             torch.set_num_threads(n)
             xs, ws, bs, as_ = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
                                for t in (x, w, b, a))
-            with ops.use_backend("cpp"):
+            with ops.use_backend("cpp"), expect_ran(*GN_OPS):
                 y = ops.group_norm(xs, 8, ws, bs, 1e-6, "silu", add=as_)
-            y.backward(dy)
+                y.backward(dy)
             out.append([y] + [t.grad for t in (xs, ws, bs, as_)])
     finally:
         torch.set_num_threads(before)
@@ -233,7 +229,6 @@ def test_bad_isa_cap_is_refused():
 
 def test_large_mean_channels_last_is_accurate():
     # torch's own CPU GroupNorm loses the variance for channels_last fp32 with mean 3000
-    fresh_seed()
     x = (torch.randn(2, 32, 16, 16) + 3000.0).to(memory_format=torch.channels_last)
     w, b = torch.randn(32), torch.randn(32)
     for layout_x in (x, x.contiguous()):
@@ -253,7 +248,6 @@ def _sample_inputs(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_group_norm(dtype):
-    fresh_seed()
     samples = _sample_inputs(dtype)
     for args in samples:
         torch.library.opcheck(CPP.group_norm, args)
@@ -267,7 +261,6 @@ def test_opcheck_group_norm(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
 def test_opcheck_diffusion_ops(dtype):
-    fresh_seed()
     T = 20
     tabs = [torch.rand(T, dtype=torch.float64) + 0.1 for _ in range(5)]
     x, e, z = (torch.randn(3, 2, 4, 4).to(dtype) for _ in range(3))
@@ -281,25 +274,25 @@ def test_opcheck_diffusion_ops(dtype):
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
 def test_diffusion_ops_match_float64(poisoned, dtype):
     from fastddpm import GaussianDiffusion
-    fresh_seed()
     d = GaussianDiffusion.linear(T=100)
     x0, eps, noise = (torch.randn(4, 3, 5, 7).to(dtype) for _ in range(3))
     t = torch.tensor([0, 1, 50, 99])
     tol = REL_TOL[dtype] if dtype != torch.float32 else 2e-6
     # q_sample and its gradients
     dy = torch.randn(x0.shape).to(dtype)
-    with ops.use_backend("cpp"):
+    with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::q_sample") as ran:
         q, (gx, gn) = _grads(lambda a, n: ops.q_sample(a, t, n, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod),
                              (x0, noise), dy)
     q_ref, (gx_ref, gn_ref) = _grads(
         lambda a, n: reference.q_sample_ref(a, t, n, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod),
         (x0.double(), noise.double()), dy.double())
+    assert ran["fastddpm_cpp::q_sample"] == 3     # forward, and the backward's two calls
     for name, out, ref in (("q", q, q_ref), ("dx0", gx, gx_ref), ("dnoise", gn, gn_ref)):
         assert out.dtype == dtype, name
         assert_close_rel(out, ref, dtype, name, tol)
     # L_simple and its gradients
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    with ops.use_backend("cpp"):
+    with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::simple_loss"):
         loss, (ge, gz) = _grads(lambda a, n: ops.simple_loss(a, n), (eps, noise), torch.tensor(1.7, dtype=loss_dtype))
     loss_ref, (ge_ref, gz_ref) = _grads(reference.simple_loss_ref, (eps.double(), noise.double()),
                                         torch.tensor(1.7, dtype=loss_dtype).double())
@@ -311,7 +304,7 @@ def test_diffusion_ops_match_float64(poisoned, dtype):
     tabs = (d.sqrt_recip_alphas_cumprod, d.sqrt_recipm1_alphas_cumprod, d.posterior_mean_coef1,
             d.posterior_mean_coef2, d.model_log_variance)
     for clip in (True, False):
-        with ops.use_backend("cpp"):
+        with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::p_sample_step"):
             out = ops.p_sample_step(x0, t, eps, *tabs, noise=noise, clip=clip)
         ref = reference.p_sample_step_ref(x0.double(), t, eps.double(), *tabs, noise.double(), clip)
         assert out.dtype == dtype
@@ -327,7 +320,7 @@ def test_seeded_step_uses_reference_noise():
             d.posterior_mean_coef2, d.model_log_variance)
     outs = []
     for backend in ("reference", "cpp"):
-        with ops.use_backend(backend):
+        with ops.use_backend(backend), expect_ran(*(["fastddpm_cpp::p_sample_step"] if backend == "cpp" else [])):
             outs.append(ops.p_sample_step(x, t, e, *tabs, seed=5, offset=2))
     assert rel_err(outs[1], outs[0]) < 1e-6
 
@@ -353,12 +346,11 @@ def _step_case(dtype, eps_dtype, noise_mode, k, B=3, shape=(3, 5, 7)):
                                              (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
                          ids=str)
 def test_sample_step_matches_float64(poisoned, dtype, eps_dtype, noise_mode):
-    fresh_seed()
     for k, clip in ((0, True), (1, False), (4, True), (2, True)):
         x, eps, table, step, ring, kw = _step_case(dtype, eps_dtype, noise_mode, k)
         ring_ref = None if ring is None else ring.double()
         ring2 = None if ring is None else ring.clone()
-        with ops.use_backend("cpp"):
+        with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::sample_step"):
             out, x0 = ops.sample_step(x, eps, table, step, ring, clip=clip, return_x0=True, **kw)
         ref_kw = {n: v.double() if n == "noise" else v for n, v in kw.items()}
         ref, ref_x0 = reference.sample_step_ref(x.double(), eps.double(), table, step, ring_ref, clip=clip,
@@ -382,7 +374,7 @@ def test_sample_step_noise_is_the_reference_philox_stream():
     table[1, -1] = 1.0
     x = torch.randn(4, 3, 9, 11)
     for rng in (torch.tensor([7, 0, 0]), torch.tensor([-(1 << 40) - 3, (1 << 35) + 2, 2**32 - 2])):
-        with ops.use_backend("cpp"):
+        with ops.use_backend("cpp"), expect_ran("fastddpm_cpp::sample_step"):
             z, _ = ops.sample_step(x, x, table, torch.tensor([1]), rng=rng)
         z_ref = reference.philox_normal_ref(rng, x.shape)
         assert (z - z_ref).abs().max().item() < 1e-5
@@ -405,7 +397,6 @@ def test_sample_step_falls_back_where_the_kernel_cannot():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_sample_step(dtype):
-    fresh_seed()
     for mode, k in (("noise", 1), ("rng", 0), ("none", 3)):
         x, eps, table, step, ring, kw = _step_case(dtype, torch.float32, mode, k)
         for write_x0 in (True, False):
@@ -630,7 +621,7 @@ def _unet_run(model, x, t, backend, channels_last=False):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    with ops.use_backend(backend):
+    with ops.use_backend(backend), expect_ran(*(GN_OPS if backend == "cpp" else ())):
         out = model(x, t)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -6,13 +6,15 @@ On the CPU the kernels run through TRITON_INTERPRET=1 at tiny shapes; the
 `gpu` tests run the real shapes and CUDA-graph capture.
 """
 
+import contextlib
+
 import pytest
 import torch
 
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import diffusion as kd
-from _util import HAS_CUDA, assert_close_rel, capture_cuda_graph, rel_err, run_sm90_compile_check
+from _util import HAS_CUDA, assert_close_rel, capture_cuda_graph, expect_ran, rel_err, run_sm90_compile_check
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,6 +56,15 @@ def _t(B, device=DEV, include=(0, T_STEPS - 1)):
     return t
 
 
+@contextlib.contextmanager
+def _on(backend, op, dtype=torch.float32):
+    """ops.use_backend(backend); on "triton" with a kernel dtype, the block must run
+    the Triton custom op fastddpm::<op> (no silent fall back to the reference)."""
+    ran = (f"fastddpm::{op}",) if backend == "triton" and dtype != torch.float64 else ()
+    with ops.use_backend(backend), expect_ran(*ran):
+        yield
+
+
 def _rand(shape, dtype, device=DEV, scale=1.0):
     return (torch.randn(shape, device=device) * scale).to(dtype)
 
@@ -68,7 +79,7 @@ def test_q_sample_matches_reference(backend, dtype, shape):
     tabs = _tables()
     x0, noise = _rand(shape, dtype), _rand(shape, dtype)
     t = _t(shape[0])
-    with ops.use_backend(backend):
+    with _on(backend, "q_sample"):
         out = ops.q_sample(x0, t, noise, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
     ref = reference.q_sample_ref(x0.double(), t, noise.double(), tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
     assert out.dtype == dtype and out.shape == x0.shape
@@ -91,9 +102,9 @@ def test_q_sample_gradients():
     t = _t(3)
     g = torch.randn_like(x0)
     a = [x0.clone().requires_grad_(), noise.clone().requires_grad_()]
-    with ops.use_backend("triton"):
+    with _on("triton", "q_sample"):
         out = ops.q_sample(a[0], t, a[1], tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
-    grads = torch.autograd.grad(out, a, g)
+        grads = torch.autograd.grad(out, a, g)
     r = [x0.double().requires_grad_(), noise.double().requires_grad_()]
     ref = reference.q_sample_ref(r[0], t, r[1], tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
     grads_ref = torch.autograd.grad(ref, r, g.double())
@@ -134,7 +145,7 @@ def test_simple_loss_and_gradients(monkeypatch, backend, dtype, shape):
     monkeypatch.setattr(kd, "LOSS_BLOCK", 16)       # several blocks, the last one partial
     eps_hat, noise = _rand(shape, dtype), _rand(shape, dtype)
     e, n = eps_hat.clone().requires_grad_(), noise.clone().requires_grad_()
-    with ops.use_backend(backend):
+    with _on(backend, "simple_loss"):
         loss = ops.simple_loss(e, n)
     upstream = torch.tensor(1.7)
     grads = torch.autograd.grad(loss, (e, n), upstream)
@@ -163,7 +174,7 @@ def test_simple_loss_deterministic_and_fully_written(monkeypatch):
 def test_simple_loss_no_grad_mode_skips_gradient():
     e = _rand((2, 3, 4), torch.float32).requires_grad_()
     n = _rand((2, 3, 4), torch.float32)
-    with torch.no_grad(), ops.use_backend("triton"):
+    with torch.no_grad(), _on("triton", "simple_loss"):
         loss = ops.simple_loss(e, n)
     assert not loss.requires_grad
     assert_close_rel(loss, reference.simple_loss_ref(e.double(), n.double()), torch.float32)
@@ -179,7 +190,7 @@ def test_simple_loss_opcheck():
 
 
 def _step(backend, x, t, eps, tabs, noise=None, clip=True, **kw):
-    with ops.use_backend(backend):
+    with _on(backend, "p_sample_step", x.dtype):
         return ops.p_sample_step(x, t, eps, *_step_tables(tabs), noise, clip, **kw)
 
 
@@ -424,7 +435,7 @@ def test_kernels_clamp_t_when_the_range_check_is_skipped():
     tabs = _tables()
     x = _rand((2, 5), torch.float32)
     bad, last = torch.tensor([T_STEPS + 7, 0], device=DEV), torch.tensor([T_STEPS - 1, 0], device=DEV)
-    with ops.use_backend("triton"):
+    with _on("triton", "q_sample"):
         a = ops.q_sample(x, bad, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"], check_range=False)
         b = ops.q_sample(x, last, x, tabs["sqrt_abar"], tabs["sqrt_one_minus_abar"])
     assert torch.equal(a, b)
@@ -444,7 +455,8 @@ def test_kernels_clamp_t_when_the_range_check_is_skipped():
 
 
 def _sample_step(backend, x, eps, table, step, hist=None, noise=None, rng=None, clip=True, **kw):
-    with ops.use_backend(backend):
+    # an empty batch has nothing to launch a kernel for
+    with _on(backend, "sample_step", x.dtype if x.numel() else torch.float64):
         return ops.sample_step(x, eps, table, step, hist, noise, rng=rng, clip=clip, return_x0=True, **kw)
 
 

@@ -11,7 +11,8 @@ import torch
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.kernels import group_norm as kgn
-from _util import HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, rel_err, run_sm90_compile_check
+from _util import (HAS_CUDA, REL_TOL, assert_close_rel, capture_cuda_graph, expect_ran, rel_err,
+                   run_sm90_compile_check, spread_groups)
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 
@@ -29,12 +30,13 @@ CASES = [
     ((2, 6, 5), 2, False),        # (N, C, L)
     ((3, 12), 4, False),          # (N, C): no spatial dims
 ]
+# the Triton custom ops: a test of the triton backend asserts they ran
+_FAST_OPS = ("fastddpm::group_norm", "fastddpm::group_norm_backward")
 CASE_IDS = [f"{'x'.join(map(str, s))}-g{g}{'-cl' if cl else ''}" for s, g, cl in CASES]
 
 
-def _inputs(shape, dtype, channels_last=False, affine=True, shift=0.0, scale=1.0, device=DEV):
-    x = torch.randn(shape, device=device) * scale + shift
-    x = x.to(dtype)
+def _inputs(shape, groups, dtype, channels_last=False, affine=True, shift=0.0, scale=1.0, device=DEV):
+    x = spread_groups(shape, groups, scale, shift, device).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     C = shape[1]
@@ -47,9 +49,10 @@ def _run(backend, x, g, w, b, act, dy):
     """Forward and every gradient through ops.group_norm on `backend`."""
     xx, ww, bb = (None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b))
     leaves = [t for t in (xx, ww, bb) if t is not None]
-    with ops.use_backend(backend):
+    ran = _FAST_OPS if backend == "triton" else ()
+    with ops.use_backend(backend), expect_ran(*ran):
         y = ops.group_norm(xx, g, ww, bb, 1e-6, act)
-    grads = torch.autograd.grad(y, leaves, dy)
+        grads = torch.autograd.grad(y, leaves, dy)
     return y, grads
 
 
@@ -81,7 +84,7 @@ def _check_against_ref(x, g, w, b, act, backend="triton", tol=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,g,cl", CASES, ids=CASE_IDS)
 def test_forward_backward_matches_reference(backend, dtype, shape, g, cl):
-    x, w, b = _inputs(shape, dtype, cl)
+    x, w, b = _inputs(shape, g, dtype, cl)
     y = _check_against_ref(x, g, w, b, "silu", backend)
     if cl and backend == "triton":
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -90,7 +93,7 @@ def test_forward_backward_matches_reference(backend, dtype, shape, g, cl):
 @pytest.mark.parametrize("act", [None, "silu"])
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
 def test_affine_variants(act, affine):
-    x, w, b = _inputs((2, 6, 3, 3), torch.float32)
+    x, w, b = _inputs((2, 6, 3, 3), 3, torch.float32)
     w = w if affine in ("both", "weight") else None
     b = b if affine in ("both", "bias") else None
     _check_against_ref(x, 3, w, b, act)
@@ -103,7 +106,7 @@ def test_looped_path_matches_reference(monkeypatch, dtype, cl):
     monkeypatch.setattr(kgn, "ONE_PASS_MAX", 16)
     monkeypatch.setattr(kgn, "LOOP_TILE", 16)
     assert kgn._blocks(5, 9, 16)[0] is False
-    x, w, b = _inputs((2, 10, 3, 3), dtype, cl)   # 5 channels x 9 positions per group
+    x, w, b = _inputs((2, 10, 3, 3), 2, dtype, cl)   # 5 channels x 9 positions per group
     _check_against_ref(x, 2, w, b, "silu")
 
 
@@ -119,7 +122,8 @@ def test_non_collapsible_layout_is_copied_not_wrong():
 def test_large_mean_is_stable(shift):
     """mean 1e3, std 1: the two-pass/Chan statistics stay accurate where
     E[x^2] - E[x]^2 in fp32 does not."""
-    x, w, b = _inputs((2, 8, 8, 8), torch.float32, shift=shift)
+    _, w, b = _inputs((2, 8, 8, 8), 4, torch.float32)
+    x = torch.randn(2, 8, 8, 8, device=DEV) + shift     # 128 per group: std 1 within a few %
     xd = x.double()
     y, mean, rstd = kgn.group_norm_fwd(x, 4, w, b, 1e-6, "silu")
     ref = reference.group_norm_ref(xd, 4, w.double(), b.double(), 1e-6, "silu")
@@ -144,7 +148,7 @@ def test_outputs_are_fully_written(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: no element may be left unwritten."""
     monkeypatch.setattr(kgn, "POISON", True)
     for max_tile in (None, 16):
-        x, w, b = _inputs((2, 6, 5, 3), torch.float32, channels_last=True)
+        x, w, b = _inputs((2, 6, 5, 3), 3, torch.float32, channels_last=True)
         y, mean, rstd = kgn.group_norm_fwd(x, 3, w, b, 1e-6, "silu", max_tile=max_tile)
         dy = torch.randn_like(y)
         dx, dw, db, _ = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, 3, "silu", max_tile=max_tile)
@@ -160,7 +164,7 @@ def test_statistics_only(monkeypatch, dtype, cl, max_tile):
     """group_norm_scale_shift: the forward's statistics without writing y, and the
     GroupNorm folded to x * scale + shift in the same pass."""
     monkeypatch.setattr(kgn, "POISON", True)
-    x, w, b = _inputs((2, 10, 3, 5), dtype, cl, shift=3.0)    # 5 channels x 15 positions per group
+    x, w, b = _inputs((2, 10, 3, 5), 2, dtype, cl, shift=3.0)    # 5 channels x 15 positions per group
     y, mean_ref, rstd_ref = kgn.group_norm_fwd(x, 2, w, b, 1e-6, None, max_tile=max_tile)
     scale, shift, mean, rstd = kgn.group_norm_scale_shift(x, 2, w, b, 1e-6, max_tile=max_tile)
     for t in (mean, rstd):
@@ -178,7 +182,7 @@ def test_statistics_only(monkeypatch, dtype, cl, max_tile):
 
 
 def test_out_argument_prefilled_with_nan():
-    x, w, b = _inputs((2, 4, 3, 3), torch.float16)
+    x, w, b = _inputs((2, 4, 3, 3), 2, torch.float16)
     out = torch.full_like(x, float("nan"))
     y, _, _ = kgn.group_norm_fwd(x, 2, w, b, 1e-6, None, out=out)
     assert y is out and torch.isfinite(out).all()
@@ -187,7 +191,7 @@ def test_out_argument_prefilled_with_nan():
 
 def _assert_backward_deterministic(shape, groups, dtype, device=DEV):
     """Two backward launches on the same input give bit-identical dx, dweight, dbias."""
-    x, w, b = _inputs(shape, dtype, device=device)
+    x, w, b = _inputs(shape, groups, dtype, device=device)
     y, mean, rstd = kgn.group_norm_fwd(x, groups, w, b, 1e-6, "silu")
     dy = torch.randn_like(y)
     first = kgn.group_norm_bwd(dy, x, w, b, mean, rstd, groups, "silu")
@@ -202,9 +206,9 @@ def test_backward_is_deterministic():
 
 def test_expanded_and_strided_grad_output():
     """y.sum().backward() hands the backward a stride-0 dy."""
-    x, w, b = _inputs((2, 4, 3, 3), torch.float32)
+    x, w, b = _inputs((2, 4, 3, 3), 2, torch.float32)
     xx = x.clone().requires_grad_()
-    with ops.use_backend("triton"):
+    with ops.use_backend("triton"), expect_ran(*_FAST_OPS):
         ops.group_norm(xx, 2, w, b, 1e-6, "silu").sum().backward()
     xr = x.double().requires_grad_()
     reference.group_norm_ref(xr, 2, w.double(), b.double(), 1e-6, "silu").sum().backward()
@@ -212,7 +216,7 @@ def test_expanded_and_strided_grad_output():
 
 
 def test_float64_runs_the_reference():
-    x, w, b = _inputs((2, 4, 3, 3), torch.float64)
+    x, w, b = _inputs((2, 4, 3, 3), 2, torch.float64)
     with ops.use_backend("triton"):
         y = ops.group_norm(x, 2, w, b, 1e-6, "silu")
     assert y.dtype == torch.float64
@@ -223,7 +227,7 @@ def test_float64_runs_the_reference():
                                                 (torch.float16, True, False, None)],
                          ids=["fp32-nchw-affine-silu", "fp16-cl-plain"])
 def test_opcheck(dtype, cl, affine, act):
-    x, w, b = _inputs((2, 4, 3, 3), dtype, cl, affine=affine)
+    x, w, b = _inputs((2, 4, 3, 3), 2, dtype, cl, affine=affine)
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     torch.library.opcheck(torch.ops.fastddpm.group_norm.default, (x, 2, w, b, 1e-6, act))
     x, w, b = (None if t is None else t.detach() for t in (x, w, b))
@@ -241,7 +245,7 @@ def test_torch_compile_fullgraph():
     def f(x, w, b):
         return _group_norm_triton(x, 2, w, b, 1e-6, "silu") * 2.0
 
-    x, w, b = _inputs((2, 4, 3, 3), torch.float32)
+    x, w, b = _inputs((2, 4, 3, 3), 2, torch.float32)
     xs = [t.clone().requires_grad_() for t in (x, w, b)]
     compiled = torch.compile(f, fullgraph=True)
     y = compiled(*xs)
@@ -259,7 +263,7 @@ def test_torch_compile_fullgraph_public_op():
     def f(x):
         return ops.group_norm(x, 2, None, None, 1e-6, "silu")
 
-    x, _, _ = _inputs((2, 4, 3, 3), torch.float32, affine=False)
+    x, _, _ = _inputs((2, 4, 3, 3), 2, torch.float32, affine=False)
     with warnings.catch_warnings(), ops.use_backend("triton"):
         warnings.simplefilter("ignore")
         y = torch.compile(f, fullgraph=True)(x)
@@ -361,7 +365,7 @@ FUSED_CASES = [((2, 8, 5, 3), 4, False), ((2, 6, 7, 7), 3, True), ((3, 4, 1, 1),
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,g,cl", FUSED_CASES, ids=lambda v: str(v))
 def test_fused_add_dropout_matches_reference(shape, g, cl, dtype, p):
-    x, w, b = _inputs(shape, dtype, cl)
+    x, w, b = _inputs(shape, g, dtype, cl)
     add = torch.randn(shape[:2], device=DEV).to(dtype)
     seed = kgn.new_seed(DEV)
     keep = kgn.dropout_keep_mask(seed, shape, p) if p else None
@@ -383,7 +387,7 @@ def test_fused_looped_path_matches_reference(monkeypatch, cl):
     monkeypatch.setattr(kgn, "LOOP_TILE", 16)
     monkeypatch.setattr(kgn, "POISON", True)
     shape, p = (2, 10, 3, 5), 0.25                       # 5 channels x 15 positions per group
-    x, w, b = _inputs(shape, torch.float32, cl)
+    x, w, b = _inputs(shape, 2, torch.float32, cl)
     add = torch.randn(shape[:2], device=DEV)
     seed = kgn.new_seed(DEV)
     dy = torch.randn(shape, device=DEV)
@@ -399,9 +403,9 @@ def test_dropout_mask_statistics_and_determinism():
     Philox call), a fresh mask per call, repeatable under torch.manual_seed, the
     same mask for NCHW and channels_last."""
     shape, p = (4, 16, 15, 15), 0.2
-    x, w, b = _inputs(shape, torch.float32)
+    x, w, b = _inputs(shape, 4, torch.float32)
     add = torch.randn(shape[:2], device=DEV)
-    with ops.use_backend("triton"):
+    with ops.use_backend("triton"), expect_ran("fastddpm::group_norm"):
         torch.manual_seed(5)
         y1 = ops.group_norm(x, 4, w, b, act="silu", add=add, dropout=p)
         y2 = ops.group_norm(x, 4, w, b, act="silu", add=add, dropout=p)
@@ -429,15 +433,15 @@ def test_dropout_mask_statistics_and_determinism():
 
 
 def test_fused_public_op_reference_and_triton_agree_without_dropout():
-    x, w, b = _inputs((2, 8, 4, 4), torch.bfloat16, channels_last=True)
+    x, w, b = _inputs((2, 8, 4, 4), 4, torch.bfloat16, channels_last=True)
     add = torch.randn(2, 8, device=DEV).to(torch.bfloat16)
     dy = torch.randn(x.shape, device=DEV).to(torch.bfloat16)
     outs = {}
     for backend in ("reference", "triton"):
         leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
-        with ops.use_backend(backend):
+        with ops.use_backend(backend), expect_ran(*(_FAST_OPS if backend == "triton" else ())):
             y = ops.group_norm(leaves[0], 4, leaves[1], leaves[2], act="silu", add=leaves[3])
-        outs[backend] = (y, *torch.autograd.grad(y, leaves, dy))
+            outs[backend] = (y, *torch.autograd.grad(y, leaves, dy))
     y_ref, grads_ref = _fused_ref(x, 4, w, b, add, None, 0.0, dy)
     for backend, (y, *grads) in outs.items():
         assert_close_rel(y, y_ref, torch.bfloat16, backend)
@@ -446,7 +450,7 @@ def test_fused_public_op_reference_and_triton_agree_without_dropout():
 
 
 def test_fused_opcheck():
-    x, w, b = _inputs((2, 4, 3, 3), torch.float32)
+    x, w, b = _inputs((2, 4, 3, 3), 2, torch.float32)
     add = torch.randn(2, 4, device=DEV)
     seed = kgn.new_seed(DEV)
     args = (x.requires_grad_(), 2, w.requires_grad_(), b.requires_grad_(), 1e-6, "silu",
@@ -462,7 +466,7 @@ def test_fused_torch_compile_fullgraph():
     def f(x, w, b, add):
         return ops.group_norm(x, 2, w, b, 1e-6, "silu", add=add, dropout=0.5)
 
-    x, w, b = _inputs((2, 4, 3, 3), torch.float32)
+    x, w, b = _inputs((2, 4, 3, 3), 2, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, w, b, torch.randn(2, 4, device=DEV))]
     with warnings.catch_warnings(), ops.use_backend("triton"):
         warnings.simplefilter("ignore")
@@ -510,8 +514,9 @@ def test_resblock_uses_the_fused_op_and_matches_reference():
     blk.eval()
     with ops.use_backend("reference"):
         ref = blk(x, emb)
-    with ops.use_backend("triton"):
+    with ops.use_backend("triton"), expect_ran("fastddpm::group_norm") as ran:
         out = blk(x, emb)
+        assert ran["fastddpm::group_norm"] == 2      # both of the block's GroupNorms, fused
         blk.train()
         torch.manual_seed(3)
         a = blk(x, emb)
@@ -533,7 +538,7 @@ REAL = [((128, 128, 32, 32), 32), ((128, 256, 16, 16), 32)]
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
 def test_gpu_real_shapes(dtype, shape, g, cl):
     torch.manual_seed(0)
-    x, w, b = _inputs(shape, dtype, cl, device="cuda")
+    x, w, b = _inputs(shape, g, dtype, cl, device="cuda")
     _check_against_ref(x, g, w, b, "silu")
 
 
@@ -541,14 +546,14 @@ def test_gpu_real_shapes(dtype, shape, g, cl):
 @pytest.mark.parametrize("C", [96, 128, 384, 640])
 @pytest.mark.parametrize("hw", [1, 7, 16])
 def test_gpu_channel_counts(C, hw):
-    x, w, b = _inputs((4, C, hw, hw), torch.bfloat16, device="cuda")
+    x, w, b = _inputs((4, C, hw, hw), 32, torch.bfloat16, device="cuda")
     _check_against_ref(x, 32, w, b, "silu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_looped_large_groups(dtype):
-    x, w, b = _inputs((2, 64, 64, 64), dtype, device="cuda", shift=100.0)   # 16 x 4096 per group
+    x, w, b = _inputs((2, 64, 64, 64), 4, dtype, device="cuda", shift=100.0)   # 16 x 4096 per group
     assert kgn._blocks(16, 4096, kgn.ONE_PASS_MAX)[0] is False
     _check_against_ref(x, 4, w, b, "silu")
 
@@ -556,7 +561,7 @@ def test_gpu_looped_large_groups(dtype):
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     """Forward and backward replay inside a CUDA graph and match eager results."""
-    x, w, b = _inputs((8, 64, 16, 16), torch.bfloat16, device="cuda")
+    x, w, b = _inputs((8, 64, 16, 16), 16, torch.bfloat16, device="cuda")
     xs = x.clone().requires_grad_()
     ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
     dy = torch.randn_like(x)
@@ -590,7 +595,7 @@ assert set(REL_TOL) >= set(DTYPES)
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,g", REAL, ids=["128x128x32x32", "128x256x16x16"])
 def test_gpu_fused_add_dropout_real_shapes(shape, g):
-    x, w, b = _inputs(shape, torch.bfloat16, device="cuda")
+    x, w, b = _inputs(shape, g, torch.bfloat16, device="cuda")
     add = torch.randn(shape[:2], device="cuda").to(torch.bfloat16)
     seed = kgn.new_seed("cuda")
     dy = torch.randn(shape, device="cuda").to(torch.bfloat16)
@@ -605,7 +610,7 @@ def test_gpu_fused_add_dropout_real_shapes(shape, g):
 def test_gpu_fused_dropout_in_cuda_graph_draws_fresh_masks():
     """The seed comes from torch's CUDA generator on the device: each replay of a
     captured graph draws a new mask (no host sync, no frozen mask)."""
-    x, w, b = _inputs((8, 64, 16, 16), torch.bfloat16, device="cuda")
+    x, w, b = _inputs((8, 64, 16, 16), 16, torch.bfloat16, device="cuda")
     add = torch.randn(8, 64, device="cuda").to(torch.bfloat16)
 
     def step():

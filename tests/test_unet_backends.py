@@ -6,7 +6,7 @@ import torch
 
 import fastddpm.ops as ops
 from fastddpm import GaussianDiffusion, UNet, UNetConfig
-from _util import HAS_CUDA, rel_err
+from _util import HAS_CUDA, expect_ran, rel_err
 
 CPU_CFG = UNetConfig.tiny(image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                           num_groups=4, dropout=0.0)
@@ -22,12 +22,20 @@ def _randomised(cfg, device, seed=0):
     return model
 
 
+# the Triton custom ops the UNet runs on backend "triton", forward and backward
+UNET_OPS = ("fastddpm::group_norm", "fastddpm::group_norm_backward")
+
+
 def _run(model, x, t, backend, dtype):
     model.zero_grad(set_to_none=True)
-    with ops.use_backend(backend):
+    with ops.use_backend(backend), expect_ran(*(UNET_OPS if backend == "triton" else ())) as ran:
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
             out = model(x, t)
         (out.float() * torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out)).sum().backward()
+    if backend == "triton":   # and the attention block's kernels, both directions
+        attention = {k for k in ran if k.startswith("fastddpm::attention")}
+        assert any(k.endswith("_backward") for k in attention) and any(not k.endswith("_backward") for k in attention), \
+            f"the attention kernels did not run forward and backward: {sorted(ran)}"
     return out.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -65,9 +73,12 @@ def test_training_loss_and_sampler_step_on_triton_backend_cpu():
     t = torch.tensor([0, 37])
     noise, eps = torch.randn_like(x0), torch.randn_like(x0)
     losses = []
-    for backend in ("reference", "triton"):
-        with ops.use_backend(backend):
-            losses.append(d.training_loss(model, x0, t, noise))
-            losses.append(d.p_sample_step(x0, t, eps, noise))
+    with ops.use_backend("reference"):
+        losses.append(d.training_loss(model, x0, t, noise))
+        losses.append(d.p_sample_step(x0, t, eps, noise))
+    with ops.use_backend("triton"), expect_ran("fastddpm::q_sample", "fastddpm::simple_loss", "fastddpm::p_sample_step",
+                                               *UNET_OPS[:1]):
+        losses.append(d.training_loss(model, x0, t, noise))
+        losses.append(d.p_sample_step(x0, t, eps, noise))
     assert rel_err(losses[2], losses[0]) < 1e-6
     assert rel_err(losses[3], losses[1]) < 1e-6

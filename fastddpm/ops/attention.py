@@ -13,7 +13,7 @@ k, v are viewed out of qkv first) and "triton" (the flash-attention kernels in
 fastddpm.kernels.attention, wrapped in the torch.library custom ops below so
 they work under torch.compile(fullgraph=True), inside CUDA graphs and through
 torch.library.opcheck). The triton backend runs the reference for inputs the
-kernels do not take: float64, d > 512, empty tensors, and fp16/bf16 on the CPU
+kernels do not take: float64, d > 512, empty tensors, and bf16 on the CPU
 interpreter.
 
 Custom ops (schema namespace fastddpm):
@@ -164,13 +164,13 @@ if attention_kernels is not None:
             return False
         if q.device.type == "cuda":
             return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        # the interpreter computes in numpy: fp32 only (no bf16 tl.dot)
-        return q.device.type == "cpu" and attention_kernels._INTERPRET and q.dtype == torch.float32
+        # the interpreter computes tl.dot in numpy: fp32 and fp16 (exactly), no bf16
+        return q.device.type == "cpu" and attention_kernels._INTERPRET and q.dtype in (torch.float32, torch.float16)
 
     def attention_triton(q, k, v):
         """The "triton" backend of ops.attention; same signature as attention_ref.
-        Inputs the kernels cannot take (float64, d > 512, empty, fp16/bf16 on the
-        CPU interpreter) run attention_ref instead."""
+        Inputs the kernels cannot take (float64, d > 512, empty, bf16 on the CPU
+        interpreter) run attention_ref instead."""
         if not _kernel_can_run(q):
             return reference.attention_ref(q, k, v)
         o, _lse = torch.ops.fastddpm.attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
@@ -249,7 +249,7 @@ if attention_kernels is not None:
     def attention_packed_triton(qkv, num_heads):
         """The "triton" backend of ops.attention_packed; same signature as
         attention_packed_ref. Inputs the kernels cannot take (float64, d > 512,
-        empty, fp16/bf16 on the CPU interpreter) run attention_packed_ref instead."""
+        empty, bf16 on the CPU interpreter) run attention_packed_ref instead."""
         d = qkv.shape[1] // (3 * num_heads)
         if not _kernel_can_run(qkv, head_dim=d):
             return attention_packed_ref(qkv, num_heads)
