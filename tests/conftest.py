@@ -1,10 +1,23 @@
-"""Test configuration: the `gpu` marker (skipped without CUDA)."""
+"""Test configuration: the `gpu` marker (skipped without CUDA), and a dispatch
+cache of the session's own (FASTDDPM_CACHE_DIR, inherited by subprocesses), so
+tests never read or write the user's ~/.cache/fastddpm."""
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+_CACHE = tempfile.mkdtemp(prefix="fastddpm-test-cache-")
+os.environ["FASTDDPM_CACHE_DIR"] = _CACHE
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

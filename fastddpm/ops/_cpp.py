@@ -130,9 +130,7 @@ def dropout_keep_mask(seed, shape, p):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
-    auto_says_no = _backend.current_backend() == "auto" and not _backend.auto_wants_cpp("group_norm", x,
-                                                                                          dropout=dropout)
-    if x.dtype not in _DTYPES or x.numel() == 0 or auto_says_no:
+    if x.dtype not in _DTYPES or x.numel() == 0:
         return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
     seed = new_seed() if dropout > 0 else None
     return torch.ops.fastddpm_cpp.group_norm.default(x, num_groups, weight, bias, float(eps), act == "silu", add,
@@ -183,7 +181,8 @@ def sample_step(x_t, eps, table, step, x0_prev, noise, rng, clip, return_x0):
 
 if has_extension():
     _register()
-    for _op, _fn in (("group_norm", group_norm), ("q_sample", q_sample), ("simple_loss", simple_loss),
-                     ("p_sample_step", p_sample_step), ("p_sample_step_seeded", p_sample_step_seeded),
-                     ("sample_step", sample_step)):
+    from fastddpm.ops import _replay
+    _backend.register("group_norm", "cpp", group_norm, replay=_replay.group_norm_cpp)   # its own dropout mask
+    for _op, _fn in (("q_sample", q_sample), ("simple_loss", simple_loss), ("p_sample_step", p_sample_step),
+                     ("p_sample_step_seeded", p_sample_step_seeded), ("sample_step", sample_step)):
         _backend.register(_op, "cpp", _fn)
