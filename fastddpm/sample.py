@@ -170,6 +170,8 @@ def main(argv=None):
     if device.type == "cpu":
         keep_freed_memory()  # fewer page faults per step (fastddpm.allocator)
     cuda_graphs = device.type == "cuda" and not args.no_cuda_graphs and args.compile == "none"
+    from fastddpm.ops import report_dispatch
+    report_dispatch(model, lambda line: print(line, file=sys.stderr))  # now, and after the first step
     t0 = time.perf_counter()
     try:
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,

@@ -411,7 +411,7 @@ def test_report_dispatch_logs_at_start_and_after_the_first_step(fresh):
     model = UNet(UNetConfig.tiny(image_size=8, ch=16, ch_mult=(1,), attn_resolutions=(), num_groups=4))
     lines = []
     ops.report_dispatch(model, lines.append)
-    assert len(lines) == 1 and lines[0].startswith("dispatch: verify, 0 key(s)")
+    assert len(lines) == 1 and lines[0].startswith("dispatch: verify, 0 key(s) decided in this run")
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
     with torch.no_grad():
         model(x, t)

@@ -642,9 +642,10 @@ def dispatch_summary() -> str:
         counts[(backend, why)] = counts.get((backend, why), 0) + 1
     parts = ", ".join(f"{n} {b} ({why})" for (b, why), n in sorted(counts.items()))
     pending = sum(1 for r in _pending.values() if r() is not None)
-    return (f"dispatch: {_mode}, {len(_decided)} key(s) decided"
+    cached = sum(len(k) for k in _decisions.recorded().values())
+    return (f"dispatch: {_mode}, {len(_decided)} key(s) decided in this run"
             + (f": {parts}" if parts else "") + (f"; {pending} awaiting their first backward" if pending else "")
-            + f"; cache {_decisions.path()}; fastddpm.ops.dispatch_report() lists them")
+            + f"; cache {_decisions.path()} ({cached} decision(s)); fastddpm.ops.dispatch_report() lists them")
 
 
 def report_dispatch(model, log=print):
