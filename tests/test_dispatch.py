@@ -28,7 +28,7 @@ def fresh(tmp_path, monkeypatch):
     """An empty cache folder and no decisions in memory; auto + verify; the registry restorable."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("FASTDDPM_CACHE_DIR", str(cache))
-    for name in ("_decided", "_reasons", "_pending"):
+    for name in ("_decided", "_checked", "_reasons", "_pending"):
         monkeypatch.setattr(_backend, name, {})
     monkeypatch.setattr(_backend, "_replays", dict(_backend._replays))
     monkeypatch.setattr(_backend, "_impls", {op: dict(impls) for op, impls in _backend._impls.items()})
@@ -109,8 +109,8 @@ def test_op_wrong_only_in_its_backward_is_caught_at_the_first_backward(fresh, ca
     w = torch.randn(8, requires_grad=True)
     g = torch.randn(2, 8, 8, 8)
     y = ops.group_norm(x, 4, w, None, act="silu")
-    y2 = ops.group_norm(x, 4, w, None, act="silu")   # same key, its backward unchecked: the reference
-    assert counts == {"wrong": 1}
+    y2 = ops.group_norm(x, 4, w, None, act="silu")   # same key, no backward checked yet: checked too
+    assert counts == {"wrong": 2}
     (y * g).sum().backward(retain_graph=True)
     (y2 * g).sum().backward()
     xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -120,7 +120,7 @@ def test_op_wrong_only_in_its_backward_is_caught_at_the_first_backward(fresh, ca
     lines = _stderr_lines(capsys)
     assert len(lines) == 1 and "backward mismatch" in lines[0], lines
     ops.group_norm(x, 4, w, None, act="silu")
-    assert counts == {"wrong": 1}
+    assert counts == {"wrong": 2}
 
 
 @needs_cpp
@@ -215,20 +215,26 @@ def test_correct_cpp_op_is_checked_once_then_runs_alone(fresh, capsys):
     assert backend == "cpp" and _backend._reasons[key].startswith("verified (rel err")
     # the next process reads the decision: no check
     _decisions.forget()
-    for name in ("_decided", "_reasons"):
+    for name in ("_decided", "_checked", "_reasons"):
         getattr(_backend, name).clear()
     ops.q_sample(*args)
     assert counts == {"reference": 1, "cpp": 6}
+    # an implementation registered after the decision (a fix, a test's spy) is checked anew
+    _backend.register("q_sample", "cpp", lambda *a: reference.q_sample_ref(*a) * 3)
+    assert torch.equal(ops.q_sample(*args), reference.q_sample_ref(*args))
+    assert "mismatch" in _stderr_lines(capsys)[0]
 
 
 @needs_cpp
 def test_no_check_under_torch_compile_once_a_decision_exists(fresh):
     counts = {}
     x = torch.randn(2, 8, 8, 8)
-    ops.group_norm(x, 4, act="silu")   # eager: the check
     impls = _backend._impls["group_norm"]
     impls["reference"] = _counted(impls["reference"], counts, "reference")
     impls["cpp"] = _counted(impls["cpp"], counts, "cpp")
+    ops.group_norm(x, 4, act="silu")   # eager: the check (against the replay of the C++ stream)
+    assert counts == {"cpp": 1}
+    counts.clear()
     checks = {}
     first_use = _backend._first_use
     _backend._first_use = _counted(first_use, checks, "checks")

@@ -221,7 +221,7 @@ def call(op: str, device: torch.device, *args, **kwargs):
         return impls[fast](*args, **kwargs)
     key = _key(op, fast, device, args, kwargs)
     backend = _decided.get(key)
-    if backend is not None:
+    if backend is not None and _checked[key] is impls[fast]:
         return impls[backend](*args, **kwargs)
     if no_sync():  # a trace or a capture: never a check
         return impls["reference"](*args, **kwargs)
@@ -230,9 +230,10 @@ def call(op: str, device: torch.device, *args, **kwargs):
 
 # ----------------------------------------------------------------------------- keys
 
-_decided: dict = {}        # key -> backend: what runs there (the hot path reads only this)
+_decided: dict = {}        # key -> backend: what runs there (the hot path reads this and _checked)
+_checked: dict = {}        # key -> the fast implementation decided about (one registered later is checked anew)
 _reasons: dict = {}        # key -> why
-_pending: dict = {}        # key -> weakref to a forward-checked call whose backward is not yet checked
+_pending: dict = {}        # key -> weakref to its latest forward-checked call whose backward is not checked yet
 _device_ids: dict = {}     # torch.device -> "cuda NVIDIA H100 80GB HBM3 sm_90" / "cpu <model name>"
 _BIG = -1000               # the class of an int argument above 2^16 (a seed, an offset)
 
@@ -350,6 +351,7 @@ def key_text(key) -> str:
 
 def _decide(key, backend, reason, persist=True):
     _decided[key] = backend
+    _checked[key] = _impls[key[0]][key[1]]
     _reasons[key] = reason
     _pending.pop(key, None)
     if persist:
@@ -362,15 +364,12 @@ def _first_use(op, fast, key, device, args, kwargs):
     if key[2] is None:
         _device_ids[device] = _device_id(device)
         key = key[:2] + (_device_ids[device],) + key[3:]
-        if key in _decided:
+        if key in _decided and _checked[key] is impls[fast]:
             return impls[_decided[key]](*args, **kwargs)
-    saved = _decisions.lookup(key[2], key_text(key))
+    saved = None if key in _decided else _decisions.lookup(key[2], key_text(key))   # else: a new implementation
     if saved is not None and saved[0] in impls:
         _decide(key, saved[0], saved[1], persist=False)
         return impls[saved[0]](*args, **kwargs)
-    alive = _pending.get(key)
-    if alive is not None and alive() is not None:
-        return ref(*args, **kwargs)   # its backward is not checked yet: the reference until it is
     replay = _replays.get((op, fast), ref)
     if key[3] == "fwd+bwd":
         return _check_with_grad(op, fast, key, device, impls[fast], ref, replay, args, kwargs)
@@ -501,10 +500,12 @@ class _GradCheck:
             err, failure = _compare([f for f, _ in filled], [r for _, r in filled])
             if failure is not None:
                 failure = "backward " + failure
-        if failure is None:
-            _decide(self.key, self.key[1], self.reason.replace(")", f", bwd {err:.0e})", 1))
+        if failure is None:  # this call's gradients matched: use them; the key's first such match decides
+            if self.key not in _decided:
+                _decide(self.key, self.key[1], self.reason.replace(")", f", bwd {err:.0e})", 1))
             return f_grads
-        _fail(self.key, failure)
+        if _decided.get(self.key) != "reference":
+            _fail(self.key, failure)
         return r_grads
 
 
@@ -543,8 +544,15 @@ def _check_with_grad(op, fast, key, device, impl, ref, replay, args, kwargs):
     if failure is None and not out.requires_grad:
         failure = "mismatch: its output has no gradient"
     if failure is None:
+        # Every call at the key is checked until its first backward decides (so that the
+        # first step computes what later ones do); the first is also timed.
+        live = _pending.get(key)
+        live = live() if live is not None else None
         reason = f"verified (fwd {err:.0e})"
-        backend, reason = _measured(op, fast, key, device, impl, ref, args, kwargs, reason, grad=True)
+        if live is None:
+            backend, reason = _measured(op, fast, key, device, impl, ref, args, kwargs, reason, grad=True)
+        else:
+            backend, reason = fast, reason + live.reason[live.reason.index(")") + 1:]
         if backend == fast:
             check = _GradCheck(key, out, f_leaves, expected, r_leaves, reason)
             _pending[key] = weakref.ref(check)
@@ -668,6 +676,7 @@ def report_dispatch(model, log=print):
 def clear_dispatch_cache() -> list:
     """Forget every decision (this process's and the cache files'); returns the files removed."""
     _decided.clear()
+    _checked.clear()
     _reasons.clear()
     _pending.clear()
     return _decisions.clear()
