@@ -342,9 +342,12 @@ def _sig_text(s):
 
 
 def key_text(key) -> str:
-    """The key as written to the cache and the report (without the device)."""
+    """The key as written to the cache and the report (without the device), naming the
+    fast implementation: another one registered in another process is checked anew."""
     op, backend, _device, direction, sigs = key
-    return f"{op} {backend} {direction}: " + "; ".join(_sig_text(s) for s in sigs)
+    fn = _checked.get(key) or _impls[op][backend]
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return f"{op} {backend} {direction} ({name}): " + "; ".join(_sig_text(s) for s in sigs)
 
 
 # ----------------------------------------------------------------------------- first use
