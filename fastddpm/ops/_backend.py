@@ -384,7 +384,8 @@ def _first_use(op, fast, key, device, args, kwargs):
         out, failure = None, _error_text("error", e)
     rng_fast = _rng_get(device)
     _rng_set(device, rng0)
-    expected = replay(*args, **kwargs)
+    with _exact_fp32():
+        expected = replay(*args, **kwargs)
     err = None
     if failure is None:
         err, failure = _compare(out, expected)
@@ -413,6 +414,18 @@ def _fail(key, failure):
 def _error_text(what, e):
     msg = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{what}: {type(e).__name__}: {msg}"
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    """The reference as specified: fp32 matmuls and convolutions without TF32 (a
+    trainer's --tf32 would make it the less exact of the two)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _rng_get(device):
@@ -495,8 +508,9 @@ class _GradCheck:
             f_grads, failure = torch.autograd.grad(f_out, f_in, grad, allow_unused=True), None
         except Exception as e:  # noqa: BLE001
             f_grads, failure = None, _error_text("backward error", e)
-        r_probe = torch.autograd.grad(r_out, r_in, probe, allow_unused=True, retain_graph=True)
-        r_grads = torch.autograd.grad(r_out, r_in, grad, allow_unused=True)
+        with _exact_fp32():
+            r_probe = torch.autograd.grad(r_out, r_in, probe, allow_unused=True, retain_graph=True)
+            r_grads = torch.autograd.grad(r_out, r_in, grad, allow_unused=True)
         if failure is None:
             filled = [(f if f is not None else torch.zeros_like(x), r if r is not None else torch.zeros_like(x))
                       for f, r, x in zip(f_probe, r_probe, r_in)]
@@ -537,7 +551,7 @@ def _check_with_grad(op, fast, key, device, impl, ref, replay, args, kwargs):
     rng_fast = _rng_get(device)
     _rng_set(device, rng0)
     r_args, r_kwargs, _, r_leaves = _aliases(args, kwargs)
-    with torch.enable_grad():
+    with torch.enable_grad(), _exact_fp32():
         expected = replay(*r_args, **r_kwargs)
     err = None
     if not isinstance(expected, torch.Tensor):
