@@ -271,8 +271,10 @@ def _layout(t):
         return "c"
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return "cl"
-    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    return "s" + "".join(str(i) for i in order)
+    for i in range(t.dim() - 1, -1, -1):   # strided: which dimension is the unit-stride one
+        if t.stride(i) == 1:
+            return f"s{i}"
+    return "s"
 
 
 def _sig(a, grad):
