@@ -260,8 +260,6 @@ def _dim(n):
     it is a multiple of 16 (what Triton specialises on)."""
     if n <= 16:
         return n
-    if n > 65536:
-        return _BIG
     k = (n - 1).bit_length()
     return -64 - k if n % 16 == 0 else -k
 
@@ -287,8 +285,8 @@ def _sig(a, grad):
                 grad and a.requires_grad)
     if a is None or isinstance(a, (bool, str)):
         return a
-    if isinstance(a, int):
-        return _dim(a) if a >= 0 else -2000
+    if isinstance(a, int):   # a count (num_groups, heads) by its class; a seed or an offset: "big"
+        return _dim(a) if 0 <= a <= 65536 else (_BIG if a > 0 else -2000)
     if isinstance(a, float):
         return 0.0 if a == 0 else 1.0
     if isinstance(a, (tuple, list)):
