@@ -17,16 +17,18 @@ where it has earned it, per key (op, backend, device name, and per argument its
 dtype, layout, shape class and whether it needs a gradient; see _key), as
 FASTDDPM_DISPATCH says:
   verify     (default) the first call at a key also runs the reference on the
-             same inputs and the same random stream, and compares the outputs
-             (and at the key's first backward the gradients) by relative error
-             (TOL); on CUDA it also times both and keeps the faster. A failure
-             or mismatch costs one line on stderr: the reference's answer is
-             returned and the reference runs at that key from then on.
+             same inputs and the same random stream (replays), and compares the
+             outputs by relative error (TOL); a key that needs gradients is
+             decided at its first backward, which compares them too (until
+             then every call there is checked so); on CUDA the first call also
+             times both and keeps the faster. A failure or mismatch costs one
+             line on stderr: the reference's answer is returned and the
+             reference runs at that key from then on.
   measure    verify, and time both on the CPU too (every op with a C++ kernel)
   trust      the candidate unchecked (the behaviour before checks existed)
   reference  the reference everywhere
 The cost: one reference call per key (plus a few timed calls of each where
-measured), then one dict lookup per call. Decisions persist per versions and
+measured), then a key built and looked up per call (~10 us). Decisions persist per versions and
 device (fastddpm/ops/_decisions.py). Inside a torch.compile trace or a
 CUDA-graph capture nothing is checked: a decision made by an earlier eager call
 is used, else the reference runs. `dispatch_report()` lists the decisions.
