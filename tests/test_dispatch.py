@@ -16,7 +16,7 @@ import fastddpm
 import fastddpm.ops as ops
 from fastddpm import reference
 from fastddpm.ops import _backend, _decisions, _replay
-from _util import HAS_CUDA, fresh_seed, rel_err
+from _util import fresh_seed, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")

@@ -468,8 +468,9 @@ def _compare(out, ref):
         o, r = o.where(finite, 0.0), r.where(finite, 0.0)
     diff, norm = float((o - r).norm()), float(r.norm())
     err = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
-    if not err <= TOL.get(ref.dtype, 1e-5):
-        return None, f"mismatch: relative error {err:.1e} > {TOL.get(ref.dtype, 1e-5):.0e} ({_DTYPE_NAMES.get(ref.dtype, ref.dtype)})"
+    tol = TOL.get(ref.dtype, 1e-5)
+    if not err <= tol:
+        return None, f"mismatch: relative error {err:.1e} > {tol:.0e} ({_DTYPE_NAMES.get(ref.dtype, ref.dtype)})"
     return err, None
 
 
