@@ -13,7 +13,7 @@
 #   setup        C++ extension built in place, imports checked (every run first writes
 #                device.json and makes fastddpm.kernels importable)                       (100)
 #   dispatch     the dispatch's first-use checks (fastddpm/ops/_backend.py) at the paper
-#                net's keys: 2 training steps (bf16, batch 32) and a 5-step sample through
+#                net's keys: 2 training steps (bf16, dropout, batch 32) and a 5-step sample through
 #                the CLIs on the GPU; writes dispatch.txt                                 (120)
 #   correctness  pytest tests -m gpu, not the torch.compile ones, in PROCS (4) processes
 #                at once so that Triton compiles and autotuning overlap                    (170)
@@ -129,9 +129,10 @@ stage_dispatch() {  # train 2 steps and sample 5 through the CLIs: every model o
   local cap=$1 d=$WORK/dispatch rc net
   if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     net="--image-size 32 --ch 128 --ch-mult 1,2,2,2 --num-res-blocks 2 --attn-resolutions 16 --num-groups 32
-         --batch-size 32 --precision bf16 --device cuda"
+         --dropout 0.1 --batch-size 32 --precision bf16 --device cuda"
   else  # DRY_RUN on a CPU: the same path on a tiny net
-    net="--image-size 8 --ch 16 --ch-mult 1 --attn-resolutions 8 --num-groups 4 --batch-size 8 --device cpu"
+    net="--image-size 8 --ch 16 --ch-mult 1 --attn-resolutions 8 --num-groups 4 --dropout 0.1 --batch-size 8
+         --device cpu"
   fi
   # shellcheck disable=SC2086
   timeout -k 5 $(( cap * 3 / 4 )) "$PY" -m fastddpm.train --preset tiny $net --steps 2 --warmup 1 --workers 0 \

@@ -94,6 +94,10 @@ def test_dry_run_stages_files_and_rerun_line(tmp_path):
     report = (out / "dispatch.txt").read_text().splitlines()
     assert report[0].startswith("fastddpm dispatch: FASTDDPM_BACKEND=auto, FASTDDPM_DISPATCH=verify")
     assert any(" sample_step " in ln for ln in report) and any(" group_norm " in ln for ln in report), report
+    rows = [[f.strip() for f in ln.split("|")] for ln in report[1:]]
+    # the ResBlocks' dropout (the key's last argument nonzero): checked against the C++ mask's replay
+    assert any(r[1] == "cpp" and r[2].startswith("group_norm cpp fwd+bwd") and r[2].endswith("; f")
+               and r[3].startswith("verified") for r in rows), report
     model_tests = [rec for rec in recs if rec["type"] == "test" and rec["stage"] == "model"]
     assert model_tests and all(rec["nodeid"].startswith(("benchmarks/test_model.py", "benchmarks/test_sampling.py"))
                                for rec in model_tests)
