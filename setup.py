@@ -78,7 +78,7 @@ setup(
     packages=["fastddpm", "fastddpm.ops", "fastddpm.sampling", "fastddpm.kernels"],
     package_dir={"fastddpm.kernels": "kernels"},
     package_data={"fastddpm": ["assets/*.npz", "_C.torch_version"]},
-    install_requires=["torch>=2.11", "numpy", "tqdm", "pillow", "safetensors"],
+    install_requires=["torch>=2.11", "numpy", "tqdm", "pillow", "safetensors", "matplotlib>=3.8"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import fastddpm.ops as ops
 from fastddpm import GaussianDiffusion, UNet, UNetConfig, _ext, reference
-from fastddpm.sampling import apply_memory_format
+from fastddpm.runtime import apply_memory_format
 
 pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason=f"fastddpm._C not loaded: {_ext.extension_error()}")
 

@@ -18,7 +18,7 @@ import torch
 
 import fastddpm.ops as ops
 from fastddpm import GaussianDiffusion, UNet, UNetConfig
-from fastddpm.sampling import compile_model
+from fastddpm.runtime import compile_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,7 +16,8 @@ import torch
 
 import fastddpm.ops as ops
 from fastddpm import GaussianDiffusion, UNet, UNetConfig, reference
-from fastddpm.sampling import compile_model, make_plan, sample_batch
+from fastddpm.runtime import compile_model
+from fastddpm.sampling import make_plan, sample_batch
 from fastddpm.sampling.graphs import CudaGraphRunner
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

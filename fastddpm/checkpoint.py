@@ -17,7 +17,10 @@ write (disk full) is a CheckpointError naming the file and the cause.
 
 load() is the one loader: besides our files it reads a bare state_dict with a
 config.json beside it and diffusers UNet2DModel / DDPMPipeline folders
-(fastddpm.interop), always returning our dict.
+(fastddpm.interop), always returning our dict. Files are untrusted: every size
+the config declares is checked against fastddpm.limits and the weights' names
+and shapes against the config (from a network built on the meta device, which
+allocates nothing) before any network is built.
 """
 import json
 import os
@@ -27,6 +30,8 @@ import tempfile
 import zipfile
 
 import torch
+
+from fastddpm import limits
 
 FORMAT = "fastddpm-checkpoint"
 # 2: Downsample pads TF 'SAME' (0, 1, 0, 1) as the paper's code; version 1
@@ -62,12 +67,22 @@ def file_mode(base=0o666):
     return base & ~umask
 
 
+def check_parent(path, what="checkpoint"):
+    """A CheckpointError when a folder above `path` is a file (makedirs would only say "File exists")."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+
+
 def atomic_save(obj, path) -> None:
     """torch.save(obj, path) so that `path` is always either the old or the new file.
     A failed write (disk full, read-only folder) is a CheckpointError naming the
     file and the cause; the temp file is removed and the old file left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    check_parent(path)
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -126,6 +141,12 @@ def safe_torch_load(path, map_location="cpu"):
     """torch.load that never runs code: tensors and plain data only (weights_only),
     plus torch's version string (a str subclass the trainer records)."""
     from torch.torch_version import TorchVersion
+    if not zipfile.is_zipfile(path):
+        # torch.save's format before torch 1.6 allocates each storage at the size the
+        # file declares before reading it: refused, so a crafted size cannot allocate
+        raise CheckpointError(f"checkpoint {path} is unreadable: not a zip archive as torch.save writes "
+                              "(truncated or corrupt, or saved by torch < 1.6: load and re-save it with "
+                              "a current torch)")
     try:
         with torch.serialization.safe_globals([TorchVersion]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -166,7 +187,14 @@ def load(path, map_location="cpu") -> dict:
     path = resolve(path)
     if os.path.isdir(path):
         from fastddpm import interop
-        return interop.load_folder(path)
+        ckpt = interop.load_folder(path)
+    else:
+        ckpt = _load_file(path, map_location)
+    check_sizes(ckpt, path)
+    return ckpt
+
+
+def _load_file(path, map_location):
     ckpt = safe_torch_load(path, map_location)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         if ckpt.get("version") == 1:
@@ -192,36 +220,106 @@ def load(path, map_location="cpu") -> dict:
                           "and not a state_dict with a config.json beside it)")
 
 
+def read_json(path):
+    """A JSON object from a config file of at most limits.MAX_CONFIG_BYTES; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limits.MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} is not readable: {e.strerror or e}") from None
+    if len(raw) > limits.MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is larger than {limits.MAX_CONFIG_BYTES >> 20} MiB, fastddpm's bound "
+                              "for a JSON config")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
+
+
 def _from_bare_state_dict(path, state_dict):
     """A plain UNet state_dict with config.json ({"model": ..., "diffusion": ...}) beside it."""
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path} is a bare state_dict; its config.json is missing "
                               f"(expected at {cfg_path})")
-    with open(cfg_path) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict) or "model" not in config:
+    config = read_json(cfg_path)
+    if "model" not in config:
         raise CheckpointError(f"{cfg_path} has no 'model' section")
     return {"format": FORMAT, "version": VERSION, "step": None, "config": config,
             "model": state_dict, "ema": None}
 
 
+def expected_shapes(model_cfg) -> dict:
+    """{state_dict key: shape} of UNet(model_cfg), from a network built on the meta
+    device: no memory is allocated for its parameters."""
+    from fastddpm.unet import UNet
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in UNet(model_cfg).state_dict().items()}
+
+
+def _model_config(ckpt, path):
+    from fastddpm.unet import UNetConfig
+    config = ckpt.get("config")
+    try:
+        return UNetConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad or missing model config: {e}") from None
+
+
+def check_sizes(ckpt: dict, path="checkpoint"):
+    """Refuse, before anything is built: a size in the config beyond fastddpm.limits
+    (the network, the schedule, and a training config's own copies of them), and
+    weights ("model", "ema") whose names or shapes do not fit the model config."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: bad or missing model config: no config section")
+    try:
+        limits.check_unet_config(f"{path}: model config", config.get("model"))
+        limits.check_diffusion_config(f"{path}: diffusion config", config.get("diffusion"))
+        train = config.get("train")
+        if isinstance(train, dict):  # train --resume builds its network and schedule from this
+            limits.check_unet_config(f"{path}: train config", train)
+            limits.check_int(f"{path}: train config", "T", train.get("T"), limits.MAX_T, "schedule length")
+    except limits.LimitError as e:
+        raise CheckpointError(str(e)) from None
+    model_cfg = _model_config(ckpt, path)
+    shapes = None
+    for which in ("model", "ema"):
+        weights = ckpt.get(which)
+        if not _is_state_dict(weights):
+            continue
+        shapes = shapes or expected_shapes(model_cfg)
+        fit = f"{path}: {which} weights do not fit the model config {model_cfg}"
+        missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+        if missing or extra:
+            more = lambda keys: f"{keys[:3]}{' ...' if len(keys) > 3 else ''}"  # noqa: E731
+            raise CheckpointError(f"{fit}: " + "; ".join(
+                ([f"missing {more(missing)}"] if missing else []) + ([f"unexpected {more(extra)}"] if extra else [])))
+        for key, shape in shapes.items():
+            w = weights[key]
+            if tuple(w.shape) != shape:
+                raise CheckpointError(f"{fit}: tensor {key} has shape {tuple(w.shape)}, the config needs {shape}")
+            if not w.is_floating_point():
+                raise CheckpointError(f"{fit}: tensor {key} is {w.dtype}, not floating point")
+
+
 def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
     """(UNet, GaussianDiffusion) from a loaded checkpoint; EMA weights when present
-    and use_ema. Weights that do not fit the config, or hold NaN/inf, are refused."""
+    and use_ema. Sizes beyond fastddpm.limits, weights that do not fit the config
+    (checked before the network is built), and weights that hold NaN/inf or overflow
+    the network's float32 are refused."""
     from fastddpm.diffusion import GaussianDiffusion
-    from fastddpm.unet import UNet, UNetConfig
+    from fastddpm.unet import UNet
 
-    config = ckpt.get("config") or {}
-    try:
-        model_cfg = UNetConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad or missing model config: {e}") from e
-    diff_cfg = config.get("diffusion") or {"schedule": "linear", "T": 1000, "beta_start": 1e-4,
-                                           "beta_end": 0.02, "variance": "fixedlarge"}
+    check_sizes(ckpt, path)
+    model_cfg = _model_config(ckpt, path)
+    diff_cfg = ckpt["config"].get("diffusion") or {"schedule": "linear", "T": 1000, "beta_start": 1e-4,
+                                                   "beta_end": 0.02, "variance": "fixedlarge"}
     which = "ema" if use_ema and ckpt.get("ema") is not None else "model"
     weights = ckpt.get(which)
     if not _is_state_dict(weights):
@@ -232,16 +330,18 @@ def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
             bad = int((~torch.isfinite(w)).sum())
             raise CheckpointError(f"{path}: {which} weight {name} holds {bad} NaN/inf value(s) of {w.numel()}; "
                                   "these weights cannot sample (a diverged run?)")
-    model = UNet(model_cfg)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model config {model_cfg}: "
-                              f"{' '.join(str(e).split())}") from e
     try:
         diffusion = GaussianDiffusion.from_config(diff_cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad diffusion config {diff_cfg}: {e}") from e
+    model = UNet(model_cfg)
+    model.load_state_dict(weights)  # names and shapes were checked: only a dtype cast happens here
+    for name, p in model.state_dict().items():
+        # finite in the file's dtype (float64, say) but beyond the network's float32
+        if not torch.isfinite(p.sum()) and not torch.isfinite(p).all():
+            big = weights[name].abs().max().item()
+            raise CheckpointError(f"{path}: {which} weight {name} overflows {p.dtype} (its largest magnitude is "
+                                  f"{big:.3g}); these weights cannot sample")
     return model, diffusion
 
 

@@ -78,6 +78,8 @@ def load_npz(path):
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
             key = next((k for k in ("images", "x", "arr_0") if k in keys), None)
+            if not keys:
+                raise DataError(f"{path}: holds no arrays (an empty .npz)")
             if key is None:
                 if len(keys) != 1:
                     raise DataError(f"{path}: no array named 'images', 'x' or 'arr_0' "

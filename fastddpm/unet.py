@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastddpm.limits import check_unet_fields
 from fastddpm.nn import AttentionBlock, Downsample, GroupNormSiLU, ResBlock, TimestepEmbedding, Upsample, _conv
 
 
@@ -45,6 +46,9 @@ class UNetConfig:
         return [self.image_size // 2 ** i for i in range(len(self.ch_mult))]
 
     def validate(self):
+        # the bounds first: a crafted config must not make even these checks loop or allocate
+        check_unet_fields("UNetConfig", self.image_size, self.in_channels, self.ch, self.ch_mult,
+                          self.num_res_blocks, self.attn_resolutions, self.num_heads)
         for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_groups", "num_heads"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "num_res_blocks" else 1):

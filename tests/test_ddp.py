@@ -127,7 +127,7 @@ def test_a_write_only_rank_0_does_failing_stops_every_rank_with_one_line(tmp_pat
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '0':\n"
-        "    import fastddpm.checkpoint as C, fastddpm.train as T\n"
+        "    import fastddpm.checkpoint as C, fastddpm.training.run_folder as R\n"
         f"    if {fault!r} == 'checkpoint':\n"
         "        def full(state, path, *a, **k):\n"
         "            raise C.CheckpointError(f'cannot write checkpoint {path}: No space left on device')\n"
@@ -139,7 +139,7 @@ def test_a_write_only_rank_0_does_failing_stops_every_rank_with_one_line(tmp_pat
         "            if isinstance(obj, dict) and 'images_per_s' in obj:\n"
         "                raise OSError(28, 'No space left on device', 'metrics.jsonl')\n"
         "            return real(obj, *a, **k)\n"
-        "        T.json.dumps = dumps\n")
+        "        R.json.dumps = dumps\n")
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]))

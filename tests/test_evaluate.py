@@ -70,11 +70,24 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
         - 2 * k(x, y).sum() / m ** 2
     one, _ = ev.kernel_inception_distance(a, b, subsets=1, subset_size=1000)
     assert abs(one - first) <= 1e-10 * abs(first)
-    assert mean > 0.05 and std >= 0
+    assert mean > 0.05 and std is None  # b enters whole: no spread reported
     both = _feats(600, 8, 6)
     same, _ = ev.kernel_inception_distance(both[:300], both[300:], subsets=5, subset_size=100)
     far, _ = ev.kernel_inception_distance(both[:300], both[300:] + 1.0, subsets=5, subset_size=100)
     assert far > 20 * abs(same)
+
+
+def test_kid_reports_no_spread_when_a_set_is_used_whole():
+    a, b = _feats(50, 8, 7), _feats(50, 8, 8, shift=0.3)
+    # n <= subset size on both sides: every subset is the pair (a, b): one estimate, no spread
+    mean, std = ev.kernel_inception_distance(a, b, subsets=10, subset_size=1000)
+    one, _ = ev.kernel_inception_distance(a, b, subsets=1, subset_size=50)
+    assert std is None and mean == one
+    # subsets smaller than both sets: a real spread over different subsets
+    mean, std = ev.kernel_inception_distance(a, b, subsets=10, subset_size=20)
+    assert std is not None and std > 0
+    # one side whole (the samples), the other subsampled: the spread would leave out the samples' noise
+    assert ev.kernel_inception_distance(a[:20], b, subsets=10, subset_size=1000)[1] is None
 
 
 def test_inception_score_of_one_hot_outputs_is_the_number_of_classes():
@@ -156,6 +169,10 @@ def test_cli_stats_then_fid_and_kid(tmp_path, capsys):
                     "--json", "--kid-subsets", "2"] + common) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fid"] > 0 and r["kid"] is not None and r["n_samples"] == 3
+    assert r["kid_std"] is None  # 3 features each, subsets of 1000: every subset is the whole set
+    assert ev.main(["fid", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "st.npz")]
+                   + common) == 0
+    assert "KID" in (out := capsys.readouterr().out) and "no spread" in out and "+-" not in out.split("KID")[1]
     # the file holds the statistics of the network's own features of those images
     net = inc.load_inception(HELPER)
     with torch.no_grad():
@@ -362,6 +379,7 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
 
     from fastddpm.images import to_uint8
     from fastddpm.sampling import sample
+    from fastddpm.training.trainer import TRAINING_FID_SAMPLER
 
     a = _feats(20, 2048, 11)
     ev.save_stats(tmp_path / "ref.npz", ev.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))
@@ -379,9 +397,9 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     fids = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
     assert len(fids) == 1 and fids[0]["fid_n"] == 3
     model, d, _ = checkpoint.load_for_sampling(out)
-    assert fids[0]["fid_sampler"] == f"{ev.TRAINING_FID_SAMPLER}-4"  # T = 4 < 20 steps
+    assert fids[0]["fid_sampler"] == f"{TRAINING_FID_SAMPLER}-4"  # T = 4 < 20 steps
     x = torch.cat([sample(model, d, k, batch_size=2, seed=0 + 1_000_003 * rank, progress=False,
-                          sampler=ev.TRAINING_FID_SAMPLER, steps=4)
+                          sampler=TRAINING_FID_SAMPLER, steps=4)
                    for rank, k in enumerate((2, 1))])
     net = inc.load_inception(HELPER)
     with torch.no_grad():

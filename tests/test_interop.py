@@ -503,7 +503,7 @@ def test_clip_sample_false_is_recorded_and_followed_by_the_sample_cli(tmp_path, 
     monkeypatch.setattr(S, "sample", lambda *a, **k: seen.append(k["clip"]) or real(*a, **k))
     for src, extra in ((folder, []), (other, []), (other, ["--no-clip"])):
         S.main(["--checkpoint", str(src), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
-                "--device", "cpu", "--no-progress"] + extra)
+                "--device", "cpu", "--no-progress", "--overwrite"] + extra)
     assert seen == [False, True, False]
     assert "clip_sample=false" in capsys.readouterr().err
 

@@ -11,7 +11,8 @@ import torch
 from fastddpm import checkpoint as C
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import GaussianDiffusion
-from fastddpm.train import Trainer, config_from_args, main
+from fastddpm.train import config_from_args, main
+from fastddpm.training.trainer import Trainer
 
 TINY = ["--preset", "tiny", "--image-size", "8", "--ch", "16", "--ch-mult", "1", "--attn-resolutions", "8",
         "--num-groups", "4", "--T", "20", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
@@ -83,7 +84,7 @@ def test_memory_format_is_a_runtime_choice_with_contiguous_checkpoints(tmp_path,
     loaded from a contiguous checkpoint take the channels_last parameters' layout: with
     mismatched strides fused Adam updates the wrong elements, silently); and a resume
     with another --memory-format loads the same numbers."""
-    from fastddpm.train import params_digest
+    from fastddpm.training.trainer import params_digest
 
     args = TINY + ["--memory-format", "channels_last", "--ch-mult", "1,2", "--attn-resolutions", "4"]
     assert main(args + ["--out", str(tmp_path / "a"), "--steps", "4"]) == 0
@@ -138,6 +139,56 @@ def test_metrics_config_samples_and_sampling_cli_reads_it(tmp_path, capsys):
     _equal_state(model.state_dict(), ckpt["ema"], "sampling model vs EMA")  # EMA by default
     raw, _, _ = C.load_for_sampling(out, use_ema=False)
     _equal_state(raw.state_dict(), ckpt["model"], "use_ema=False")
+
+
+def test_every_run_draws_its_curves_at_each_grid_and_at_the_end(tmp_path, monkeypatch):
+    from fastddpm.training import curves
+
+    drawn = []
+    real = curves.write_run_curves
+    monkeypatch.setattr(curves, "write_run_curves",
+                        lambda run: drawn.append([r["step"] for r in curves.read_metrics(run)]) or real(run))
+    out = tmp_path / "run"
+    assert main(TINY + ["--out", str(out), "--steps", "5", "--sample-every", "2", "--sample-n", "4"]) == 0
+    # grids at steps 2 and 4 (after that step's log record), then the end (a grid at 5 too)
+    assert drawn == [[2], [2, 4], [2, 4, 5]]
+    assert (out / "curves.png").stat().st_size > 0
+    drawn.clear()
+    assert main(TINY + ["--out", str(tmp_path / "nogrid"), "--steps", "2"]) == 0  # --sample-n 0: at the end
+    assert drawn == [[2]] and (tmp_path / "nogrid" / "curves.png").exists()
+
+
+def test_a_failed_curves_drawing_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
+    from fastddpm.training import curves
+
+    def broken(run):
+        raise RuntimeError("no fonts")
+    monkeypatch.setattr(curves, "write_run_curves", broken)
+    assert main(TINY + ["--out", str(tmp_path / "r"), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "curves.png not drawn: RuntimeError: no fonts" in err
+    assert C.list_checkpoints(tmp_path / "r")
+
+
+def test_tensorboard_flag_writes_metrics_and_grids_or_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from fastddpm.training import tensorboard as tb
+
+    if tb.available() is None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        out = tmp_path / "tb"
+        assert main(TINY + ["--out", str(out), "--steps", "4", "--sample-every", "2", "--sample-n", "4",
+                            "--tensorboard"]) == 0
+        acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+        recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+        assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
+        assert [e.step for e in acc.Images("samples")] == [2, 4]
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as if not installed
+    capsys.readouterr()
+    assert main(TINY + ["--out", str(tmp_path / "no"), "--steps", "2", "--tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install tensorboard" in err and not (tmp_path / "no").exists()
 
 
 def _poison(monkeypatch, bad_steps, value=float("nan")):
@@ -436,9 +487,9 @@ def test_torn_metrics_line_is_cut_and_records_say_their_window(tmp_path):
 
 
 def test_slow_settings_warn(tmp_path, capsys):
-    from fastddpm.train import _usable_cpus
+    from fastddpm.training.config import usable_cpus
 
-    for flags, words in ((["--threads", str(_usable_cpus() + 1)], ["--threads", "cores", "slower"]),
+    for flags, words in ((["--threads", str(usable_cpus() + 1)], ["--threads", "cores", "slower"]),
                          (["--precision", "fp16", "--device", "cpu"], ["fp16", "CPU", "fp32"])):
         cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "r")] + flags)
         Trainer(cfg, log=lambda *a: None)
@@ -549,7 +600,7 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
         args += ["--sample-every", "3", "--sample-n", "2"]
     else:
         monkeypatch.setattr(E, "check_training_fid", lambda cfg: None)
-        monkeypatch.setattr(E, "log_training_fid", boom)
+        monkeypatch.setattr(Trainer, "record_fid", boom)
         args += ["--fid-every", "3", "--fid-ref", str(tmp_path / "ref.npz")]
     with pytest.raises(RuntimeError, match="hook failed") as e:
         main(args)
@@ -558,7 +609,7 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
     assert C.load(out)["step"] == 3
     # and the run continues from it (the hook working again)
     monkeypatch.setattr(Trainer, "write_samples", lambda self: None)
-    monkeypatch.setattr(E, "log_training_fid", lambda *a, **k: None)
+    monkeypatch.setattr(Trainer, "record_fid", lambda *a, **k: None)
     assert main(["--resume", str(out), "--steps", "4", "--no-progress"]) == 0
     assert C.load(out)["step"] == 4
 

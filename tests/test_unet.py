@@ -19,7 +19,7 @@ def test_cifar10_has_the_papers_parameter_count():
 
 
 def test_tiny_is_small_and_is_the_tiny_presets_network():
-    from fastddpm.train import preset_config
+    from fastddpm.training.config import preset_config
 
     assert n_params(UNet(UNetConfig.tiny())) < 1_000_000
     assert preset_config("tiny").model_config(3) == UNetConfig.tiny()

@@ -25,16 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fastddpm import ops, reference
+from fastddpm.runtime import autocast
 from fastddpm.sampling.tables import (DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplerPlan,  # noqa: F401
                                       make_plan, spaced_timesteps)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# --compile of the train and sample CLIs: eager, or a torch.compile mode
-# ("reduce-overhead" replays the network in CUDA graphs).
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-# --memory-format of the train and sample CLIs: the layout the network runs in (a
-# runtime choice: weights and checkpoints are the same numbers in either).
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 2**32          # sample indices are one 32-bit Philox counter word
 
@@ -53,46 +47,6 @@ def before_each_call(fn, *modules):
     finally:
         for h in hooks:
             h.remove()
-
-
-def compile_model(model, mode):
-    """`model` wrapped by torch.compile in `mode` (one of COMPILE_MODES), or
-    itself for "none". Parameters stay shared with `model`, so optimizers,
-    checkpoints (taken from `model`) and the EMA are unaffected. The first calls
-    at each input shape pay the compilation."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    if mode == "none":
-        return model
-    return torch.compile(model, mode=mode)
-
-
-def apply_memory_format(model, name, device):
-    """Move `model` (in place) to the layout `name` (one of MEMORY_FORMATS; auto:
-    ops.preferred_memory_format(device)) and return the torch.memory_format used.
-    The UNet then runs in that layout and still returns contiguous NCHW."""
-    if name not in MEMORY_FORMATS:
-        raise ValueError(f"memory format must be one of {MEMORY_FORMATS}, got {name!r}")
-    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}.get(name)
-    fmt = ops.preferred_memory_format(device) if fmt is None else fmt
-    model.to(memory_format=fmt)
-    return fmt
-
-
-def default_precision(device) -> str:
-    """bf16 on a GPU that supports it, else fp32."""
-    device = torch.device(device)
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def autocast(device, precision, cache_enabled=None):
-    """Autocast context for a precision name; fp32 means none."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 @dataclass

@@ -1,0 +1,169 @@
+"""The configuration of a training run: TrainConfig (every setting; the
+defaults are the paper's CIFAR-10 run), the presets, the checks that refuse a
+setting before anything runs (validate) and the fields a resumed run may not
+change (RUN_IDENTITY, check_resumable)."""
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from fastddpm import evaluate
+from fastddpm.checkpoint import CheckpointError
+from fastddpm.diffusion import SCHEDULES
+from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, parse_device
+from fastddpm.sampling import MAX_SEED
+from fastddpm.training import tensorboard
+from fastddpm.unet import UNetConfig
+
+SEED_MAX = MAX_SEED  # the samplers' range: sample grids and in-training FID use the run's seed
+_NET = UNetConfig()
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are the paper's CIFAR-10 run."""
+    preset: str = "cifar10"
+    data: Optional[str] = None
+    image_size: int = 32
+    out: Optional[str] = None
+    # the network: UNetConfig's fields, its defaults (the paper's network)
+    ch: int = _NET.ch
+    ch_mult: tuple = _NET.ch_mult
+    num_res_blocks: int = _NET.num_res_blocks
+    attn_resolutions: tuple = _NET.attn_resolutions
+    dropout: float = _NET.dropout
+    num_groups: int = _NET.num_groups
+    # the diffusion
+    schedule: str = "linear"
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "fixedlarge"
+    # optimisation
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    flip: bool = True
+    precision: Optional[str] = None
+    device: Optional[str] = None
+    tf32: bool = True
+    compile: str = "none"
+    memory_format: str = "auto"  # a runtime choice: not part of RUN_IDENTITY
+    seed: int = 0
+    max_nonfinite: int = 50
+    # bookkeeping
+    ckpt_every: int = 10_000
+    keep: int = 3
+    sample_every: int = 50_000
+    sample_n: int = 64
+    sample_batch: int = 256
+    fid_every: int = 0
+    fid_n: int = 5000
+    fid_ref: Optional[str] = None
+    log_every: int = 100
+    workers: int = 4
+    threads: int = 0
+    progress: bool = True
+    tensorboard: bool = False  # also write RUN/tensorboard/ event files
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}")
+        d = dict(d)
+        for k in ("ch_mult", "attn_resolutions"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def model_config(self, in_channels=3):
+        return UNetConfig(image_size=self.image_size, in_channels=in_channels, ch=self.ch,
+                          ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
+                          attn_resolutions=self.attn_resolutions, dropout=self.dropout,
+                          num_groups=self.num_groups)
+
+    def diffusion_config(self):
+        return {"schedule": self.schedule, "T": self.T, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "variance": self.variance}
+
+
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask, e.g. a container's), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+PRESETS = {
+    # Ho et al. 2020, CIFAR-10: the TrainConfig defaults.
+    "cifar10": {},
+    # 2 CPU cores, embedded 16x16 shapes, samples with visible structure in under 10
+    # minutes. Compute threads: one per core but one (the data worker's), at most 8: an
+    # OpenMP thread per core of a 2-core machine ran up to 10x slower whenever anything
+    # else was busy, while a second thread on an idle one gained only ~17%.
+    "tiny": dict(image_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(4,),
+                 dropout=0.0, num_groups=8, T=500, beta_start=2e-4, beta_end=0.04, steps=1500,
+                 batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=0, sample_n=36,
+                 sample_batch=36, log_every=25, workers=1,
+                 threads=max(1, min(8, usable_cpus() - 1))),
+}
+
+# Changing these on resume would make a different run: refused.
+RUN_IDENTITY = ("image_size", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
+                "num_groups", "schedule", "T", "beta_start", "beta_end", "batch_size", "seed")
+
+
+def preset_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return TrainConfig(preset=name, **PRESETS[name])
+
+
+def check_resumable(saved: TrainConfig, cfg: TrainConfig, path):
+    """Refuse to resume the checkpoint at `path` (written with `saved`) as `cfg` where
+    they differ in RUN_IDENTITY: that would be another run."""
+    diff = [f"{k}: checkpoint {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
+            for k in RUN_IDENTITY if getattr(saved, k) != getattr(cfg, k)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: it was written by a different "
+                              "configuration (" + "; ".join(diff) + "). Start a new run in another "
+                              "--out folder, or drop the flags that change it.")
+
+
+def validate(cfg: TrainConfig):
+    """Refuse settings that cannot run (a ValueError naming the flag); returns cfg."""
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"--compile must be one of {COMPILE_MODES}, got {cfg.compile!r}")
+    if cfg.memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"--memory-format must be one of {MEMORY_FORMATS}, got {cfg.memory_format!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if cfg.variance not in ("fixedlarge", "fixedsmall"):
+        raise ValueError(f"--variance must be fixedlarge or fixedsmall, got {cfg.variance!r}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 < cfg.beta_start <= cfg.beta_end < 1:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be in [0, 2**63 - 1], got {cfg.seed}")
+    if cfg.device is not None:
+        parse_device(cfg.device)
+    cfg.model_config()  # UNetConfig validates the network fields
+    if cfg.tensorboard and tensorboard.available():
+        raise ValueError(tensorboard.available())
+    if cfg.fid_every:
+        evaluate.check_training_fid(cfg)  # ref stats and Inception weights usable: fail now, not hours in
+    return cfg
