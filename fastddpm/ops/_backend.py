@@ -129,7 +129,8 @@ def register(op: str, backend: str, fn, replay=None) -> None:
     """Register `fn` as `op`'s implementation on `backend`. replay: for a fast
     path that draws random numbers its own way (a dropout mask, in-kernel
     noise), the reference computed with that same stream, called with the
-    generators rewound to where the fast path started; the check compares with it."""
+    generators rewound to where the fast path started; the check compares with
+    it (or with the reference where it returns None: nothing of its own drawn)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"unknown backend {backend!r}")
     _impls.setdefault(op, {})[backend] = fn
@@ -388,6 +389,8 @@ def _first_use(op, fast, key, device, args, kwargs):
     _rng_set(device, rng0)
     with _exact_fp32():
         expected = replay(*args, **kwargs)
+        if expected is None:   # a replay with nothing of its own to draw here: the reference
+            replay, expected = ref, ref(*args, **kwargs)
     err = None
     if failure is None:
         err, failure = _compare(out, expected)
@@ -556,6 +559,8 @@ def _check_with_grad(op, fast, key, device, impl, ref, replay, args, kwargs):
     r_args, r_kwargs, _, r_leaves = _aliases(args, kwargs)
     with torch.enable_grad(), _exact_fp32():
         expected = replay(*r_args, **r_kwargs)
+        if expected is None:
+            expected = ref(*r_args, **r_kwargs)
     err = None
     if not isinstance(expected, torch.Tensor):
         failure = failure or "not checked: gradients through several outputs"

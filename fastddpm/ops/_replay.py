@@ -7,7 +7,9 @@ rewinds torch's generators to where the fast path started and calls the
 replay registered beside it (`_backend.register(..., replay=...)`): it draws
 the same seed, rebuilds the same mask or noise here in plain PyTorch (from the
 kernels' documented formulas, not their code), and applies the reference math.
-Inputs the fast path itself hands to the reference get the reference here too.
+For inputs where the fast path draws nothing of its own (no dropout, or input
+it hands to the reference) a replay returns None: the check then compares with
+the reference itself. The C++ GroupNorm's replay lives beside its mask, in _cpp.py.
 """
 import math
 
@@ -42,7 +44,8 @@ def triton_keep_mask(seed, shape, p):
     return (_triton_uniform(r) >= torch.tensor(p, dtype=torch.float32, device=dev)).view(shape)
 
 
-def _masked(x, num_groups, weight, bias, eps, act, add, p, keep):
+def masked(x, num_groups, weight, bias, eps, act, add, p, keep):
+    """The reference GroupNorm(+add)(+SiLU) with dropout by the given keep mask."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = reference.group_norm_ref(x.to(cd), num_groups, weight, bias, eps, act, add, 0.0)
     return (y * keep.to(cd) * (1.0 / (1.0 - p))).to(x.dtype)
@@ -52,19 +55,10 @@ def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-6, act=None,
     """ops.group_norm's reference with the Triton path's dropout mask."""
     if dropout == 0 or x.dtype not in _KERNEL_DTYPES or x.numel() == 0 \
             or (add is not None and add.dtype not in _KERNEL_DTYPES):
-        return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
+        return None
     from fastddpm.kernels.group_norm import new_seed
     keep = triton_keep_mask(new_seed(x.device), x.shape, dropout)
-    return _masked(x, num_groups, weight, bias, eps, act, add, dropout, keep)
-
-
-def group_norm_cpp(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
-    """ops.group_norm's reference with the C++ path's dropout mask (splitmix64 of its seed)."""
-    if dropout == 0 or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
-        return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
-    from fastddpm.ops._cpp import dropout_keep_mask, new_seed
-    keep = dropout_keep_mask(new_seed(), x.shape, dropout).to(x.device)
-    return _masked(x, num_groups, weight, bias, eps, act, add, dropout, keep)
+    return masked(x, num_groups, weight, bias, eps, act, add, dropout, keep)
 
 
 def p_sample_step_seeded_triton(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
@@ -76,8 +70,7 @@ def p_sample_step_seeded_triton(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar,
     needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (x_t, eps, *tables))
     if x_t.dtype not in _KERNEL_DTYPES or x_t.numel() == 0 or needs_grad \
             or not all(tab.is_floating_point() for tab in tables):
-        from fastddpm.ops.diffusion import _p_sample_step_seeded_ref
-        return _p_sample_step_seeded_ref(x_t, t, eps, *tables, seed, offset, clip)
+        return None
     B, dev = x_t.shape[0], x_t.device
     D = x_t.numel() // B
     off = int(offset) % 2**64
