@@ -12,6 +12,9 @@
 # overrides), cut to the budget left; with under 15 s of the budget left a stage is skipped:
 #   setup        C++ extension built in place, imports checked (every run first writes
 #                device.json and makes fastddpm.kernels importable)                       (100)
+#   dispatch     the dispatch's first-use checks (fastddpm/ops/_backend.py) at the paper
+#                net's keys: 2 training steps (bf16, dropout, batch 32) and a 5-step sample through
+#                the CLIs on the GPU; writes dispatch.txt                                 (120)
 #   correctness  pytest tests -m gpu, not the torch.compile ones, in PROCS (4) processes
 #                at once so that Triton compiles and autotuning overlap                    (170)
 #   kernels      kernel-target benchmarks: test_kernels.py, test_attention.py, eager        (100)
@@ -25,7 +28,7 @@
 # reuses what an earlier one tuned (the test processes, which tune side by side on
 # one GPU, keep a cache of their own).
 #
-# Under $OUT (default benchmarks/results/latest), 6 files, each rewritten as the run goes:
+# Under $OUT (default benchmarks/results/latest), 7 files and a folder, each rewritten as the run goes:
 #   device.json             GPU, driver, torch/triton/CUDA versions, date, git commit
 #   results.jsonl           one line per finished test or benchmark (benchmarks/jsonl_log.py),
 #                           appended the moment it finishes, plus one line per stage
@@ -34,6 +37,9 @@
 #                           merged in: copy it to benchmarks/results/, run benchmarks/render.py
 #   BENCHMARKS.md           a preview rendered from that file alone
 #   summary.txt             per stage: outcome counts, status; the command that reruns what is left
+#   dispatch.txt            fastddpm.ops.dispatch_report(): per key the backend auto runs and why
+#                           (verified and faster, slower by x, mismatch e, error ...), from
+#   dispatch-cache/         the decisions (FASTDDPM_CACHE_DIR) of this run's model stages and benchmarks
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -44,7 +50,7 @@ PY=${PYTHON:-python3}        # the GPU image's torch lives in python3
 BUDGET_S=${BUDGET_S:-520}
 PROCS=${PROCS:-4}
 DRY_RUN=${DRY_RUN:-0}
-read -r -a STAGES <<< "${STAGES:-setup correctness kernels model ablations rest compile}"
+read -r -a STAGES <<< "${STAGES:-setup dispatch correctness kernels model ablations rest compile}"
 JSONL=$OUT/results.jsonl
 LOG=$OUT/run.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/run_gpu.XXXXXX")
@@ -58,6 +64,8 @@ TESTS_CACHE=$WORK/triton-cache-tests
 LEFT=()                      # stages that did not finish (timed out or skipped)
 status=0
 export FASTDDPM_JSONL=$JSONL PYTHONUNBUFFERED=1
+# the dispatch's decisions of this run (the tests keep their own: tests/conftest.py)
+export FASTDDPM_CACHE_DIR=$OUT/dispatch-cache
 if [ -n "${PREVIOUS:-}" ]; then
   [ -f "$PREVIOUS" ] || { echo "run_gpu.sh: PREVIOUS=$PREVIOUS is not a file" >&2; exit 2; }
   grep -h '"type": "test"' "$PREVIOUS" >"$WORK/done.jsonl" || true
@@ -73,7 +81,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}:$ROOT/benchmarks"   # benchm
 
 cap_of() {  # default cap of a stage, or CAP_<STAGE>
   local var="CAP_${1^^}" def
-  case $1 in setup) def=100 ;; correctness) def=170 ;; kernels) def=100 ;; model) def=90 ;;
+  case $1 in setup) def=100 ;; dispatch) def=120 ;; correctness) def=170 ;; kernels) def=100 ;; model) def=90 ;;
              ablations) def=50 ;; rest) def=40 ;; *) def=$BUDGET_S ;; esac
   echo "${!var:-$def}"
 }
@@ -112,6 +120,30 @@ stage_setup() {
   "$PY" -c "import pytest_benchmark" 2>/dev/null || { [ -d .whl ] && "$PY" -m pip install -q --no-index \
       --find-links .whl pytest-benchmark; } || echo "run_gpu.sh: pytest-benchmark is missing" >&2
   "$PY" -c "import fastddpm.ops as o; print('backends on cuda:', o.available_backends('cuda'))"
+}
+
+write_dispatch() {  # dispatch.txt from the decisions so far
+  "$PY" -c "import fastddpm.ops as o; print(o.dispatch_report())" >"$OUT/dispatch.txt" 2>&1
+}
+
+stage_dispatch() {  # train 2 steps and sample 5 through the CLIs: every model op's first use, checked
+  local cap=$1 d=$WORK/dispatch rc net
+  if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    net="--image-size 32 --ch 128 --ch-mult 1,2,2,2 --num-res-blocks 2 --attn-resolutions 16 --num-groups 32
+         --dropout 0.1 --batch-size 32 --precision bf16 --device cuda"
+  else  # DRY_RUN on a CPU: the same path on a tiny net
+    net="--image-size 8 --ch 16 --ch-mult 1 --attn-resolutions 8 --num-groups 4 --dropout 0.1 --batch-size 8
+         --device cpu"
+  fi
+  # shellcheck disable=SC2086
+  timeout -k 5 $(( cap * 3 / 4 )) "$PY" -m fastddpm.train --preset tiny $net --steps 2 --warmup 1 --workers 0 \
+      --sample-n 0 --log-every 1 --no-progress --out "$d" >>"$LOG" 2>&1 \
+    && timeout -k 5 $(( cap / 4 )) "$PY" -m fastddpm.sample --checkpoint "$d" --n 4 --sampler ddim --steps 5 \
+      --no-progress --out "$d/samples" >>"$LOG" 2>&1
+  rc=$?
+  write_dispatch
+  cat "$OUT/dispatch.txt" >>"$LOG"
+  return $rc
 }
 
 stage_correctness() {  # GPU tests by file, dealt over PROCS processes (largest files first)
@@ -198,7 +230,7 @@ PYEOF
 
 for st in "${STAGES[@]}"; do
   if ! declare -F "stage_$st" >/dev/null; then
-    echo "run_gpu.sh: unknown stage '$st' (setup correctness kernels model ablations rest compile)" >&2
+    echo "run_gpu.sh: unknown stage '$st' (setup dispatch correctness kernels model ablations rest compile)" >&2
     exit 2
   fi
 done
@@ -235,6 +267,7 @@ for st in "${STAGES[@]}"; do
   merge
 done
 
+write_dispatch   # with the benchmarks' decisions too
 {
   echo "run_gpu.sh: ${STAGES[*]} in $(elapsed) s of BUDGET_S=$BUDGET_S (DRY_RUN=$DRY_RUN)"
   "$PY" benchmarks/jsonl_log.py summary "$JSONL"

@@ -318,6 +318,8 @@ def _sample_and_write(args, model, diffusion, ckpt, plan, precision):
     if device.type == "cpu":
         keep_freed_memory()  # fewer page faults per step (fastddpm.allocator)
     cuda_graphs = device.type == "cuda" and not args.no_cuda_graphs and args.compile == "none"
+    from fastddpm.ops import report_dispatch
+    report_dispatch(model)  # on stdout, now and after the first step (stderr: errors and the result line)
     t0 = time.perf_counter()
     try:
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,

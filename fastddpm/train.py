@@ -286,6 +286,8 @@ def main(argv=None):
             f" on {world} x {trainer.device}, {trainer.precision}; "
             + (f"resuming {resume_path} at step {trainer.step}; {changed}" if resume is not None else "")
             + f"writing {cfg.out}")
+        from fastddpm.ops import report_dispatch
+        report_dispatch(trainer.model, say)  # now, and after the first step (its first-use checks)
         try:
             summary = trainer.train()
         except TrainingDiverged as e:

@@ -1,15 +1,26 @@
-"""Test configuration: the `gpu` marker (skipped without CUDA), and one torch seed
-per test, reported when the test fails."""
+"""Test configuration: the `gpu` marker (skipped without CUDA), one torch seed per
+test, reported when the test fails, and a dispatch cache of the session's own
+(FASTDDPM_CACHE_DIR, inherited by subprocesses), so tests never read or write the
+user's ~/.cache/fastddpm."""
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import pytest
 import torch
 
+_CACHE = tempfile.mkdtemp(prefix="fastddpm-test-cache-")
+os.environ["FASTDDPM_CACHE_DIR"] = _CACHE
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

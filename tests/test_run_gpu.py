@@ -76,19 +76,28 @@ def test_jsonl_plugin_records_each_test_as_it_finishes(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def test_dry_run_stages_files_and_rerun_line(tmp_path):
     """setup and model run to the end; ablations is killed at a 1 s cap: recorded
-    as a timeout and named in the rerun line. At most 8 files under $OUT."""
+    as a timeout and named in the rerun line. At most 8 files under $OUT; the
+    dispatch stage writes its report."""
     out = tmp_path / "out"
-    r = subprocess.run(["bash", SCRIPT], env=_env(OUT=str(out), DRY_RUN="1", STAGES="setup model ablations",
+    r = subprocess.run(["bash", SCRIPT], env=_env(OUT=str(out), DRY_RUN="1", STAGES="setup dispatch model ablations",
                                                   CAP_ABLATIONS="1", BUDGET_S="300"),
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert len(files) <= 8, files
-    for name in ("device.json", "results.jsonl", "run.log", "summary.txt", "BENCHMARKS.md"):
+    for name in ("device.json", "results.jsonl", "run.log", "summary.txt", "BENCHMARKS.md", "dispatch.txt"):
         assert name in files, files
     recs = _records(out / "results.jsonl")
     stages = {rec["stage"]: rec["status"] for rec in recs if rec["type"] == "stage"}
-    assert stages == {"setup": "ok", "model": "ok", "ablations": "timeout"}, stages
+    assert stages == {"setup": "ok", "dispatch": "ok", "model": "ok", "ablations": "timeout"}, stages
+    # the dispatch stage's train and sample runs: their keys, each with its backend and reason
+    report = (out / "dispatch.txt").read_text().splitlines()
+    assert report[0].startswith("fastddpm dispatch: FASTDDPM_BACKEND=auto, FASTDDPM_DISPATCH=verify")
+    assert any(" sample_step " in ln for ln in report) and any(" group_norm " in ln for ln in report), report
+    rows = [[f.strip() for f in ln.split("|")] for ln in report[1:]]
+    # the ResBlocks' dropout (the key's last argument nonzero): checked against the C++ mask's replay
+    assert any(r[1] == "cpp" and r[2].startswith("group_norm cpp fwd+bwd") and r[2].endswith("; f")
+               and r[3].startswith("verified") for r in rows), report
     model_tests = [rec for rec in recs if rec["type"] == "test" and rec["stage"] == "model"]
     assert model_tests and all(rec["nodeid"].startswith(("benchmarks/test_model.py", "benchmarks/test_sampling.py"))
                                for rec in model_tests)

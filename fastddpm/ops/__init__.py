@@ -1,7 +1,9 @@
 """The public functional ops. Each call checks its input, then runs the
-implementation that fastddpm.ops._backend picks for the device (Triton on CUDA,
-C++ on CPU, the plain-PyTorch reference as the fallback)."""
-from fastddpm.ops._backend import available_backends, current_backend, preferred_memory_format, use_backend
+implementation that fastddpm.ops._backend chooses for the device (Triton on
+CUDA, C++ on CPU, each checked against the plain-PyTorch reference at its first
+use; the reference as the fallback)."""
+from fastddpm.ops._backend import (available_backends, clear_dispatch_cache, current_backend, dispatch_report,
+                                   dispatch_summary, preferred_memory_format, report_dispatch, use_backend)
 from fastddpm.ops.attention import attention, attention_packed
 from fastddpm.ops.conv1x1 import conv1x1
 from fastddpm.ops.diffusion import p_sample_step, q_sample, sample_step, simple_loss
@@ -9,4 +11,5 @@ from fastddpm.ops.group_norm import group_norm
 
 __all__ = ["group_norm", "conv1x1", "attention", "attention_packed", "q_sample", "simple_loss", "p_sample_step",
            "sample_step",
-           "use_backend", "current_backend", "available_backends", "preferred_memory_format"]
+           "use_backend", "current_backend", "available_backends", "preferred_memory_format",
+           "dispatch_report", "dispatch_summary", "report_dispatch", "clear_dispatch_cache"]

@@ -22,7 +22,7 @@ import torch
 
 from fastddpm import reference
 from fastddpm._ext import has_extension
-from fastddpm.ops import _backend
+from fastddpm.ops import _backend, _replay
 from fastddpm.ops._backend import is_nhwc
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -130,9 +130,7 @@ def dropout_keep_mask(seed, shape, p):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
-    auto_says_no = _backend.current_backend() == "auto" and not _backend.auto_wants_cpp("group_norm", x,
-                                                                                          dropout=dropout)
-    if x.dtype not in _DTYPES or x.numel() == 0 or auto_says_no:
+    if x.dtype not in _DTYPES or x.numel() == 0:
         return reference.group_norm_ref(x, num_groups, weight, bias, eps, act, add, dropout)
     seed = new_seed() if dropout > 0 else None
     return torch.ops.fastddpm_cpp.group_norm.default(x, num_groups, weight, bias, float(eps), act == "silu", add,
@@ -181,9 +179,19 @@ def sample_step(x_t, eps, table, step, history, noise, rng, clip, return_x0):
     return x_next, (x0 if return_x0 else None)
 
 
+def group_norm_replay(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None, dropout=0.0):
+    """The reference with group_norm's dropout mask (its seed drawn again, the mask by
+    dropout_keep_mask): what the dispatch's first-use check compares it with; None
+    where no mask of its own is drawn (the check then takes the reference)."""
+    if dropout == 0 or x.dtype not in _DTYPES or x.numel() == 0:
+        return None
+    keep = dropout_keep_mask(new_seed(), x.shape, dropout).to(x.device)
+    return _replay.masked(x, num_groups, weight, bias, eps, act, add, dropout, keep)
+
+
 if has_extension():
     _register()
-    for _op, _fn in (("group_norm", group_norm), ("q_sample", q_sample), ("simple_loss", simple_loss),
-                     ("p_sample_step", p_sample_step), ("p_sample_step_seeded", p_sample_step_seeded),
-                     ("sample_step", sample_step)):
+    _backend.register("group_norm", "cpp", group_norm, replay=group_norm_replay)   # its own dropout mask
+    for _op, _fn in (("q_sample", q_sample), ("simple_loss", simple_loss), ("p_sample_step", p_sample_step),
+                     ("p_sample_step_seeded", p_sample_step_seeded), ("sample_step", sample_step)):
         _backend.register(_op, "cpp", _fn)

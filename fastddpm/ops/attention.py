@@ -60,7 +60,7 @@ def attention(q, k, v):
     check_same("v", v, "q", q)
     if q.shape[-1] < 1:  # the softmax scale is 1/sqrt(d)
         raise ValueError(f"attention: head dimension d must be >= 1, got shape {tuple(q.shape)}")
-    return _backend.pick("attention", q.device)(q, k, v)
+    return _backend.call("attention", q.device, q, k, v)
 
 
 def _split_heads(t, num_heads, parts):
@@ -89,7 +89,7 @@ def attention_packed(qkv, num_heads):
     if channels == 0 or channels % (3 * num_heads):
         raise ValueError(f"attention_packed: qkv has {channels} channels, expected a positive multiple of "
                          f"3 * num_heads = {3 * num_heads} (q, k, v of num_heads heads each)")
-    return _backend.pick("attention_packed", qkv.device)(qkv, num_heads)
+    return _backend.call("attention_packed", qkv.device, qkv, num_heads)
 
 
 def attention_packed_ref(qkv, num_heads):

@@ -104,7 +104,7 @@ def conv1x1(x, weight, bias=None, *, norm=None, residual=None):
         if norm is None:
             x = x.to(dtype)
     weight = weight.reshape(weight.shape[0], x.shape[1])
-    return _backend.pick("conv1x1", x.device)(x, weight, bias, norm, residual)
+    return _backend.call("conv1x1", x.device, x, weight, bias, norm, residual)
 
 
 # ----------------------------------------------------------------------------- triton custom ops

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from fastddpm import reference
-from fastddpm.ops import _backend
+from fastddpm.ops import _backend, _replay
 from fastddpm.ops._checks import check_float, check_same, check_tables, check_timesteps, no_sync
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,14 +61,14 @@ def q_sample(x0, t, noise, sqrt_abar, sqrt_one_minus_abar, *, check_range=True):
     check_same("noise", noise, "x0", x0)
     T = check_tables({"sqrt_abar": sqrt_abar, "sqrt_one_minus_abar": sqrt_one_minus_abar}, x0.device)
     _check_batch(x0, t, T, check_range)
-    return _backend.pick("q_sample", x0.device)(x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
+    return _backend.call("q_sample", x0.device, x0, t, noise, sqrt_abar, sqrt_one_minus_abar)
 
 
 def simple_loss(eps_hat, noise):
     """L_simple = mean((noise - eps_hat)^2), a float32 scalar (float64 for float64)."""
     check_float("eps_hat", eps_hat)
     check_same("noise", noise, "eps_hat", eps_hat)
-    return _backend.pick("simple_loss", eps_hat.device)(eps_hat, noise)
+    return _backend.call("simple_loss", eps_hat.device, eps_hat, noise)
 
 
 def p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
@@ -99,8 +99,8 @@ def p_sample_step(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2,
                      x_t.device)
     _check_batch(x_t, t, T, check_range)
     if noise is not None:
-        return _backend.pick("p_sample_step", x_t.device)(x_t, t, eps, *tables, noise, clip)
-    return _backend.pick("p_sample_step_seeded", x_t.device)(x_t, t, eps, *tables, seed, offset, clip)
+        return _backend.call("p_sample_step", x_t.device, x_t, t, eps, *tables, noise, clip)
+    return _backend.call("p_sample_step_seeded", x_t.device, x_t, t, eps, *tables, seed, offset, clip)
 
 
 def sample_step(x_t, eps, table, step, history=None, noise=None, *, rng=None, clip=True, return_x0=False,
@@ -152,8 +152,8 @@ def sample_step(x_t, eps, table, step, history=None, noise=None, *, rng=None, cl
         i = int(step)
         if not 0 <= i < table.shape[0]:
             raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (the table's rows), got {i}")
-    x_next, x0 = _backend.pick("sample_step", x_t.device)(x_t, eps, table, step, history, noise, rng, clip,
-                                                           return_x0)
+    x_next, x0 = _backend.call("sample_step", x_t.device, x_t, eps, table, step, history, noise, rng, clip,
+                               return_x0)
     return x_next, (x0 if return_x0 else None)
 
 
@@ -180,7 +180,8 @@ def _check_device_ints(name, x, shape, device):
 
 
 def _sample_step_ref(x_t, eps, table, step, history, noise, rng, clip, return_x0):
-    return reference.sample_step_ref(x_t, eps, table, step, history, noise, rng, clip)
+    x_next, x0 = reference.sample_step_ref(x_t, eps, table, step, history, noise, rng, clip)
+    return x_next, (x0 if return_x0 else None)   # what every backend returns (the dispatch compares it)
 
 
 def seeded_noise(x_t, t, seed, offset=0):
@@ -360,7 +361,9 @@ def _sample_step_triton(x_t, eps, table, step, history, noise, rng, clip, return
     if x_t.dtype not in _KERNEL_DTYPES or eps.dtype not in _KERNEL_DTYPES or x_t.numel() == 0 \
             or _needs_grad(x_t, eps, *(v for v in (history, noise) if v is not None)):
         return _sample_step_ref(x_t, eps, table, step, history, noise, rng, clip, return_x0)
-    return torch.ops.fastddpm.sample_step(x_t, eps, table, step, history, noise, rng, bool(clip), bool(return_x0))
+    x_next, x0 = torch.ops.fastddpm.sample_step(x_t, eps, table, step, history, noise, rng, bool(clip),
+                                                bool(return_x0))
+    return x_next, (x0 if return_x0 else None)
 
 
 _backend.register("q_sample", "reference", reference.q_sample_ref)
@@ -370,6 +373,7 @@ _backend.register("simple_loss", "triton", _simple_loss_triton)
 _backend.register("p_sample_step", "reference", reference.p_sample_step_ref)
 _backend.register("p_sample_step", "triton", _p_sample_step_triton)
 _backend.register("p_sample_step_seeded", "reference", _p_sample_step_seeded_ref)
-_backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton)
+_backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton,
+                  replay=_replay.p_sample_step_seeded_triton)
 _backend.register("sample_step", "reference", _sample_step_ref)
 _backend.register("sample_step", "triton", _sample_step_triton)

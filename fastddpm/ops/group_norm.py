@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fastddpm import reference
-from fastddpm.ops import _backend
+from fastddpm.ops import _backend, _replay
 from fastddpm.ops._checks import check_float
 
 ACTS = (None, "silu")
@@ -67,7 +67,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, *, add
     regenerates it in the backward; the reference uses F.dropout. So only the
     random stream differs between backends, never the math."""
     _check(x, num_groups, weight, bias, eps, act, add, dropout)
-    return _backend.pick("group_norm", x.device)(x, num_groups, weight, bias, eps, act, add, float(dropout))
+    return _backend.call("group_norm", x.device, x, num_groups, weight, bias, eps, act, add, float(dropout))
 
 
 # ----------------------------------------------------------------------------- triton custom ops
@@ -157,7 +157,7 @@ def _group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-6, act=None
 
 
 _backend.register("group_norm", "reference", reference.group_norm_ref)
-_backend.register("group_norm", "triton", _group_norm_triton)
+_backend.register("group_norm", "triton", _group_norm_triton, replay=_replay.group_norm_triton)
 
 # the "cpp" backend of every op (C++ kernels of fastddpm._C) registers itself
 from fastddpm.ops import _cpp  # noqa: E402,F401
