@@ -1,8 +1,9 @@
 """Replays: the reference computed with a fast path's own random stream.
 
 A fast path that draws random numbers its own way (the GroupNorm dropout mask
-from a seed, the seeded ancestral step's in-kernel Philox noise) cannot be
-compared with the reference's draws. The dispatch's first-use check therefore
+from a seed) cannot be compared with the reference's draws. (The seeded
+ancestral step needs none: its reference draws the Triton kernel's own Philox
+normals, reference.seeded_step_noise_ref.) The dispatch's first-use check therefore
 rewinds torch's generators to where the fast path started and calls the
 replay registered beside it (`_backend.register(..., replay=...)`): it draws
 the same seed, rebuilds the same mask or noise here in plain PyTorch (from the
@@ -59,27 +60,3 @@ def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-6, act=None,
     from fastddpm.kernels.group_norm import new_seed
     keep = triton_keep_mask(new_seed(x.device), x.shape, dropout)
     return masked(x, num_groups, weight, bias, eps, act, add, dropout, keep)
-
-
-def p_sample_step_seeded_triton(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var,
-                                seed, offset=0, clip=True):
-    """The seeded ancestral step's reference with the Triton kernel's noise: element
-    e of the flattened batch uses Philox(seed, (e, t[b], offset lo, offset hi)),
-    z = sqrt(-2 ln max(u1, 1e-7)) cos(2 pi u2) of its first two words."""
-    tables = (sqrt_recip_abar, sqrt_recipm1_abar, coef1, coef2, log_var)
-    needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (x_t, eps, *tables))
-    if x_t.dtype not in _KERNEL_DTYPES or x_t.numel() == 0 or needs_grad \
-            or not all(tab.is_floating_point() for tab in tables):
-        return None
-    B, dev = x_t.shape[0], x_t.device
-    D = x_t.numel() // B
-    off = int(offset) % 2**64
-    elem = torch.arange(B * D, dtype=torch.int64, device=dev).view(B, D)
-    tc = t.clamp(0, min(tab.shape[0] for tab in tables) - 1).view(B, 1)
-    c2 = torch.tensor(off & _M32, dtype=torch.int64, device=dev)
-    c3 = torch.tensor(off >> 32, dtype=torch.int64, device=dev)
-    w0, w1, _, _ = reference.philox4x32_ref(int(seed), elem & _M32, tc & _M32, c2, c3)
-    u1 = _triton_uniform(w0).clamp_min(1e-7)
-    u2 = _triton_uniform(w1)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
-    return reference.p_sample_step_ref(x_t, t, eps, *tables, z.view(x_t.shape), clip)

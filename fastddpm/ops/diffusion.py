@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from fastddpm import reference
-from fastddpm.ops import _backend, _replay
+from fastddpm.ops import _backend
 from fastddpm.ops._checks import check_float, check_same, check_tables, check_timesteps, no_sync
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -373,7 +373,6 @@ _backend.register("simple_loss", "triton", _simple_loss_triton)
 _backend.register("p_sample_step", "reference", reference.p_sample_step_ref)
 _backend.register("p_sample_step", "triton", _p_sample_step_triton)
 _backend.register("p_sample_step_seeded", "reference", _p_sample_step_seeded_ref)
-_backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton,
-                  replay=_replay.p_sample_step_seeded_triton)
+_backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton)
 _backend.register("sample_step", "reference", _sample_step_ref)
 _backend.register("sample_step", "triton", _sample_step_triton)
