@@ -87,6 +87,44 @@ def test_op_that_raises_answers_with_the_reference(fresh, capsys):
     assert len(lines) == 1 and "error: RuntimeError: launch failed;" in lines[0], lines
 
 
+def _ring_step_inputs():
+    from fastddpm.sampling import make_plan
+    plan = make_plan(fastddpm.GaussianDiffusion.linear(T=50), "dpmpp3m", steps=6)
+    x, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    ring = torch.randn(plan.history + 1, 2, 3, 8, 8)   # earlier steps' predictions
+    return (x, eps, plan.table, torch.tensor([3])), ring
+
+
+@needs_cpp
+@pytest.mark.parametrize("broken", [True, False], ids=["wrong-ring", "correct"])
+def test_what_an_op_writes_in_place_is_checked_too(fresh, capsys, broken):
+    # sample_step writes this step's prediction into the history ring: an
+    # implementation with the right output but a wrong ring would spoil every
+    # later step, so the ring is compared as well, and keeps one side's writes
+    real = _backend._impls["sample_step"]["cpp"]
+
+    def wrong_ring(x, eps, table, step, history, *rest):
+        out = real(x, eps, table, step, history, *rest)
+        history.index_add_(0, step % history.shape[0], torch.ones_like(history[:1]))
+        return out
+    _backend.register("sample_step", "cpp", wrong_ring if broken else real)
+    args, ring0 = _ring_step_inputs()
+    want_ring = ring0.clone()
+    want, _ = reference.sample_step_ref(*args, want_ring)
+    ring = ring0.clone()
+    out, _ = ops.sample_step(*args, ring)
+    assert rel_err(out, want) < 1e-5 and rel_err(ring, want_ring) < 1e-5
+    lines = _stderr_lines(capsys)
+    if broken:
+        assert len(lines) == 1 and "sample_step (cpp)" in lines[0] and "mismatch" in lines[0], lines
+        assert torch.equal(ring, want_ring)   # the reference's writes, as if it alone had run
+    else:
+        assert lines == [] and set(_backend._decided.values()) == {"cpp"}
+        cpp_ring = ring0.clone()
+        real(*args, cpp_ring, None, None, True, False)
+        assert torch.equal(ring, cpp_ring)    # the verified fast path's own writes are kept
+
+
 class _TripleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

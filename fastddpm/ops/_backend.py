@@ -67,6 +67,7 @@ _impls: dict = {}
 # (op, backend) -> the reference computed with that backend's random stream
 # (dropout masks, in-kernel noise): what its output is compared with. Default: the reference.
 _replays: dict = {}
+_mutates: dict = {}        # op -> positions of the tensor arguments it writes in place
 # auto preference order per device type
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 # ||fast - reference|| / ||reference|| allowed, per dtype of the output (DEVELOPERS.md; the
@@ -125,17 +126,24 @@ def auto_wants_cpp(op: str, *args, **kwargs) -> bool:
     return rule is None or bool(rule(*args, **kwargs))
 
 
-def register(op: str, backend: str, fn, replay=None) -> None:
+def register(op: str, backend: str, fn, replay=None, mutates=()) -> None:
     """Register `fn` as `op`'s implementation on `backend`. replay: for a fast
     path that draws random numbers its own way (a dropout mask, in-kernel
     noise), the reference computed with that same stream, called with the
     generators rewound to where the fast path started; the check compares with
-    it (or with the reference where it returns None: nothing of its own drawn)."""
+    it (or with the reference where it returns None: nothing of its own drawn).
+    mutates: the positions of the tensor arguments the op writes in place (a
+    sampler's history ring): the first-use check compares what each side wrote
+    there too, from the same starting contents. Every implementation of an op
+    must write the same arguments, so the positions are the op's (the last
+    registration's that names any)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"unknown backend {backend!r}")
     _impls.setdefault(op, {})[backend] = fn
     if replay is not None:
         _replays[(op, backend)] = replay
+    if mutates:
+        _mutates[op] = tuple(mutates)
 
 
 @contextlib.contextmanager
@@ -380,6 +388,8 @@ def _first_use(op, fast, key, device, args, kwargs):
     if key[3] == "fwd+bwd":
         return _check_with_grad(op, fast, key, device, impls[fast], ref, replay, args, kwargs)
 
+    mutated = [args[i] for i in _mutates.get(op, ()) if i < len(args) and isinstance(args[i], torch.Tensor)]
+    start = [t.clone() for t in mutated]   # both sides write from the same contents
     rng0 = _rng_get(device)
     try:
         out, failure = impls[fast](*args, **kwargs), None
@@ -387,27 +397,40 @@ def _first_use(op, fast, key, device, args, kwargs):
         out, failure = None, _error_text("error", e)
     rng_fast = _rng_get(device)
     _rng_set(device, rng0)
+    wrote_fast = _swap_in(mutated, start)
     with _exact_fp32():
         expected = replay(*args, **kwargs)
         if expected is None:   # a replay with nothing of its own to draw here: the reference
             replay, expected = ref, ref(*args, **kwargs)
+    wrote_ref = [t.clone() for t in mutated]
     err = None
     if failure is None:
-        err, failure = _compare(out, expected)
+        err, failure = _compare((out, wrote_fast), (expected, wrote_ref))
     if failure is None:
         reason = f"verified (rel err {err:.0e})"
         backend, reason = _measured(op, fast, key, device, impls[fast], ref, args, kwargs, reason, grad=False)
         if backend == fast:
             _decide(key, fast, reason)
             _rng_set(device, rng_fast)
+            _swap_in(mutated, wrote_fast)   # as if the fast path alone had run
             return out
         _decide(key, "reference", reason)
     else:
         _fail(key, failure)
     if replay is not ref:  # the reference's own stream, as if it alone had run
         _rng_set(device, rng0)
+        _swap_in(mutated, start)
         return ref(*args, **kwargs)
+    _swap_in(mutated, wrote_ref)
     return expected
+
+
+def _swap_in(mutated, contents):
+    """Copy `contents` into the in-place arguments; returns what they held."""
+    held = [t.clone() for t in mutated]
+    for t, c in zip(mutated, contents):
+        t.copy_(c)
+    return held
 
 
 def _fail(key, failure):

@@ -374,5 +374,5 @@ _backend.register("p_sample_step", "reference", reference.p_sample_step_ref)
 _backend.register("p_sample_step", "triton", _p_sample_step_triton)
 _backend.register("p_sample_step_seeded", "reference", _p_sample_step_seeded_ref)
 _backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton)
-_backend.register("sample_step", "reference", _sample_step_ref)
+_backend.register("sample_step", "reference", _sample_step_ref, mutates=(4,))   # writes the history ring
 _backend.register("sample_step", "triton", _sample_step_triton)
