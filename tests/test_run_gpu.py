@@ -118,7 +118,8 @@ def test_unknown_stage_is_refused(tmp_path):
 
 def test_rest_stage_runs_gpu_files_before_the_cpu_benchmarks(tmp_path):
     """The CPU-only benchmarks (minutes, a torch.compile inside) go last in stage
-    rest, so that its cap cannot starve a GPU file such as test_inception.py."""
+    rest, so that its cap cannot starve a GPU file such as test_inception.py; the
+    sampler-accuracy benchmark (CPU minutes, device-independent) is not run there."""
     args_log = tmp_path / "pytest_args.txt"
     stub = tmp_path / "py"
     stub.write_text(f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m pytest" ]; then echo "$@" >>"{args_log}"; exit 0; fi\n'
@@ -131,3 +132,4 @@ def test_rest_stage_runs_gpu_files_before_the_cpu_benchmarks(tmp_path):
     files = [a for a in args_log.read_text().split() if a.startswith("benchmarks/test_")]
     assert files[-1] == "benchmarks/test_cpu.py" and "benchmarks/test_inception.py" in files, files
     assert files.count("benchmarks/test_cpu.py") == 1, files
+    assert "benchmarks/test_sampler_accuracy.py" not in files, files    # CPU minutes, device-independent
