@@ -76,6 +76,7 @@ FASTDDPM_SWEEP = {
     "eta": (None, 0.5, 1.0),
     "variance": (None,) + tuple(getattr(tables, "VARIANCES", ("fixedlarge", "fixedsmall"))),
     "order": (None, 1, 2, 3, 4),
+    "variant": (None,) + tuple(getattr(tables, "UNIPC_VARIANTS", ())),
 }
 
 # diffusers: (label, class, method kwargs, step kwargs, stochastic). Each is run
@@ -196,9 +197,11 @@ def fastddpm_configs(diffusion):
                 if key in seen:
                     continue
                 seen.add(key)
-                label = sampler + (f" o{kw['order']}" if "order" in kw else "")
+                order, variant = getattr(plan, "order", kw.get("order")), getattr(plan, "variant", kw.get("variant"))
+                label = " ".join([sampler] + ([f"o{order}"] if sampler in getattr(tables, "ORDERS", {}) else [])
+                                 + ([variant] if variant else []))
                 cfg = " ".join([f"spacing={getattr(plan, 'spacing', kw.get('spacing'))}"]
-                               + [f"{k}={v}" for k, v in kw.items() if k not in ("order", "spacing")])
+                               + [f"{k}={v}" for k, v in kw.items() if k not in ("order", "variant", "spacing")])
                 out.append((label, cfg, plan))
     return out
 
