@@ -78,13 +78,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The CPU benchmarks' ratio, target and time-breakdown lines (benchmarks/test_cpu.py),
-    printed at the end whether or not output is captured (-s)."""
+    """The CPU benchmarks' ratio, target and time-breakdown lines (benchmarks/test_cpu.py)
+    and the sampler-accuracy summary (benchmarks/test_sampler_accuracy.py), printed
+    at the end whether or not output is captured (-s)."""
     import sys
-    mods = [mod for name, mod in list(sys.modules.items()) if name.endswith("test_cpu")]
-    for attr, title in (("RATIO_LINES", "CPU ratios (reference / C++, medians of per-round ratios)"),
-                        ("TARGET_LINES", "CPU targets"),
-                        ("BREAKDOWN_LINES", "CPU whole-model steps: where the time goes")):
+    sections = (("test_cpu", "RATIO_LINES", "CPU ratios (reference / C++, medians of per-round ratios)"),
+                ("test_cpu", "TARGET_LINES", "CPU targets"),
+                ("test_cpu", "BREAKDOWN_LINES", "CPU whole-model steps: where the time goes"),
+                ("test_sampler_accuracy", "SUMMARY_LINES", "Sampler accuracy (exact-score law)"))
+    for suffix, attr, title in sections:
+        mods = [mod for name, mod in list(sys.modules.items()) if name.endswith(suffix)]
         lines = [ln for mod in mods for ln in getattr(mod, attr, [])]
         if lines:
             terminalreporter.section(title)

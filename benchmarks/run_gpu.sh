@@ -21,7 +21,8 @@
 #   model        whole model, reference vs fused, eager: test_model.py, test_sampling.py
 #                (with 10-step images/s of every sampler at batch 256 / 1024, graphed)    (90)
 #   ablations    fusion ablations (-k resblock_tail / projection / ablation)                (50)
-#   rest         every other benchmark file (new ones), eager; the CPU-only test_cpu.py last (40)
+#   rest         every other benchmark file (new ones), eager; the CPU-only test_cpu.py last;
+#                not test_sampler_accuracy.py (CPU only, device-independent)                (40)
 #   compile      torch.compile variants only: benchmarks -m compile (the marker
 #                benchmarks/conftest.py gives compiled providers), GPU tests -k compile     (rest)
 # Autotune results are cached on disk (cache_results), so a later benchmark stage
@@ -175,10 +176,12 @@ stage_kernels() { bench_stage "$1" kernels $(existing "${KERNEL_FILES[@]}") -m "
 stage_model() { bench_stage "$1" model $(existing "${MODEL_FILES[@]}") -m "not compile"; }
 stage_ablations() { bench_stage "$1" ablations $(existing "${KERNEL_FILES[@]}") -m "not compile" -k "$ABLATIONS"; }
 CPU_FILES=(benchmarks/test_cpu.py)   # CPU-only (and a torch.compile inside): last, so they never starve GPU files
+# Not run here at all: CPU minutes whose numbers do not depend on the device.
+NOT_ON_GPU=(benchmarks/test_sampler_accuracy.py)
 stage_rest() {
   local f files=()
   for f in benchmarks/test_*.py; do
-    [[ " ${KERNEL_FILES[*]} ${MODEL_FILES[*]} ${CPU_FILES[*]} " == *" $f "* ]] || files+=("$f")
+    [[ " ${KERNEL_FILES[*]} ${MODEL_FILES[*]} ${CPU_FILES[*]} ${NOT_ON_GPU[*]} " == *" $f "* ]] || files+=("$f")
   done
   mapfile -t -O ${#files[@]} files < <(existing "${CPU_FILES[@]}")
   [ ${#files[@]} -eq 0 ] && return 0
