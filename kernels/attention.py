@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.kernels import overlaps
+from fastddpm.kernels._util import overlaps
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 512

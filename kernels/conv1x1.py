@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.kernels import interpreting, overlaps
+from fastddpm.kernels._util import interpreting, overlaps
 from fastddpm.kernels.group_norm import spatial_stride
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.kernels import interpreting
+from fastddpm.kernels._util import interpreting
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Test hook: when True, every buffer the launchers allocate is NaN-filled first.

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.kernels import interpreting, overlaps
+from fastddpm.kernels._util import interpreting, overlaps
 
 # Largest group tile (elements) kept on chip in one pass; above it the kernels loop.
 ONE_PASS_MAX = 16384

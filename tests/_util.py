@@ -34,7 +34,7 @@ def assert_close_rel(out, ref, dtype, name="output", tol=None):
 
 
 def run_sm90_compile_check(script):
-    """Run `script` (which compiles kernels for an H100 through kernels.compile_ptx
+    """Run `script` (which compiles kernels for an H100 through kernels._util.compile_ptx
     and prints "compiled") in a subprocess without TRITON_INTERPRET, so that
     compiler-only errors show up on a CPU machine too."""
     import os

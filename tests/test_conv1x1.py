@@ -406,7 +406,8 @@ def test_attention_block_fused_proj_matches_reference(num_heads, cl):
 # ----------------------------------------------------------------------------- sm_90 compile check
 
 _COMPILE_SCRIPT = """
-from fastddpm.kernels import compile_ptx, conv1x1 as k
+from fastddpm.kernels import conv1x1 as k
+from fastddpm.kernels._util import compile_ptx
 sig = dict(X="*bf16", W="*bf16", Bias="*fp32", Scale="*fp32", Shift="*fp32", R="*fp32", Out="*fp32")
 base = dict(HAS_BIAS=True, DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_L=128, BLOCK_K=64, stride_wk=1)
 # (x dtype, X_LEFT, prologue, residual, channels_last): the q/k/v projection with the norm prologue,

@@ -622,7 +622,8 @@ def test_sample_step_opcheck():
 
 
 _COMPILE_SCRIPT = """
-from fastddpm.kernels import compile_ptx, diffusion as k
+from fastddpm.kernels import diffusion as k
+from fastddpm.kernels._util import compile_ptx
 tab = "*fp64"
 sig = dict(X0="*bf16", Noise="*bf16", T="*i64", SqrtAbar=tab, SqrtOneMinusAbar=tab, Out="*bf16",
            EpsHat="*bf16", Partial="*fp32", Grad="*bf16", grad_scale="fp32",

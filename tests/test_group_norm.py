@@ -309,7 +309,8 @@ def test_fwd_out_aliasing_an_input_is_refused():
 
 
 _COMPILE_SCRIPT = """
-from fastddpm.kernels import compile_ptx, group_norm as k
+from fastddpm.kernels import group_norm as k
+from fastddpm.kernels._util import compile_ptx
 sig = dict(X="*bf16", Y="*bf16", W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32", eps="fp32", numel="fp32",
            DY="*bf16", DX="*bf16", DWp="*fp32", DBp="*fp32", Add="*bf16", DAdd="*fp32", Seed="*i64", p="fp32",
            Keep="*u8", Scale="*fp32", Shift="*fp32")

@@ -47,14 +47,6 @@ KNOWN = {
     # checkpoint.py: a circle, and checkpoint importing upward. Issue 22 phase 2
     # (loader.py: the one loader above both) removes it.
     ("fastddpm.checkpoint", "fastddpm.interop"),
-    # The Triton kernels take their helpers (interpreting, overlaps) from
-    # kernels/__init__.py. That __init__ imports none of them, so no circle today;
-    # moving the helpers to a module of their own (kernels/ is not part of issue
-    # 22) removes these.
-    ("fastddpm.kernels.attention", "fastddpm.kernels"),
-    ("fastddpm.kernels.conv1x1", "fastddpm.kernels"),
-    ("fastddpm.kernels.diffusion", "fastddpm.kernels"),
-    ("fastddpm.kernels.group_norm", "fastddpm.kernels"),
 }
 
 
