@@ -125,6 +125,23 @@ def test_what_an_op_writes_in_place_is_checked_too(fresh, capsys, broken):
         assert torch.equal(ring, cpp_ring)    # the verified fast path's own writes are kept
 
 
+@needs_cpp
+def test_an_ill_conditioned_in_place_write_is_not_called_a_mismatch(fresh, capsys):
+    # the paper's first step (t = 999): x_t ~ eps, so x0_hat = 157 x - 157 eps cancels and
+    # two correct float32 computations of the ring's x0_hat differ by ~5e-5 relative
+    from fastddpm.sampling import make_plan
+    d = fastddpm.GaussianDiffusion.linear(T=1000)
+    plan = make_plan(d, "unipc", steps=10)
+    abar = float(d.alphas_cumprod[plan.timesteps[0]])
+    x0, eps = 0.35 * torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    x = (abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps).float()
+    ring = torch.zeros(plan.history + 1, *x.shape)
+    want, _ = reference.sample_step_ref(x.double(), eps.double(), plan.table, torch.tensor([0]), ring.double())
+    out, _ = ops.sample_step(x, eps, plan.table, torch.tensor([0]), ring)
+    assert _stderr_lines(capsys) == [] and set(_backend._decided.values()) == {"cpp"}
+    assert rel_err(out, want) < 1e-5
+
+
 class _TripleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -184,6 +184,20 @@ def _sample_step_ref(x_t, eps, table, step, history, noise, rng, clip, return_x0
     return x_next, (x0 if return_x0 else None)   # what every backend returns (the dispatch compares it)
 
 
+_H_COLS = [reference.SAMPLER_COEFS.index(c) for c in ("a_x", "a_e", "h_x", "h_0")]
+
+
+def _history_rounding_scale(x_t, eps, table, step, *rest):
+    """What the history ring's entry H = h_x x + h_0 x0_hat, x0_hat = a_x x - a_e eps,
+    amplifies the rounding of x and eps by: ~|h_x| + |h_0| (a_x + a_e). At the
+    paper's t = 999, a_x ~ a_e ~ 157 and x ~ eps: two correct float32 computations of
+    x0_hat differ by ~5e-5 relative (seen in the first-use check). Read on the host:
+    the check runs eagerly only."""
+    row = table[min(max(int(step.reshape(-1)[0]), 0), table.shape[0] - 1)]
+    a_x, a_e, h_x, h_0 = (abs(float(row[c])) for c in _H_COLS)
+    return max(1.0, h_x + h_0 * (a_x + a_e))
+
+
 def seeded_noise(x_t, t, seed, offset=0):
     """Noise of the seeded step on the reference and C++ paths:
     reference.seeded_step_noise_ref (the Triton kernel's Philox numbers), float32
@@ -374,5 +388,6 @@ _backend.register("p_sample_step", "reference", reference.p_sample_step_ref)
 _backend.register("p_sample_step", "triton", _p_sample_step_triton)
 _backend.register("p_sample_step_seeded", "reference", _p_sample_step_seeded_ref)
 _backend.register("p_sample_step_seeded", "triton", _p_sample_step_seeded_triton)
-_backend.register("sample_step", "reference", _sample_step_ref, mutates=(4,))   # writes the history ring
+_backend.register("sample_step", "reference", _sample_step_ref, mutates=(4,),   # writes the history ring
+                  mutated_scale=_history_rounding_scale)
 _backend.register("sample_step", "triton", _sample_step_triton)
