@@ -249,9 +249,9 @@ def _check_launch(x, weight, bias, scale, shift, residual):
     if x.device.type == "cpu":
         if not interpreting():
             raise ValueError("conv1x1 kernel: CPU tensors need TRITON_INTERPRET=1")
-        if weight.dtype != torch.float32:
-            raise TypeError(f"conv1x1 kernel: the Triton interpreter multiplies in float32 only, weight is "
-                            f"{weight.dtype}")
+        if weight.dtype == torch.bfloat16:
+            raise TypeError("conv1x1 kernel: the Triton interpreter cannot multiply bfloat16 (tl.dot); "
+                            "weight is bfloat16")
     if bias is not None:
         _check_tensor("bias", bias, (M,), x.device, KERNEL_DTYPES)
     if (scale is None) != (shift is None):

@@ -21,7 +21,7 @@ from _util import block_fwd_bwd, fresh_seed, randomised_attention_block
 DEV = "cuda" if HAS_CUDA else "cpu"
 # fp32 gradients through the GroupNorm backward (and dW, a sum over N * L
 # products) land a few 1e-7 from float64: bound them at 3e-6, well under 1e-5.
-GRAD_TOL = {torch.float32: 3e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float32: 3e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 EPS = 1e-6
 NAMES = ("x", "weight", "bias", "gn_weight", "gn_bias", "residual")
 
@@ -179,6 +179,18 @@ def test_op_forward_backward_fp32(N, K, M, spatial, groups, cl, fusion):
     assert "fastddpm_conv1x1" in type(out.grad_fn).__name__, "the triton backend did not run the kernel"
     if cl:   # channels_last in, channels_last out
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("fusion", ["plain", "norm+residual"])
+@pytest.mark.parametrize("N,K,M,spatial,groups,cl", CASES[:3], ids=CASE_IDS[:3])
+def test_op_forward_backward_fp16(N, K, M, spatial, groups, cl, fusion):
+    # fp16 runs the kernels on the CPU too: the interpreter's fp16 tl.dot is exact
+    # (only bf16's is missing), so this is the GPU's fp16 path at small shapes
+    seed = fresh_seed()
+    t = _inputs(N, K, M, spatial, fusion, dtype=torch.float16, cl=cl)
+    g = groups if "norm" in fusion else None
+    out, _ = _check_against_float64(t, g, torch.float16, f"seed {seed}")
+    assert "fastddpm_conv1x1" in type(out.grad_fn).__name__, "the triton backend did not run the kernel"
 
 
 @pytest.mark.parametrize("gn_affine,bias", [((False, False), False), ((True, False), True), ((False, True), False)],
