@@ -35,6 +35,7 @@ the step alone: resuming means restarting at a step, with any number of ranks.
 """
 import codecs
 import hashlib
+import math
 import os
 import pickle
 import signal
@@ -59,14 +60,44 @@ class DataError(ValueError):
 def _check_images(arr, where):
     if not isinstance(arr, np.ndarray):
         raise DataError(f"{where}: expected a numpy array of images, got {type(arr).__name__}")
-    if arr.dtype != np.uint8:
-        raise DataError(f"{where}: images must be uint8 (N, H, W, C), got dtype {arr.dtype}")
-    if arr.ndim != 4 or arr.shape[3] not in (1, 3):
-        raise DataError(f"{where}: images must have shape (N, H, W, C) with C in (1, 3) "
-                        f"(NHWC), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise DataError(f"{where}: contains no images (shape {arr.shape})")
+    _check_image_header(arr.shape, arr.dtype, where)
     return arr
+
+
+def _check_image_header(shape, dtype, where):
+    if dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 (N, H, W, C), got dtype {dtype}")
+    if len(shape) != 4 or shape[3] not in (1, 3):
+        raise DataError(f"{where}: images must have shape (N, H, W, C) with C in (1, 3) "
+                        f"(NHWC), got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise DataError(f"{where}: contains no images (shape {tuple(shape)})")
+
+
+def _npz_member_header(f, key, path):
+    """(shape, dtype) of array `key` of an open np.load .npz, from its .npy header
+    alone: numpy allocates the size a header declares before reading the data, and a
+    small compressed file can declare (and inflate to) any size."""
+    with f.zip.open(key + ".npy") as m:
+        version = np.lib.format.read_magic(m)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise DataError(f"{path}: array '{key}' has .npy format version {version}, not 1.0 or 2.0")
+        shape, _, dtype = read(m)
+    return shape, dtype
+
+
+def _check_fits_in_memory(shape, where):
+    """The training and evaluation readers hold a whole .npz in memory: refuse one whose
+    images would take more than half of this machine's memory before reading it."""
+    need = math.prod(shape)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have // 2:
+        raise DataError(f"{where}: {tuple(shape)} uint8 images need {need / 2**30:.1f} GiB, more than half of "
+                        f"this machine's {have / 2**30:.1f} GiB of memory")
 
 
 def load_npz(path):
@@ -85,6 +116,10 @@ def load_npz(path):
                     raise DataError(f"{path}: no array named 'images', 'x' or 'arr_0' "
                                     f"and more than one array in the file ({keys})")
                 key = keys[0]
+            where = f"{path} (array '{key}')"
+            shape, dtype = _npz_member_header(f, key, path)
+            _check_image_header(shape, dtype, where)
+            _check_fits_in_memory(shape, where)
             arr = f[key]
     except DataError:
         raise

@@ -311,3 +311,26 @@ def test_to_model_input_scales_and_flips():
     assert x.shape == (1, 3, 1, 2) and x.min() == -1 and x.max() == 1
     xf = data.to_model_input(u, "cpu", flip=torch.tensor([True]))
     assert torch.equal(xf, x.flip(3))
+
+
+def test_npz_whose_header_declares_more_than_memory_is_refused_before_reading(tmp_path):
+    # a .npz whose .npy header declares 1,000,000 x 1024 x 1024 x 3 uint8 (2.9 TiB) and holds
+    # no data: refused from the header, naming the size, before numpy allocates it
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (1_000_000, 1024, 1024, 3)})
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", header.getvalue())
+    with pytest.raises(data.DataError, match=r"bomb.npz \(array 'arr_0'\): \(1000000, 1024, 1024, 3\) uint8 images "
+                                             r"need 2929\.7 GiB, more than half"):
+        data.load_npz(str(path))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2, 4, 4, 3)})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", header.getvalue())
+    with pytest.raises(data.DataError, match="must be uint8"):   # also from the header
+        data.load_npz(str(path))
