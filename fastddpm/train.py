@@ -138,12 +138,18 @@ _FLAGS = [
      "(0: only at the end)"),
     ("--sample-n", "sample_n", _nonneg_int, "images in each sample grid (0: no grids)"),
     ("--sample-batch", "sample_batch", _positive(int), "batch size when sampling"),
+    ("--sample-sampler", "sample_sampler", str, "sampler of the sample grids: ddpm, ddim, dpmpp2m, dpmpp3m, "
+     "unipc or ipndm, each on its default time grid (as fastddpm.sample)"),
+    ("--sample-steps", "sample_steps", _nonneg_int, "network evaluations per grid sample (0: all T for ddpm, "
+     "50 for the others)"),
     ("--fid-every", "fid_every", _nonneg_int, "FID of --fid-n EMA samples against --fid-ref every N steps "
      "(0: never), into metrics.jsonl and the progress output (Inception weights as for fastddpm.evaluate: "
-     "$FASTDDPM_INCEPTION or found by itself), sampling with DPM-Solver++(2M) at 20 steps. Cost: "
-     "sampling fid_n images (fid_n x 20 network evaluations) + fid_n fp32 Inception passes + ~5-10 s for the FID; measured on the busy 2-core CPU "
+     "$FASTDDPM_INCEPTION or found by itself), sampling with --fid-sampler at --fid-steps. Cost: "
+     "sampling fid_n images (fid_n x fid_steps network evaluations) + fid_n fp32 Inception passes + ~5-10 s for the FID; measured on the busy 2-core CPU "
      "(1 thread, 2026-12-01): ~2.4 ms per network evaluation per image on the tiny preset (1.2 s/image for its 500 ancestral steps), ~0.4 s/image Inception"),
     ("--fid-n", "fid_n", _positive(int), "samples per in-training FID (FID grows as n shrinks: compare equal n)"),
+    ("--fid-sampler", "fid_sampler", str, "sampler of the in-training FID (as --sample-sampler)"),
+    ("--fid-steps", "fid_steps", _positive(int), "network evaluations per in-training FID sample (at most T)"),
     ("--fid-ref", "fid_ref", str, "reference statistics .npz for --fid-every (python -m fastddpm.evaluate "
      "stats DATA --out ref.npz)"),
     ("--log-every", "log_every", _positive(int), "log (tqdm, metrics.jsonl) every N steps; counters "

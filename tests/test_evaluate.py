@@ -380,7 +380,8 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
 
     from fastddpm.images import to_uint8
     from fastddpm.sampling import sample
-    from fastddpm.training.trainer import TRAINING_FID_SAMPLER
+    from fastddpm.training.config import TrainConfig
+    TRAINING_FID_SAMPLER = TrainConfig().fid_sampler   # the default
 
     a = _feats(20, 2048, 11)
     ev.save_stats(tmp_path / "ref.npz", ev.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))

@@ -158,6 +158,28 @@ def test_every_run_draws_its_curves_at_each_grid_and_at_the_end(tmp_path, monkey
     assert drawn == [[2]] and (tmp_path / "nogrid" / "curves.png").exists()
 
 
+def test_grids_and_fid_take_any_sampler(tmp_path, monkeypatch, capsys):
+    from fastddpm.training import trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.sample
+    monkeypatch.setattr(trainer_mod, "sample", lambda *a, **k: calls.append((k["sampler"], k["steps"])) or real(*a, **k))
+    out = tmp_path / "run"
+    assert main(TINY + ["--out", str(out), "--steps", "2", "--sample-n", "4", "--sample-sampler", "unipc",
+                        "--sample-steps", "3"]) == 0
+    assert calls == [("unipc", 3)] and (out / "samples-00000002.png").exists()
+    cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / "x"), "--sample-sampler", "ipndm"])
+    assert trainer_mod.grid_steps(cfg) == 20 and trainer_mod.fid_steps(cfg) == 20   # T = 20 caps both
+    capsys.readouterr()
+    for flags, words in ((["--sample-sampler", "euler"], "--sample-sampler/--sample-steps: unknown sampler"),
+                         (["--fid-sampler", "dpmpp3m", "--fid-steps", "2"], "--fid-sampler/--fid-steps:"),
+                         (["--sample-steps", "21"], "--sample-sampler/--sample-steps: steps must be")):
+        assert main(TINY + ["--out", str(tmp_path / "bad"), "--steps", "2"] + flags) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_failed_curves_drawing_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
     from fastddpm.training import curves
 

@@ -9,9 +9,9 @@ from typing import Optional
 
 from fastddpm import evaluate
 from fastddpm.checkpoint import CheckpointError
-from fastddpm.diffusion import SCHEDULES
+from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, parse_device
-from fastddpm.sampling import MAX_SEED
+from fastddpm.sampling import MAX_SEED, make_plan
 from fastddpm.training import tensorboard
 from fastddpm.unet import UNetConfig
 
@@ -60,8 +60,12 @@ class TrainConfig:
     sample_every: int = 50_000
     sample_n: int = 64
     sample_batch: int = 256
+    sample_sampler: str = "ddpm"   # the grids' sampler (fastddpm.sampling.tables.SAMPLERS), its default grid
+    sample_steps: int = 0          # network evaluations per grid sample; 0: all T (ddpm) / 50 (the others)
     fid_every: int = 0
     fid_n: int = 5000
+    fid_sampler: str = "dpmpp2m"   # the in-training FID's sampler and network evaluations (at most T)
+    fid_steps: int = 20
     fid_ref: Optional[str] = None
     log_every: int = 100
     workers: int = 4
@@ -141,6 +145,19 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig, path):
                               "--out folder, or drop the flags that change it.")
 
 
+def grid_steps(cfg: TrainConfig):
+    """Network evaluations per sample of the grids: --sample-steps, else all T for
+    ddpm (the paper's sampler) and min(50, T) for the few-step samplers."""
+    if cfg.sample_steps:
+        return cfg.sample_steps
+    return cfg.T if cfg.sample_sampler == "ddpm" else min(50, cfg.T)
+
+
+def fid_steps(cfg: TrainConfig):
+    """Network evaluations per sample of the in-training FID (--fid-steps, at most T)."""
+    return min(cfg.fid_steps, cfg.T)
+
+
 def validate(cfg: TrainConfig):
     """Refuse settings that cannot run (a ValueError naming the flag); returns cfg."""
     if cfg.precision is not None and cfg.precision not in PRECISIONS:
@@ -162,6 +179,13 @@ def validate(cfg: TrainConfig):
     if cfg.device is not None:
         parse_device(cfg.device)
     cfg.model_config()  # UNetConfig validates the network fields
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion_config())
+    for flag, sampler, steps in (("--sample-sampler/--sample-steps", cfg.sample_sampler, grid_steps(cfg)),
+                                 ("--fid-sampler/--fid-steps", cfg.fid_sampler, fid_steps(cfg))):
+        try:
+            make_plan(diffusion, sampler, steps)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
     if cfg.tensorboard and tensorboard.available():
         raise ValueError(tensorboard.available())
     if cfg.fid_every:

@@ -38,14 +38,13 @@ from fastddpm.sampling import before_each_call, sample
 from fastddpm.sampling.graphs import CudaGraphRunner
 from fastddpm.training import curves, distributed
 from fastddpm.training.tensorboard import TensorBoardLog
-from fastddpm.training.config import TrainConfig, usable_cpus
+from fastddpm.training.config import TrainConfig, fid_steps, grid_steps, usable_cpus
 from fastddpm.training.run_folder import RunFolder
 from fastddpm.unet import UNet
 
 # In-training FID samples with the fastest sampler: DPM-Solver++(2M) at 20 network
 # evaluations (50x fewer than ancestral sampling at T = 1000). Its FID is a trend
 # to watch, not the 1000-step number a paper reports.
-TRAINING_FID_SAMPLER, TRAINING_FID_STEPS = "dpmpp2m", 20
 
 
 def lr_at(cfg, step):
@@ -366,7 +365,7 @@ class Trainer:
         with before_each_call(self.stop_check(), self.ema):
             x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
                        seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False,
-                       cuda_graphs=self.graph_runner)
+                       sampler=self.cfg.sample_sampler, steps=grid_steps(self.cfg), cuda_graphs=self.graph_runner)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         images = to_uint8(x)
         save_grid(images, path)
@@ -392,13 +391,13 @@ class Trainer:
         share), called by train(): rank 0 appends {"step", "fid", "fid_n", "fid_seconds",
         "fid_sampler"} to metrics.jsonl and shows it on the progress bar `bar`."""
         cfg = self.cfg
-        steps = min(TRAINING_FID_STEPS, self.diffusion.num_timesteps)
+        steps = fid_steps(cfg)
         r = evaluate.score_model(self.ema, self.diffusion, cfg.fid_n, cfg.fid_ref, batch_size=cfg.sample_batch,
                                  seed=cfg.seed, device=self.device, precision=self.precision, rank=self.rank,
-                                 world=self.world, sampler=TRAINING_FID_SAMPLER, steps=steps,
+                                 world=self.world, sampler=cfg.fid_sampler, steps=steps,
                                  cuda_graphs=self.graph_runner, check_stop=self.stop_check())
         rec = {"step": self.step, "fid": r["fid"], "fid_n": r["n"], "fid_seconds": r["seconds"],
-               "fid_sampler": f"{TRAINING_FID_SAMPLER}-{steps}"}
+               "fid_sampler": f"{cfg.fid_sampler}-{steps}"}
         self.on_rank0(self._log, rec)
         if self.rank == 0 and bar is not None:
             postfix = getattr(bar, "postfix", None)  # a disabled bar (--no-progress) has none
