@@ -64,7 +64,10 @@ class TrainConfig:
     sample_steps: int = 0          # network evaluations per grid sample; 0: all T (ddpm) / 50 (the others)
     fid_every: int = 0
     fid_n: int = 5000
-    fid_sampler: str = "dpmpp2m"   # the in-training FID's sampler and network evaluations (at most T)
+    # The in-training FID's sampler and network evaluations (at most T): by default
+    # DPM-Solver++(2M) at 20, 50x fewer than ancestral sampling at T = 1000; its FID
+    # is a trend to watch, not the 1000-step number a paper reports.
+    fid_sampler: str = "dpmpp2m"
     fid_steps: int = 20
     fid_ref: Optional[str] = None
     log_every: int = 100

@@ -42,10 +42,6 @@ from fastddpm.training.config import TrainConfig, fid_steps, grid_steps, usable_
 from fastddpm.training.run_folder import RunFolder
 from fastddpm.unet import UNet
 
-# In-training FID samples with the fastest sampler: DPM-Solver++(2M) at 20 network
-# evaluations (50x fewer than ancestral sampling at T = 1000). Its FID is a trend
-# to watch, not the 1000-step number a paper reports.
-
 
 def lr_at(cfg, step):
     """The paper's warm-up: lr * min(step / warmup, 1), step = updates done so far."""
