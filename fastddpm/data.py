@@ -74,10 +74,11 @@ def _check_image_header(shape, dtype, where):
         raise DataError(f"{where}: contains no images (shape {tuple(shape)})")
 
 
-def _npz_member_header(f, key, path):
+def npz_member_header(f, key, path):
     """(shape, dtype) of array `key` of an open np.load .npz, from its .npy header
     alone: numpy allocates the size a header declares before reading the data, and a
-    small compressed file can declare (and inflate to) any size."""
+    small compressed file can declare (and inflate to) any size. DataError for a
+    header format numpy's readers do not know."""
     with f.zip.open(key + ".npy") as m:
         version = np.lib.format.read_magic(m)
         read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
@@ -117,7 +118,7 @@ def load_npz(path):
                                     f"and more than one array in the file ({keys})")
                 key = keys[0]
             where = f"{path} (array '{key}')"
-            shape, dtype = _npz_member_header(f, key, path)
+            shape, dtype = npz_member_header(f, key, path)
             _check_image_header(shape, dtype, where)
             _check_fits_in_memory(shape, where)
             arr = f[key]

@@ -113,17 +113,6 @@ def is_stats_file(path):
         return False
 
 
-def _npy_header(zf, name, path):
-    """(shape, dtype) of array `name` in an open .npz, from its .npy header alone."""
-    with zf.open(name + ".npy") as m:
-        version = np.lib.format.read_magic(m)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read is None:
-            raise EvaluateError(f"{path}: array '{name}' has .npy format version {version}, not 1.0 or 2.0")
-        shape, _, dtype = read(m)
-    return shape, dtype
-
-
 def _check_stats_headers(path, headers):
     """Refuse, before any array is read (numpy allocates what a header declares),
     shapes and dtypes that are not statistics of at most limits.MAX_FEATURE_DIM features."""
@@ -175,13 +164,15 @@ def load_stats(path):
             if "mu" not in f.files or "sigma" not in f.files:
                 raise EvaluateError(f"{path}: not a statistics file (no 'mu' and 'sigma' arrays; "
                                     f"it holds {f.files})")
-            _check_stats_headers(path, {k: _npy_header(f.zip, k, path) for k in ("mu", "sigma", "n", "features")
-                                        if k in f.files})
+            _check_stats_headers(path, {k: data_mod.npz_member_header(f, k, path)
+                                        for k in ("mu", "sigma", "n", "features") if k in f.files})
             mu, sigma = f["mu"], f["sigma"]
             n = int(f["n"]) if "n" in f.files else 0
             feats = f["features"] if "features" in f.files else None
     except EvaluateError:
         raise
+    except data_mod.DataError as e:  # a .npy header format numpy cannot read
+        raise EvaluateError(str(e)) from None
     except Exception as e:
         raise EvaluateError(f"{path}: cannot read as .npz: {type(e).__name__}: {e}") from e
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
