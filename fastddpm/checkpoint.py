@@ -26,12 +26,11 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 
 import torch
 
-from fastddpm import limits
+from fastddpm import files, limits
 
 FORMAT = "fastddpm-checkpoint"
 # 2: Downsample pads TF 'SAME' (0, 1, 0, 1) as the paper's code; version 1
@@ -60,48 +59,22 @@ def _os_error(e):
     return None
 
 
-def file_mode(base=0o666):
-    """The permissions open() gives a new file (base 0o666; 0o777 for a folder) less the umask."""
-    umask = os.umask(0)  # read it: umask() only sets, returning the old value
-    os.umask(umask)
-    return base & ~umask
-
-
 def check_parent(path, what="checkpoint"):
     """A CheckpointError when a folder above `path` is a file (makedirs would only say "File exists")."""
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
+    parent = files.file_in_the_way(path)
+    if parent is not None:
         raise CheckpointError(f"cannot write {what} {path}: {parent} is a file, not a folder")
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save(obj, path) so that `path` is always either the old or the new file.
-    A failed write (disk full, read-only folder) is a CheckpointError naming the
-    file and the cause; the temp file is removed and the old file left as it was."""
+    """torch.save(obj, path) so that `path` is always either the old or the new file
+    (fastddpm.files.write_atomic). A failed write (disk full, read-only folder) is a
+    CheckpointError naming the file and the cause; the old file is left as it was."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     check_parent(path)
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-        os.chmod(tmp, file_mode())  # mkstemp makes it 0600; a checkpoint is as shared as its folder
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        files.write_atomic(path, lambda f: torch.save(obj, f))
     except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         cause = _os_error(e)
         if cause is not None:
             raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from e

@@ -34,7 +34,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from fastddpm import data as data_mod
-from fastddpm import limits
+from fastddpm import files, limits
 from fastddpm.runtime import autocast, parse_device
 
 KID_SUBSETS = 100
@@ -78,28 +77,18 @@ def save_stats(path, stats):
               "n": np.int64(stats.n)}
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        files.write_atomic(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise EvaluateError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _check_out(path):
     """Fail before the long pass, not after it, if `path` cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "it is a folder")
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        files.check_writable(os.path.dirname(os.path.abspath(path)), create=True)
     except OSError as e:
         raise EvaluateError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 

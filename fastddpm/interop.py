@@ -20,14 +20,12 @@ differ in the last bit, which is the only difference between the two networks.
 """
 import json
 import os
-import shutil
-import tempfile
 import warnings
 
 import torch
 
-from fastddpm import limits
-from fastddpm.checkpoint import (FORMAT, VERSION, CheckpointError, check_parent, expected_shapes, file_mode,
+from fastddpm import files, limits
+from fastddpm.checkpoint import (FORMAT, VERSION, CheckpointError, check_parent, expected_shapes,
                                  read_json, safe_torch_load)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -448,7 +446,7 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
     """Write checkpoint `ckpt` (our dict) as a DDPMPipeline folder `dst` (which
     must not exist or be empty): model_index.json, unet/config.json,
     unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json.
-    EMA weights when present and use_ema. Written into a temp folder and renamed,
+    EMA weights when present and use_ema. Written as one (fastddpm.files.atomic_folder),
     so dst is never half-written."""
     from safetensors.torch import save_file
 
@@ -462,33 +460,19 @@ def export_pipeline(ckpt: dict, dst, use_ema=True, where="checkpoint"):
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst} already exists and is not an empty folder")
-    parent = os.path.dirname(dst)
     check_parent(dst, "pipeline folder")
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+        with files.atomic_folder(dst) as tmp:
+            os.makedirs(os.path.join(tmp, "unet"))
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                     "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+            for rel, obj in (("model_index.json", index), ("unet/config.json", unet_cfg),
+                             ("scheduler/scheduler_config.json", sched_cfg)):
+                with open(os.path.join(tmp, rel), "w") as f:
+                    json.dump(obj, f, indent=2)
+                    f.write("\n")
+            save_file(weights, os.path.join(tmp, "unet", WEIGHT_FILES[0]), metadata={"format": "pt"})
     except OSError as e:
         raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
-    try:
-        os.makedirs(os.path.join(tmp, "unet"))
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-        for rel, obj in (("model_index.json", index), ("unet/config.json", unet_cfg),
-                         ("scheduler/scheduler_config.json", sched_cfg)):
-            with open(os.path.join(tmp, rel), "w") as f:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-        save_file(weights, os.path.join(tmp, "unet", WEIGHT_FILES[0]), metadata={"format": "pt"})
-        os.chmod(os.path.join(tmp, "unet", WEIGHT_FILES[0]), file_mode())  # safetensors makes it 0600
-        os.chmod(tmp, file_mode(0o777))  # mkdtemp made it private; the folder is meant to be shared
-        if os.path.isdir(dst):
-            os.rmdir(dst)
-        os.replace(tmp, dst)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

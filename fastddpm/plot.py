@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from fastddpm import files
 from fastddpm.training.curves import CurvesError, draw, read_metrics
 
 
@@ -22,13 +23,21 @@ def _labels(runs):
     return [n if names.count(n) == 1 else os.path.normpath(r) for n, r in zip(names, runs)]
 
 
+def _writable(folder):
+    try:
+        files.check_writable(folder)
+    except OSError:
+        return False
+    return True
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if not args.out.lower().endswith(".png"):
             raise CurvesError(f"--out {args.out}: the plot is a PNG, name it *.png")
         folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        if not os.path.isdir(folder) or not _writable(folder):
             raise CurvesError(f"--out {args.out}: {folder} is not a writable folder")
         runs = {label: read_metrics(r) for label, r in zip(_labels(args.runs), args.runs)}
         drawn = draw(runs, args.out)

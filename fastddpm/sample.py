@@ -21,18 +21,15 @@ differences, not bit for bit). Different seeds never share a stream: seeds 0,
 1, 2, ... shard a large sample (e.g. for FID) without duplicates.
 """
 import argparse
-import errno
-import fcntl
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from fastddpm import checkpoint, limits
+from fastddpm import checkpoint, files, limits
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
 from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
@@ -145,35 +142,28 @@ LOCK = ".sample.lock"
 
 class _OutFolder:
     """--out claimed for one sampling, as a run folder is (fastddpm.training.run_folder):
-    a POSIX lock (lockf: it dies with the process) on --out/.sample.lock held while
-    sampling, outputs of an earlier sampling refused unless overwrite. release()
-    removes the lock file, and --out itself when this run created it and wrote nothing."""
+    a lock (fastddpm.files.try_lock) on --out/.sample.lock held while sampling,
+    outputs of an earlier sampling refused unless overwrite. release() removes the
+    lock file, and --out itself when this run created it and wrote nothing."""
 
     def __init__(self, out, overwrite):
         self.out, self.overwrite, self.fd, self.created = out, overwrite, None, False
         if os.path.exists(out) and not os.path.isdir(out):
             _fail(f"--out {out}: cannot write there (it is a file, not a folder)", code=2)
         self._refuse_earlier_outputs()  # before loading and sampling; again under the lock
+        lock = os.path.join(out, LOCK)
         try:
             self.created = not os.path.exists(out)
-            os.makedirs(out, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-                pass
-            fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            files.check_writable(out, create=True)
+            fd = files.try_lock(lock)
+        except files.LockError:
+            self.release()
+            raise
         except OSError as e:
             self.release()
             _fail(f"--out {out}: cannot write there ({e.strerror or e})", code=2)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # a lock on a file a finishing run just unlinked guards nothing: refuse that too
-            held = os.fstat(fd).st_ino == os.stat(os.path.join(out, LOCK)).st_ino
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.ENOENT):
-                raise
-            held = False
-        if not held:
-            os.close(fd)
-            _fail(f"--out {out} is in use by another sampling (it holds {os.path.join(out, LOCK)}): wait for it, "
+        if fd is None:
+            _fail(f"--out {out} is in use by another sampling (it holds {lock}): wait for it, "
                   "or choose another --out", code=2)
         self.fd = fd
         try:
@@ -182,7 +172,7 @@ class _OutFolder:
             self.release()
             raise
         for n in os.listdir(out):  # temp files of a sampling killed while writing
-            if n.startswith(".tmp-") and n.endswith(OUTPUTS):
+            if files.is_temp(n, OUTPUTS):
                 try:
                     os.unlink(os.path.join(out, n))
                 except FileNotFoundError:
@@ -197,11 +187,7 @@ class _OutFolder:
     def release(self):
         """Unlock; remove the lock file, and --out if this run created it and it is empty."""
         if self.fd is not None:
-            try:
-                os.unlink(os.path.join(self.out, LOCK))  # still held: no other run is using it
-            except OSError:
-                pass
-            os.close(self.fd)
+            files.release(self.fd, os.path.join(self.out, LOCK))
             self.fd = None
         if self.created:
             try:
@@ -216,34 +202,15 @@ def _fail(msg, code=1):
 
 
 def _write(out, images):
-    """samples.npz and samples.png: both written to temp files first, then renamed
-    over the old ones (the old grid removed first), so --out never pairs a new .npz
+    """samples.npz and samples.png, written as one (fastddpm.files.write_all): both
+    complete before either replaces its old file, so --out never pairs a new .npz
     with an old grid, nor holds a half-written file."""
-    paths, tmps = [os.path.join(out, n) for n in OUTPUTS], []
+    paths = [os.path.join(out, n) for n in OUTPUTS]
     try:
-        for path, write in zip(paths, (lambda f: np.savez(f, arr_0=images), lambda f: save_grid(images[:256], f))):
-            # per process, keeping the extension PIL reads the format from
-            tmps.append(os.path.join(out, f".tmp-{os.getpid()}-{os.path.basename(path)}"))
-            with open(tmps[-1], "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        if os.path.exists(paths[1]):
-            os.unlink(paths[1])
-        for tmp, path in zip(tmps, paths):
-            os.replace(tmp, path)
-        dfd = os.open(out, os.O_RDONLY)  # the renames themselves survive a power cut
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException as e:  # a write error, or a signal (_Stopped)
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        if isinstance(e, OSError):
-            _fail(f"cannot write {e.filename or out}: {e.strerror or e}")
-        raise
+        files.write_all([(paths[0], lambda f: np.savez(f, arr_0=images)),
+                         (paths[1], lambda f: save_grid(images[:256], f))])  # PIL reads the format from f's name
+    except OSError as e:
+        _fail(f"cannot write {e.filename or out}: {e.strerror or e}")
     return paths
 
 

@@ -194,15 +194,13 @@ def test_disk_full_while_checkpointing_says_so(tmp_path, monkeypatch):
         m.setattr(torch, "save", full)
         _assert_disk_full_is_reported(tmp_path, path)
     if os.path.exists("/dev/full"):  # a real ENOSPC from the write, as torch.save wraps it
-        import tempfile
-        real = tempfile.mkstemp
+        from fastddpm import files
 
-        def on_dev_full(*args, **kwargs):
-            fd, name = real(*args, **kwargs)
-            os.close(fd)
-            return os.open("/dev/full", os.O_WRONLY), name
+        def on_dev_full(name, mode):  # the temp file is made (to be removed); its bytes go to /dev/full
+            open(name, mode).close()
+            return open("/dev/full", "wb")
 
-        monkeypatch.setattr(tempfile, "mkstemp", on_dev_full)
+        monkeypatch.setattr(files, "open", on_dev_full, raising=False)
         _assert_disk_full_is_reported(tmp_path, path)
 
 

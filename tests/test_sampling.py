@@ -547,7 +547,7 @@ def test_sample_cli_bad_out_fails_before_sampling(tmp_path, capsys, monkeypatch,
         if os.access(out, os.W_OK):   # root ignores permissions: make the write test fail as EACCES would
             def denied(*a, **k):
                 raise PermissionError(13, "Permission denied")
-            monkeypatch.setattr("fastddpm.sample.tempfile.NamedTemporaryFile", denied)
+            monkeypatch.setattr("fastddpm.files.tempfile.NamedTemporaryFile", denied)
     model, d = _model(), GaussianDiffusion.linear(T=4)
     _write_ckpt(tmp_path / "c.pt", model, d)
     with pytest.raises(SystemExit) as e:

@@ -11,7 +11,7 @@ are grouped by device (its name and capability): {device: {key: [backend, reason
 The file is untrusted input: read only when it is a regular file under
 MAX_BYTES, parsed as JSON (never unpickled), checked field by field; a file
 that fails any check, or carries other versions, is ignored without a word and
-replaced at the next write. Writes are atomic (temp file, fsync, os.replace).
+replaced at the next write. Writes are atomic (fastddpm.files.write_atomic).
 A folder that cannot be written costs one line on stderr; the decisions then
 hold for this process only.
 """
@@ -20,9 +20,10 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
 import torch
+
+from fastddpm import files
 
 FORMAT = 1
 MAX_BYTES = 1 << 20        # the file is read only below this size
@@ -149,27 +150,13 @@ def record(device: str, key: str, backend: str, reason: str) -> None:
     payload = {"versions": versions(),
                "decisions": {d: {k: list(v) for k, v in keys.items()} for d, keys in merged.items()}}
     p = path()
-    tmp = None
     try:
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=".dispatch-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=0)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        tmp = None
+        files.write_atomic(p, json.dumps(payload, indent=0))
     except OSError as e:
         if not _warned:
             _warned = True
             print(f"fastddpm: cannot write the dispatch cache {p} ({e.strerror or e}); "
                   "decisions hold for this process only", file=sys.stderr)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def clear() -> list:

@@ -14,6 +14,8 @@ import json
 import math
 import os
 
+from fastddpm import files
+
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 # The smoothed loss: a debiased exponential moving average whose memory is ~1/25 of
@@ -121,14 +123,7 @@ def draw(runs, path):
             ax.set_yscale("log")
         if len(drawn[title]) > 1:
             ax.legend(fontsize="small")
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     return drawn
 
 

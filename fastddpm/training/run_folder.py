@@ -1,6 +1,6 @@
 """The run folder (--out): it belongs to one run.
 
-A trainer holds a lock on it (.lock, a POSIX fcntl.lockf lock: held by the
+A trainer holds a lock on it (.lock, fastddpm.files.try_lock: held by the
 trainer process alone, so data-loader workers it forked never keep it after a
 kill) while it runs. A new run, or a resumed one continuing in a new folder, is
 refused a folder that holds checkpoints or metrics of another run; a run
@@ -10,12 +10,11 @@ folder's own run. config.json holds the run's effective configuration;
 metrics.jsonl (MetricsLog) one JSON record a line, cut on resume to the complete
 records up to the step resumed from; each training record says how many steps
 its window covers (window_steps)."""
-import errno
-import fcntl
 import json
 import os
 
 from fastddpm import checkpoint as ckpt_io
+from fastddpm import files
 
 
 class RunFolderError(ValueError):
@@ -26,13 +25,12 @@ def _check_out_path(out):
     """--out is, or can be created as, a writable folder (checked before anything is written)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunFolderError(f"--out {out} is a file, not a folder")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise RunFolderError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunFolderError(f"--out {out}: {parent} is not writable")
+    try:
+        files.check_writable(out)  # creates nothing
+    except NotADirectoryError as e:
+        raise RunFolderError(f"--out {out}: {e.filename} is a file, not a folder") from None
+    except OSError as e:
+        raise RunFolderError(f"--out {out}: {e.filename} is not writable") from None
 
 
 def _same_folder(a, b):
@@ -93,19 +91,14 @@ class RunFolder:
         lock = os.path.join(out, ".lock")
         try:
             os.makedirs(out, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = files.try_lock(lock)
+        except files.LockError as e:
+            raise RunFolderError(f"cannot lock {lock}: {e.strerror or e}") from e
         except OSError as e:
             raise RunFolderError(f"cannot write to --out {out}: {e.strerror or e}") from e
-        try:
-            # lockf, not flock: a flock is shared with every forked DataLoader worker and
-            # outlives a SIGKILLed trainer until they exit; a POSIX lock dies with the process
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise RunFolderError(f"cannot lock {lock}: {e.strerror or e}") from e
+        if fd is None:
             raise RunFolderError(f"{out} is in use by another trainer (it holds {lock}): wait for "
-                                 "it to finish, or choose another --out folder") from None
+                                 "it to finish, or choose another --out folder")
         self._lock = fd
         try:
             check_out_folder(out, resume_path, step if resume_path else None)
@@ -113,24 +106,24 @@ class RunFolder:
             self.close()
             raise
         for n in os.listdir(out):  # temp files of writes killed half-way
-            if n.startswith(".tmp-") and n.endswith(".pt"):
+            if files.is_temp(n, (".pt", "config.json", "metrics.jsonl")):
                 try:
                     os.unlink(os.path.join(out, n))
                 except FileNotFoundError:
                     pass
-        _write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2) + "\n")
+        files.write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2) + "\n")
         metrics = os.path.join(out, "metrics.jsonl")
         if os.path.exists(metrics):
             with open(metrics) as f:
                 lines = f.read().split("\n")
             # lines[-1] is "" or a record torn by a kill; drop it and records past our step
             kept = [ln + "\n" for ln in lines[:-1] if (st := _record_step(ln)) is not None and st <= step]
-            _write_atomic(metrics, "".join(kept))
+            files.write_atomic(metrics, "".join(kept))
 
     def close(self):
         """Release the folder's lock."""
         if self._lock is not None:
-            os.close(self._lock)
+            files.release(self._lock)
             self._lock = None
 
     def prune(self, keep, step):
@@ -169,9 +162,3 @@ def _record_step(line):
     except (ValueError, TypeError, KeyError):
         return None
 
-
-def _write_atomic(path, text):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
