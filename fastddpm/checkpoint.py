@@ -1,4 +1,4 @@
-"""The one place checkpoints are written and read.
+"""Our checkpoint format: the one place it is written, and checked when read.
 
 A checkpoint is a dict saved with torch.save:
     format, version, step, config {"model": UNetConfig dict, "diffusion":
@@ -15,12 +15,12 @@ Writes are atomic (temp file in the same folder, fsync, rename, fsync the
 folder), so a kill at any moment leaves the previous file intact; a failed
 write (disk full) is a CheckpointError naming the file and the cause.
 
-load() is the one loader: besides our files it reads a bare state_dict with a
-config.json beside it and diffusers UNet2DModel / DDPMPipeline folders
-(fastddpm.interop), always returning our dict. Files are untrusted: every size
-the config declares is checked against fastddpm.limits and the weights' names
-and shapes against the config (from a network built on the meta device, which
-allocates nothing) before any network is built.
+This module knows our format only (check_ours() checks a loaded file of it).
+fastddpm.loader is the one loader (our files, run folders, bare state_dicts and
+diffusers folders). Files are untrusted: check_sizes() checks every size the
+config declares against fastddpm.limits and the weights' names and shapes
+against the config (from a network built on the meta device, which allocates
+nothing) before build_model() builds any network.
 """
 import json
 import os
@@ -91,25 +91,6 @@ def list_checkpoints(folder):
     return sorted(found)
 
 
-def resolve(path):
-    """What `path` names: a checkpoint file, the newest ckpt-*.pt of a run folder,
-    or a diffusers UNet / pipeline folder (returned as is; load() reads it)."""
-    from fastddpm import interop
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        if interop.folder_kind(path) is not None:
-            return path
-        found = list_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"no checkpoint in folder {path}: no ckpt-*.pt (a run folder), "
-                                  "model_index.json (a diffusers pipeline) or config.json with "
-                                  "diffusion_pytorch_model.* (a diffusers UNet)")
-        return found[-1][1]
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return path
-
-
 def safe_torch_load(path, map_location="cpu"):
     """torch.load that never runs code: tensors and plain data only (weights_only),
     plus torch's version string (a str subclass the trainer records)."""
@@ -147,50 +128,36 @@ def _foreign_zip(path):
         return False
 
 
-def _is_state_dict(d):
+def is_state_dict(d):
     return isinstance(d, dict) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                    for k, v in d.items())
 
 
-def load(path, map_location="cpu") -> dict:
-    """Read a checkpoint, deciding by what it finds: our .pt (or a run folder's
-    newest), a bare state_dict with config.json beside it, a diffusers UNet
-    folder or a diffusers pipeline folder. Always our dict format; errors name
-    the file. Nothing read can run code."""
-    path = resolve(path)
-    if os.path.isdir(path):
-        from fastddpm import interop
-        ckpt = interop.load_folder(path)
-    else:
-        ckpt = _load_file(path, map_location)
-    check_sizes(ckpt, path)
+def is_ours(obj):
+    """Whether a loaded file carries our format tag."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def check_ours(ckpt, path):
+    """`ckpt` (a loaded file with our format tag) checked: its version and its weights'
+    entries; errors name the file."""
+    if ckpt.get("version") == 1:
+        raise CheckpointError(
+            f"checkpoint {path} has format version 1: "
+            "its network padded the stride-2 downsampling convs symmetrically, not with the "
+            "paper's TF 'SAME' padding (0, 1, 0, 1) this fastddpm uses, so its weights belong to "
+            "a different network and would give wrong outputs here; retrain it, or sample it "
+            "with the fastddpm version that wrote it")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')}, "
+                              f"this fastddpm reads version {VERSION}")
+    if "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no model weights (its key 'model' is missing)")
+    for key in ("model", "ema"):  # ema may be None (not kept)
+        if (key == "model" or ckpt.get(key) is not None) and not is_state_dict(ckpt[key]):
+            raise CheckpointError(f"checkpoint {path}: its '{key}' entry is not a state_dict of "
+                                  f"tensors (got {type(ckpt[key]).__name__})")
     return ckpt
-
-
-def _load_file(path, map_location):
-    ckpt = safe_torch_load(path, map_location)
-    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        if ckpt.get("version") == 1:
-            raise CheckpointError(
-                f"checkpoint {path} has format version 1: "
-                "its network padded the stride-2 downsampling convs symmetrically, not with the "
-                "paper's TF 'SAME' padding (0, 1, 0, 1) this fastddpm uses, so its weights belong to "
-                "a different network and would give wrong outputs here; retrain it, or sample it "
-                "with the fastddpm version that wrote it")
-        if ckpt.get("version") != VERSION:
-            raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')}, "
-                                  f"this fastddpm reads version {VERSION}")
-        if "model" not in ckpt:
-            raise CheckpointError(f"checkpoint {path} has no model weights (its key 'model' is missing)")
-        for key in ("model", "ema"):  # ema may be None (not kept)
-            if (key == "model" or ckpt.get(key) is not None) and not _is_state_dict(ckpt[key]):
-                raise CheckpointError(f"checkpoint {path}: its '{key}' entry is not a state_dict of "
-                                      f"tensors (got {type(ckpt[key]).__name__})")
-        return ckpt
-    if _is_state_dict(ckpt):
-        return _from_bare_state_dict(path, ckpt)
-    raise CheckpointError(f"{path} is not a fastddpm checkpoint (no '{FORMAT}' format tag, "
-                          "and not a state_dict with a config.json beside it)")
 
 
 def read_json(path):
@@ -212,19 +179,6 @@ def read_json(path):
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object")
     return data
-
-
-def _from_bare_state_dict(path, state_dict):
-    """A plain UNet state_dict with config.json ({"model": ..., "diffusion": ...}) beside it."""
-    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{path} is a bare state_dict; its config.json is missing "
-                              f"(expected at {cfg_path})")
-    config = read_json(cfg_path)
-    if "model" not in config:
-        raise CheckpointError(f"{cfg_path} has no 'model' section")
-    return {"format": FORMAT, "version": VERSION, "step": None, "config": config,
-            "model": state_dict, "ema": None}
 
 
 def expected_shapes(model_cfg) -> dict:
@@ -264,7 +218,7 @@ def check_sizes(ckpt: dict, path="checkpoint"):
     shapes = None
     for which in ("model", "ema"):
         weights = ckpt.get(which)
-        if not _is_state_dict(weights):
+        if not is_state_dict(weights):
             continue
         shapes = shapes or expected_shapes(model_cfg)
         fit = f"{path}: {which} weights do not fit the model config {model_cfg}"
@@ -295,7 +249,7 @@ def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
                                                    "beta_end": 0.02, "variance": "fixedlarge"}
     which = "ema" if use_ema and ckpt.get("ema") is not None else "model"
     weights = ckpt.get(which)
-    if not _is_state_dict(weights):
+    if not is_state_dict(weights):
         raise CheckpointError(f"{path} has no model weights (its key '{which}' is missing or not a state_dict)")
     for name, w in weights.items():
         # a NaN or inf makes the sum non-finite (a cheap test); a finite sum can overflow, so confirm
@@ -316,11 +270,3 @@ def build_model(ckpt: dict, use_ema=True, path="checkpoint"):
             raise CheckpointError(f"{path}: {which} weight {name} overflows {p.dtype} (its largest magnitude is "
                                   f"{big:.3g}); these weights cannot sample")
     return model, diffusion
-
-
-def load_for_sampling(path, map_location="cpu", use_ema=True):
-    """(UNet in eval mode, GaussianDiffusion, checkpoint dict) from anything load() reads."""
-    path = resolve(path)
-    ckpt = load(path, map_location)
-    model, diffusion = build_model(ckpt, use_ema=use_ema, path=path)
-    return model.eval(), diffusion, ckpt

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from fastddpm import checkpoint, interop
+from fastddpm import checkpoint, interop, loader
 
 FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
@@ -27,9 +27,9 @@ def parse_args(argv=None):
 
 def convert(src, dst, use_ema=True):
     """Convert src to dst (the direction follows from src); returns a one-line summary."""
-    src_path = checkpoint.resolve(src)
+    src_path = loader.resolve(src)
     from_diffusers = os.path.isdir(src_path) and interop.folder_kind(src_path) is not None
-    ckpt = checkpoint.load(src_path)
+    ckpt = loader.load(src_path)
     if from_diffusers:
         if os.path.exists(dst):
             raise checkpoint.CheckpointError(f"{dst} already exists; choose a new file name")

@@ -619,11 +619,11 @@ def _run(args):
     device = parse_device(args.device)
     progress = not args.no_progress
     if args.command == "nll":
-        from fastddpm import checkpoint
+        from fastddpm import loader
 
         if args.batch_size < 1 or (args.n is not None and args.n < 1):
             raise EvaluateError("--batch-size and --n must be >= 1")
-        model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
+        model, diffusion, ckpt = loader.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
         if os.path.isdir(args.data) and any(os.path.exists(os.path.join(args.data, n)) for n in
                                             data_mod.CIFAR_BATCHES + (data_mod.CIFAR_TEST_BATCH,)):
             ds = data_mod.ArrayDataset(data_mod.resize_array(data_mod.load_cifar10(args.data, args.split),

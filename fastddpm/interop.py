@@ -1,7 +1,7 @@
 """diffusers folders in and out: UNet2DModel (config.json + weights) and
 DDPMPipeline (model_index.json, unet/, scheduler/) of the DDPM family.
 
-In: `load_folder(DIR)` gives a checkpoint dict in our format (fastddpm.checkpoint
+In: `load_folder(DIR)` gives a checkpoint dict in our format (fastddpm.loader
 calls it when it finds such a folder). The config maps to UNetConfig, the
 weights to our state_dict (to_q / to_k / to_v stacked into one qkv 1x1 conv,
 heads in the same consecutive-channel order), the scheduler to the diffusion

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from fastddpm import checkpoint, files, limits
+from fastddpm import checkpoint, files, limits, loader
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.images import save_grid, to_uint8
 from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
@@ -249,7 +249,7 @@ def main(argv=None):
         print("warning: fp16 on the CPU is emulated and runs many times slower than fp32 "
               "(use --precision fp32 or bf16)", file=sys.stderr)
     try:
-        model, diffusion, ckpt = checkpoint.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
+        model, diffusion, ckpt = loader.load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
     except checkpoint.CheckpointError as e:
         _fail(str(e), code=2)
     T = diffusion.num_timesteps

@@ -28,8 +28,8 @@ import signal
 import sys
 import threading
 
-from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
+from fastddpm import loader
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES
@@ -212,8 +212,8 @@ def config_from_args(argv=None):
         validate(cfg)
         check_out_folder(cfg.out)
         return cfg, None, None
-    path = ckpt_io.resolve(resume)
-    ckpt = ckpt_io.load(path)
+    path = loader.resolve(resume)
+    ckpt = loader.load(path)
     saved_train = (ckpt.get("config") or {}).get("train")
     if saved_train is None or "train_state" not in ckpt:
         raise CheckpointError(f"{path} holds no training state (not written by fastddpm.train); "

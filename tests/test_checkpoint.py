@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastddpm import checkpoint as C
+from fastddpm import loader as L
 from fastddpm.checkpoint import CheckpointError
 
 TINY = ["--preset", "tiny", "--image-size", "8", "--ch", "16", "--ch-mult", "1", "--attn-resolutions", "",
@@ -42,20 +43,20 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="ckpt-00000005.pt.*unreadable"):
-        C.load(tmp_path)
+        L.load(tmp_path)
     path.write_bytes(os.urandom(3000))
     with pytest.raises(CheckpointError, match="ckpt-00000005.pt is unreadable"):
-        C.load(tmp_path)
+        L.load(tmp_path)
     # every first byte (pickle opcode): some made torch's unpickler raise a bare IndexError
     rng = torch.Generator().manual_seed(0)
     tail = bytes(torch.randint(0, 256, (2999,), generator=rng, dtype=torch.uint8).tolist())
     for first in range(256):
         path.write_bytes(bytes([first]) + tail)
         with pytest.raises(CheckpointError, match="ckpt-00000005.pt is unreadable"):
-            C.load(tmp_path)
+            L.load(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        C.resolve(tmp_path / "empty")
+        L.resolve(tmp_path / "empty")
 
 
 def test_an_npz_given_as_checkpoint_says_what_it_is(tmp_path, capsys):
@@ -80,7 +81,7 @@ def test_version_1_checkpoints_are_refused_with_the_reason(tmp_path, capsys):
     C.atomic_save({"format": C.FORMAT, "version": 1, "step": 3, "config": {"model": cfg.to_dict()},
                    "model": UNet(cfg).state_dict(), "ema": None}, path)
     with pytest.raises(CheckpointError, match=r"ckpt-00000003.pt has format version 1: .*padded the stride-2"):
-        C.load_for_sampling(tmp_path)
+        L.load_for_sampling(tmp_path)
     err = _sample_cli_error(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert re.search("version 1.*retrain", err), err
 
@@ -123,7 +124,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path, capsys
                r"since loading it could run code" if how == "torch.save" else
                r"ckpt-00000009.pt is unreadable: not a zip archive")
     with pytest.raises(CheckpointError, match=refused):
-        C.load(path)
+        L.load(path)
     err = _sample_cli_error(["--checkpoint", str(path.parent), "--out", str(tmp_path / "o"), "--device", "cpu"],
                             capsys)
     assert re.search("error: checkpoint .*(could run code|not a zip archive)", err), err
@@ -151,9 +152,9 @@ def test_nonfinite_weights_are_refused_by_name(tmp_path, capsys):
     ckpt["model"]["mid.1.qkv.bias"][3] = float("inf")
     C.atomic_save(ckpt, tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match=r"m.pt: ema weight down.0.0.conv1.weight holds 1 NaN/inf"):
-        C.load_for_sampling(tmp_path / "m.pt")
+        L.load_for_sampling(tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match=r"m.pt: model weight mid.1.qkv.bias holds 1 NaN/inf"):
-        C.load_for_sampling(tmp_path / "m.pt", use_ema=False)
+        L.load_for_sampling(tmp_path / "m.pt", use_ema=False)
     err = _sample_cli_error(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o"), "--device", "cpu"],
                             capsys)
     assert "down.0.0.conv1.weight holds 1 NaN/inf" in err, err
@@ -165,13 +166,13 @@ def test_a_checkpoint_without_its_model_weights_names_the_key(tmp_path, capsys):
     del ckpt["model"]
     C.atomic_save(ckpt, tmp_path / "ckpt-00000002.pt")
     with pytest.raises(CheckpointError, match=r"ckpt-00000002.pt has no model weights \(its key 'model' is missing\)"):
-        C.load_for_sampling(tmp_path)
+        L.load_for_sampling(tmp_path)
     from fastddpm.train import main as train_main
     assert train_main(["--resume", str(tmp_path), "--no-progress"]) == 2
     assert "its key 'model' is missing" in capsys.readouterr().err
     C.atomic_save(_tiny_ckpt(ema=[1, 2]), tmp_path / "ckpt-00000003.pt")
     with pytest.raises(CheckpointError, match="its 'ema' entry is not a state_dict"):
-        C.load(tmp_path)
+        L.load(tmp_path)
 
 
 def _assert_disk_full_is_reported(tmp_path, path):
@@ -246,9 +247,9 @@ def test_sigkill_at_random_moments_never_breaks_the_newest_checkpoint(tmp_path):
         steps = [s for s, _ in C.list_checkpoints(out)]
         assert steps and steps[-1] > prev
         for _, path in C.list_checkpoints(out):  # the newest, and every other one kept, loads
-            ckpt = C.load(path)
+            ckpt = L.load(path)
             assert ckpt["train_state"]["data"]["global_batch"] == 8
-        model, _, _ = C.load_for_sampling(out)
+        model, _, _ = L.load_for_sampling(out)
         assert all(torch.isfinite(v).all() for v in model.state_dict().values())
         prev = steps[-1]
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from fastddpm import checkpoint as C
+from fastddpm import loader as L
 from fastddpm.train import main
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -59,13 +60,13 @@ def test_two_ranks_match_one_process_and_resume_across_rank_counts(tmp_path):
     single, two, mixed = tmp_path / "single", tmp_path / "two", tmp_path / "mixed"
     # one process, global batch 8: the reference trajectory, checkpoints at 3 and 6
     assert main(TINY + ["--out", str(single), "--steps", "6", "--ckpt-every", "3", "--keep", "5"]) == 0
-    ref3 = C.load(single / C.checkpoint_name(3))
-    ref6 = C.load(single / C.checkpoint_name(6))
+    ref3 = L.load(single / C.checkpoint_name(3))
+    ref6 = L.load(single / C.checkpoint_name(6))
 
     # two ranks x 4 images, from scratch to step 3
     text = _torchrun(TINY + ["--out", str(two), "--steps", "3"])
     assert text.count("done: step 3/3") == 1  # rank 0 alone reports
-    got3 = C.load(two)
+    got3 = L.load(two)
     assert got3["step"] == 3
     _ranks_identical(got3)
     _close(got3["model"], ref3["model"], "2 ranks vs 1 process, step 3:")
@@ -73,13 +74,13 @@ def test_two_ranks_match_one_process_and_resume_across_rank_counts(tmp_path):
 
     # 2 -> 1: the two-rank checkpoint continues in one process
     assert main(["--resume", str(two), "--steps", "6", "--no-progress"]) == 0
-    _close(C.load(two)["model"], ref6["model"], "2 ranks then 1 process, step 6:")
+    _close(L.load(two)["model"], ref6["model"], "2 ranks then 1 process, step 6:")
 
     # 1 -> 2: the single-process checkpoint at step 3 continues on two ranks
     mixed.mkdir()
     shutil.copy(single / C.checkpoint_name(3), mixed / C.checkpoint_name(3))
     _torchrun(["--resume", str(mixed), "--steps", "6", "--no-progress"])
-    got6 = C.load(mixed)
+    got6 = L.load(mixed)
     assert got6["step"] == 6
     _ranks_identical(got6)
     _close(got6["model"], ref6["model"], "1 process then 2 ranks, step 6:")

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint
+from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, loader
 from fastddpm import evaluate as ev
 from fastddpm import inception as inc
 from fastddpm import data as data_mod
@@ -398,7 +398,7 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     fids = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
     assert len(fids) == 1 and fids[0]["fid_n"] == 3
-    model, d, _ = checkpoint.load_for_sampling(out)
+    model, d, _ = loader.load_for_sampling(out)
     assert fids[0]["fid_sampler"] == f"{TRAINING_FID_SAMPLER}-4"  # T = 4 < 20 steps
     x = sample(model, d, 3, batch_size=2, seed=0, progress=False, sampler=TRAINING_FID_SAMPLER, steps=4)
     net = inc.load_inception(HELPER)
@@ -529,7 +529,7 @@ def test_sigterm_during_an_in_training_fid_stops_promptly(tmp_path):
             proc.communicate()
     assert proc.returncode == 143, (stdout, stderr)
     assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
-    assert checkpoint.load(out)["step"] == 1
+    assert loader.load(out)["step"] == 1
     assert not [ln for ln in open(out / "metrics.jsonl") if '"fid"' in ln]
 
 

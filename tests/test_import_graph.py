@@ -41,13 +41,9 @@ LAYERS = [
 LEAVES = ["fastddpm.files", "fastddpm.data", "fastddpm.images", "fastddpm.allocator", "fastddpm.assets",
           "fastddpm.limits"]
 
-# (importer, imported): today's violations, each with what removes it.
-KNOWN = {
-    # checkpoint.py reads diffusers folders through interop.py, which imports
-    # checkpoint.py: a circle, and checkpoint importing upward. Issue 22 phase 2
-    # (loader.py: the one loader above both) removes it.
-    ("fastddpm.checkpoint", "fastddpm.interop"),
-}
+# (importer, imported): today's violations, each with what removes it. Empty
+# since issue 22 phase 2 (loader.py above checkpoint.py and interop.py).
+KNOWN = set()
 
 
 def find_modules(trees=TREES):
@@ -185,7 +181,17 @@ def test_today_the_known_violations_are_what_keeps_the_graph_from_passing():
     found = "\n".join(problems(read_imports(find_modules())))
     for a, b in KNOWN:
         assert f"{a} imports {b}" in found or f"{a} -> {b}" in found, (a, b, found)
-    assert "circle of 2 modules: fastddpm.checkpoint -> fastddpm.interop, fastddpm.interop -> fastddpm.checkpoint" in found
+
+
+def test_the_loader_sits_above_checkpoint_and_interop():
+    """The circle checkpoint <-> interop (load() read diffusers folders through
+    interop, which built on checkpoint) is gone: loader imports both, neither
+    imports it, and checkpoint imports no interop."""
+    graph = read_imports(find_modules())
+    assert {"fastddpm.checkpoint", "fastddpm.interop"} <= graph["fastddpm.loader"]
+    assert "fastddpm.loader" not in graph["fastddpm.checkpoint"] | graph["fastddpm.interop"]
+    assert "fastddpm.interop" not in graph["fastddpm.checkpoint"]
+    assert graph["fastddpm.files"] == set()
 
 
 @pytest.mark.parametrize("graph, words", [

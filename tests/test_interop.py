@@ -14,6 +14,7 @@ import torch
 
 from fastddpm import GaussianDiffusion, UNet, UNetConfig, interop
 from fastddpm import checkpoint as C
+from fastddpm import loader as L
 from fastddpm import ops
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.nn import timestep_embedding
@@ -85,7 +86,7 @@ def test_diffusers_unet_folder_loads_and_matches_in_float64(tmp_path, name):
     seed = fresh_seed()
     cfg = SMALL[name]
     theirs = _diffusers_unet(cfg, tmp_path / "unet")
-    model, _, ckpt = C.load_for_sampling(tmp_path / "unet")
+    model, _, ckpt = L.load_for_sampling(tmp_path / "unet")
     assert model.config.ch_mult == tuple(c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"])
     heads = 1 if cfg["attention_head_dim"] is None else cfg["block_out_channels"][-1] // cfg["attention_head_dim"]
     assert model.config.num_heads == heads
@@ -98,7 +99,7 @@ def test_diffusers_unet_folder_loads_and_matches_in_float64(tmp_path, name):
 def test_cifar10_layout_matches_and_is_the_papers_network(tmp_path):
     seed = fresh_seed()
     theirs = _diffusers_unet(CIFAR10, tmp_path / "unet")
-    model, _, _ = C.load_for_sampling(tmp_path / "unet")
+    model, _, _ = L.load_for_sampling(tmp_path / "unet")
     assert model.config == UNetConfig.cifar10(dropout=0.0)
     assert sum(p.numel() for p in model.parameters()) == 35_746_307
     err = _compare(model, theirs, 3, 32, [617])  # batch 1: the small configs sweep the timesteps
@@ -114,7 +115,7 @@ def test_the_only_difference_is_the_float32_sinusoid(tmp_path):
     fresh_seed()
     cfg = SMALL["one-head"]
     theirs = _diffusers_unet(cfg, tmp_path / "u").double()
-    model = C.load_for_sampling(tmp_path / "u")[0].double()
+    model = L.load_for_sampling(tmp_path / "u")[0].double()
     x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 999])
     with torch.no_grad(), ops.use_backend("reference"):
         assert rel_err(model(x, t), theirs(x, t).sample) < 1e-5
@@ -135,7 +136,7 @@ def test_bin_weights_with_old_attention_names_load(tmp_path):
         sd[k] = v
     assert any(".query." in k for k in sd)
     torch.save(sd, tmp_path / "u" / "diffusion_pytorch_model.bin")
-    model = C.load_for_sampling(tmp_path / "u")[0]
+    model = L.load_for_sampling(tmp_path / "u")[0]
     assert _compare(model, theirs, 3, 8, [5, 950]) < TOL
 
 
@@ -166,7 +167,7 @@ def test_export_loads_in_diffusers_and_matches_in_float64(tmp_path, cfg):
         err = _compare(model, pipe.unet, cfg.in_channels, cfg.image_size, ts)
         assert err < TOL, f"t={ts}: relative error {err:.2e} (seed {seed})"
     # and back: the same network, bit for bit, and the same diffusion
-    back = C.load(tmp_path / "pipe")
+    back = L.load(tmp_path / "pipe")
     assert back["config"]["model"] == cfg.to_dict() and back["config"]["diffusion"] == diffusion.config
     assert all(torch.equal(back["model"][k], v) for k, v in ckpt["ema"].items())
 
@@ -362,17 +363,17 @@ def test_flat_layout_of_the_google_repositories(tmp_path):
     theirs = _diffusers_unet(SMALL["one-head"], root)
     sched = DDPMScheduler(num_train_timesteps=9, beta_start=1e-3, beta_end=0.2, variance_type="fixed_large")
     sched.save_pretrained(root)
-    ckpt = C.load(root)
+    ckpt = L.load(root)
     assert ckpt["config"]["diffusion"] == {"schedule": "linear", "T": 9, "beta_start": 1e-3, "beta_end": 0.2,
                                            "variance": "fixedlarge"}
     (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": [
         "diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
-    model, diffusion, ckpt = C.load_for_sampling(root)
+    model, diffusion, ckpt = L.load_for_sampling(root)
     assert ckpt["config"]["source"]["format"] == "diffusers DDPMPipeline" and diffusion.num_timesteps == 9
     assert _compare(model, theirs, 3, 8, [0, 8]) < TOL
     os.remove(root / "scheduler_config.json")
     with pytest.raises(CheckpointError, match="scheduler_config.json is missing"):
-        C.load(root)
+        L.load(root)
 
 
 def test_bad_weight_files_are_refused(tmp_path):
@@ -381,25 +382,25 @@ def test_bad_weight_files_are_refused(tmp_path):
     raw = weights.read_bytes()
     weights.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors is unreadable"):
-        C.load(folder)
+        L.load(folder)
     weights.unlink()
     with pytest.raises(CheckpointError, match="has no weights"):
-        C.load(folder)
+        L.load(folder)
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a zip, not a pickle")
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.bin is unreadable"):
-        C.load(folder)
+        L.load(folder)
     class RunsCode:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"conv_in.weight": RunsCode()}, folder / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.bin holds Python objects .*could run code"):
-        C.load(folder)
+        L.load(folder)
     assert not (tmp_path / "pwned").exists()
     (folder / "unet" / "diffusion_pytorch_model.bin").unlink()
     os.remove(folder / "scheduler" / "scheduler_config.json")
     with pytest.raises(CheckpointError, match="scheduler_config.json is missing"):
-        C.load(folder)
+        L.load(folder)
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
@@ -412,20 +413,20 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     save_file(sd, weights)
     with pytest.raises(CheckpointError, match=r"conv_in.weight has shape \(16, 3, 5, 5\), the config needs "
                                               r"\(16, 3, 3, 3\)"):
-        C.load(folder)
+        L.load(folder)
     sd = dict(good)
     del sd["mid_block.attentions.0.to_k.weight"]
     save_file(sd, weights)
     with pytest.raises(CheckpointError, match="mid_block.attentions.0.to_k.weight is missing"):
-        C.load(folder)
+        L.load(folder)
     save_file({**good, "class_embedding.weight": torch.randn(10, 64)}, weights)
     with pytest.raises(CheckpointError, match="class_embedding.weight.*do not belong"):
-        C.load(folder)
+        L.load(folder)
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "block_out_channels": [16, 48]}))
     save_file(good, weights)
     with pytest.raises(CheckpointError, match="do not belong|has shape"):
-        C.load(folder)
+        L.load(folder)
 
 
 def test_cli_help_says_checkpoint_takes_diffusers_folders(capsys):
@@ -456,7 +457,7 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     from fastddpm.convert import main as convert_main
     folder = _pipeline_folder(tmp_path, variance_type="fixed_small")
     assert convert_main([str(folder), str(tmp_path / "m.pt")]) == 0
-    ckpt = C.load(tmp_path / "m.pt")
+    ckpt = L.load(tmp_path / "m.pt")
     assert ckpt["config"]["diffusion"] == {"schedule": "linear", "T": 8, "beta_start": 1e-3, "beta_end": 0.2,
                                            "variance": "fixedsmall"}
     assert convert_main([str(tmp_path / "m.pt"), str(tmp_path / "back")]) == 0
@@ -494,9 +495,9 @@ def test_converted_files_get_the_umask_permissions(tmp_path):
 
 def test_clip_sample_false_is_recorded_and_followed_by_the_sample_cli(tmp_path, monkeypatch, capsys):
     folder = _pipeline_folder(tmp_path, clip_sample=False)
-    assert C.load(folder)["config"]["sampling"] == {"clip": False}
+    assert L.load(folder)["config"]["sampling"] == {"clip": False}
     other = _pipeline_folder(tmp_path / "b")
-    assert C.load(other)["config"]["sampling"] == {"clip": True}
+    assert L.load(other)["config"]["sampling"] == {"clip": True}
     import fastddpm.sample as S
     seen = []
     real = S.sample
@@ -514,4 +515,4 @@ def test_clip_sample_false_survives_a_round_trip_through_convert(tmp_path):
     assert convert_main([str(folder), str(tmp_path / "m.pt")]) == 0
     assert convert_main([str(tmp_path / "m.pt"), str(tmp_path / "back")]) == 0
     assert DDPMPipeline.from_pretrained(tmp_path / "back").scheduler.config.clip_sample is False
-    assert C.load(tmp_path / "back")["config"]["sampling"] == {"clip": False}
+    assert L.load(tmp_path / "back")["config"]["sampling"] == {"clip": False}

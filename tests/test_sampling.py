@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import fastddpm.sampling as sampling
-from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, ops, reference
+from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, loader, ops, reference
 from fastddpm.sample import main as sample_main
 from fastddpm.sampling import make_plan, sample, sample_batch, spaced_timesteps
 from fastddpm.sampling.graphs import CudaGraphRunner
@@ -617,16 +617,16 @@ def test_bare_state_dict_with_config_json(tmp_path):
     model, d = _model(), GaussianDiffusion.linear(T=4)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps({"model": CFG.to_dict(), "diffusion": d.config}))
-    loaded, d2, _ = checkpoint.load_for_sampling(tmp_path / "model.pt")
+    loaded, d2, _ = loader.load_for_sampling(tmp_path / "model.pt")
     assert d2.num_timesteps == 4
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-        checkpoint.load_for_sampling(tmp_path / "nope.pt")
+        loader.load_for_sampling(tmp_path / "nope.pt")
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
-        checkpoint.load_for_sampling(tmp_path)
+        loader.load_for_sampling(tmp_path)
     model, d = _model(), GaussianDiffusion.linear(T=4)
     good = tmp_path / "good.pt"
     _write_ckpt(good, model, d)
@@ -634,17 +634,17 @@ def test_bad_checkpoints_are_refused(tmp_path):
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.CheckpointError, match="trunc.pt is unreadable"):
-        checkpoint.load_for_sampling(trunc)
+        loader.load_for_sampling(trunc)
     other = UNet(UNetConfig.tiny(image_size=8, ch=32, ch_mult=(1,), attn_resolutions=(8,), num_groups=4))
     ck = torch.load(good, weights_only=False)
     ck["ema"] = other.state_dict()
     torch.save(ck, tmp_path / "other.pt")
     with pytest.raises(checkpoint.CheckpointError, match="do not fit the model config"):
-        checkpoint.load_for_sampling(tmp_path / "other.pt")
+        loader.load_for_sampling(tmp_path / "other.pt")
     os.makedirs(tmp_path / "sub")
     torch.save({"x": torch.ones(1)}, tmp_path / "sub" / "m.pt")
     with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
-        checkpoint.load_for_sampling(tmp_path / "sub" / "m.pt")
+        loader.load_for_sampling(tmp_path / "sub" / "m.pt")
     with pytest.raises(SystemExit, match="2"):  # bad input, as argparse's own errors
         sample_main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")])
 

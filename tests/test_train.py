@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastddpm import checkpoint as C
+from fastddpm import loader as L
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.train import config_from_args, main
@@ -60,14 +61,14 @@ def test_resume_is_bit_identical(tmp_path):
     assert main(args + ["--out", str(tmp_path / "a"), "--steps", "7", "--workers", "1"]) == 0
     assert main(args + ["--out", str(tmp_path / "b"), "--steps", "3"]) == 0
     assert main(["--resume", str(tmp_path / "b"), "--steps", "7", "--no-progress"]) == 0
-    a, b = C.load(tmp_path / "a"), C.load(tmp_path / "b")
+    a, b = L.load(tmp_path / "a"), L.load(tmp_path / "b")
     assert a["step"] == b["step"] == 7
     _equal_state(a["model"], b["model"], "model")
     _equal_state(a["ema"], b["ema"], "ema")
     _equal_optimizer(a["train_state"]["optimizer"], b["train_state"]["optimizer"])
     assert torch.equal(a["train_state"]["rng"][0]["torch"], b["train_state"]["rng"][0]["torch"])
     assert a["train_state"]["data"] == b["train_state"]["data"]
-    assert any(not torch.equal(a["model"][k], C.load(tmp_path / "b" / C.checkpoint_name(3))["model"][k])
+    assert any(not torch.equal(a["model"][k], L.load(tmp_path / "b" / C.checkpoint_name(3))["model"][k])
                for k in a["model"])  # it did train
     # the metrics log of the resumed run has one record per logged step, in order
     steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")]
@@ -89,12 +90,12 @@ def test_memory_format_is_a_runtime_choice_with_contiguous_checkpoints(tmp_path,
     args = TINY + ["--memory-format", "channels_last", "--ch-mult", "1,2", "--attn-resolutions", "4"]
     assert main(args + ["--out", str(tmp_path / "a"), "--steps", "4"]) == 0
     assert main(args + ["--out", str(tmp_path / "b"), "--steps", "2"]) == 0
-    ckpt2 = C.load(tmp_path / "b")
+    ckpt2 = L.load(tmp_path / "b")
     tensors = [*ckpt2["model"].values(), *ckpt2["ema"].values(),
                *(v for st in ckpt2["train_state"]["optimizer"]["state"].values() for v in st.values())]
     assert all(t.is_contiguous() for t in tensors) and any(t.dim() == 4 and t.shape[1] > 1 for t in tensors)
     assert main(["--resume", str(tmp_path / "b"), "--steps", "4", "--no-progress"]) == 0
-    a, b = C.load(tmp_path / "a"), C.load(tmp_path / "b")
+    a, b = L.load(tmp_path / "a"), L.load(tmp_path / "b")
     _equal_state(a["model"], b["model"], "model")
     _equal_state(a["ema"], b["ema"], "ema")
     _equal_optimizer(a["train_state"]["optimizer"], b["train_state"]["optimizer"])
@@ -134,10 +135,10 @@ def test_metrics_config_samples_and_sampling_cli_reads_it(tmp_path, capsys):
     cfg = json.load(open(out / "config.json"))
     assert cfg["model"]["ch"] == 16 and cfg["diffusion"]["T"] == 20 and cfg["train"]["steps"] == 4
     assert [s for s, _ in C.list_checkpoints(out)] == [4]  # --keep 1
-    model, diffusion, ckpt = C.load_for_sampling(out)
+    model, diffusion, ckpt = L.load_for_sampling(out)
     assert not model.training and diffusion.num_timesteps == 20
     _equal_state(model.state_dict(), ckpt["ema"], "sampling model vs EMA")  # EMA by default
-    raw, _, _ = C.load_for_sampling(out, use_ema=False)
+    raw, _, _ = L.load_for_sampling(out, use_ema=False)
     _equal_state(raw.state_dict(), ckpt["model"], "use_ema=False")
 
 
@@ -259,9 +260,9 @@ def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(tmp_path, mon
     assert code == 3
     err = capsys.readouterr().err
     assert "3 consecutive steps" in err and "non-finite" in err and "checkpoint is intact" in err
-    ckpt = C.load(out)
+    ckpt = L.load(out)
     assert ckpt["step"] <= 6
-    good = C.load(out / C.checkpoint_name(4))
+    good = L.load(out / C.checkpoint_name(4))
     _equal_state(ckpt["model"], good["model"], "weights after skipped steps")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -285,7 +286,7 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     # allowed overrides: more steps, another lr, log interval
     assert main(["--resume", out, "--steps", "3", "--lr", "5e-4", "--log-every", "1", "--no-progress"]) == 0
-    assert C.load(out)["config"]["train"]["lr"] == 5e-4
+    assert L.load(out)["config"]["train"]["lr"] == 5e-4
 
 
 def test_compile_trains_the_same_network_and_samples(tmp_path, monkeypatch, capsys):
@@ -305,7 +306,7 @@ def test_compile_trains_the_same_network_and_samples(tmp_path, monkeypatch, caps
     assert main(args + ["--out", str(tmp_path / "eager")]) == 0
     assert main(args + ["--out", str(tmp_path / "compiled"), "--compile", "default"]) == 0
     assert modes == ["default"]
-    a, b = C.load(tmp_path / "eager"), C.load(tmp_path / "compiled")
+    a, b = L.load(tmp_path / "eager"), L.load(tmp_path / "compiled")
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         ref = a["model"][k].double()
@@ -379,9 +380,9 @@ def test_trains_on_an_image_folder_and_resumes(tmp_path, capsys):
     assert main(args + ["--out", str(out), "--steps", "2"]) == 0
     stdout = capsys.readouterr().out
     assert f"images:{folder}" in stdout and "2 of 8 images have transparency" in stdout
-    assert C.load(out)["train_state"]["data"]["source"] == f"images:{folder}"
+    assert L.load(out)["train_state"]["data"]["source"] == f"images:{folder}"
     assert main(["--resume", str(out), "--steps", "3"]) == 0
-    assert C.load(out)["step"] == 3
+    assert L.load(out)["step"] == 3
 
 
 def test_unreadable_image_mid_training_is_one_line_after_a_checkpoint(tmp_path, capsys):
@@ -395,7 +396,7 @@ def test_unreadable_image_mid_training_is_one_line_after_a_checkpoint(tmp_path, 
     assert code == 2
     _one_error_line(capsys.readouterr().err, f"{bad:02d}.jpg", "truncated", "step 1",
                     C.checkpoint_name(1), "--resume")
-    assert C.load(out)["step"] == 1
+    assert L.load(out)["step"] == 1
 
 
 def _snapshot(folder):
@@ -442,7 +443,7 @@ def test_one_trainer_per_run_folder(tmp_path, capsys):
         assert holder.stdout.readline().strip() == "held"
         assert main(["--resume", str(out), "--steps", "3"]) == 2
         _one_error_line(capsys.readouterr().err, str(out), "in use by another trainer")
-        assert C.load(out)["step"] == 2
+        assert L.load(out)["step"] == 2
     finally:
         holder.communicate("", timeout=30)
     assert main(["--resume", str(out), "--steps", "3"]) == 0  # released: free again
@@ -534,10 +535,10 @@ def test_variance_may_change_on_resume_as_the_help_says(tmp_path, capsys):
     assert main(TINY + ["--out", str(out), "--steps", "2"]) == 0
     assert main(["--resume", str(out), "--steps", "3", "--variance", "fixedsmall"]) == 0
     assert "sampling variance fixedlarge -> fixedsmall" in capsys.readouterr().out
-    ckpt = C.load(out)
+    ckpt = L.load(out)
     assert ckpt["config"]["diffusion"]["variance"] == ckpt["config"]["train"]["variance"] == "fixedsmall"
     assert json.load(open(out / "config.json"))["diffusion"]["variance"] == "fixedsmall"
-    assert C.load(out / C.checkpoint_name(2))["config"]["diffusion"]["variance"] == "fixedlarge"
+    assert L.load(out / C.checkpoint_name(2))["config"]["diffusion"]["variance"] == "fixedlarge"
 
 
 # ---- SIGTERM to the whole process group (Slurm's scancel, systemd) --------------------
@@ -589,7 +590,7 @@ def test_sigterm_to_the_process_group_saves_and_exits_143(tmp_path):
     stdout, stderr = _kill_group_and_wait(proc)
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "SIGTERM at step" in stdout
-    step = C.load(out)["step"]
+    step = L.load(out)["step"]
     assert step >= 1 and C.checkpoint_name(step) in stdout
 
 
@@ -603,7 +604,7 @@ def test_sigterm_during_the_final_sample_grid_stops_promptly(tmp_path):
     assert proc.returncode == 143, (stdout, stderr)
     assert "Traceback" not in stderr and "SIGTERM at step 1" in stdout
     assert not list(out.glob("samples-*.png"))
-    assert C.load(out)["step"] == 1
+    assert L.load(out)["step"] == 1
 
 
 @pytest.mark.parametrize("hook", ["sample_grid", "fid"])
@@ -628,12 +629,12 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
         main(args)
     assert C.list_checkpoints(out) == [(3, str(out / C.checkpoint_name(3)))]
     assert any(C.checkpoint_name(3) in n and "--resume" in n for n in e.value.__notes__)
-    assert C.load(out)["step"] == 3
+    assert L.load(out)["step"] == 3
     # and the run continues from it (the hook working again)
     monkeypatch.setattr(Trainer, "write_samples", lambda self: None)
     monkeypatch.setattr(Trainer, "record_fid", lambda *a, **k: None)
     assert main(["--resume", str(out), "--steps", "4", "--no-progress"]) == 0
-    assert C.load(out)["step"] == 4
+    assert L.load(out)["step"] == 4
 
 
 def test_a_folder_with_metrics_but_no_checkpoint_does_not_point_to_resume(tmp_path, capsys):
