@@ -18,7 +18,7 @@ dtype, layout, shape class and whether it needs a gradient; see _key), as
 FASTDDPM_DISPATCH says:
   verify     (default) the first call at a key also runs the reference on the
              same inputs and the same random stream (replays), and compares the
-             outputs by relative error (TOL); a key that needs gradients is
+             outputs by relative error (fastddpm.ops._verify.TOL); a key that needs gradients is
              decided at its first backward, which compares them too (until
              then every call there is checked so); on CUDA the first call also
              times both and keeps the faster. A failure or mismatch costs one
@@ -31,21 +31,19 @@ The cost: one reference call per key (plus a few timed calls of each where
 measured), then a key built and looked up per call (~10 us). Decisions persist per versions and
 device (fastddpm/ops/_decisions.py). Inside a torch.compile trace or a
 CUDA-graph capture nothing is checked: a decision made by an earlier eager call
-is used, else the reference runs. `dispatch_report()` lists the decisions.
+is used, else the reference runs. fastddpm.ops._verify holds how a check
+compares and times; fastddpm.ops._report lists the decisions (dispatch_report).
 """
 import contextlib
 import importlib.util
 import math
 import os
-import statistics
 import sys
-import time
 import weakref
 
 import torch
-from torch.utils import _pytree
 
-from fastddpm.ops import _decisions
+from fastddpm.ops import _decisions, _verify
 from fastddpm.ops._checks import no_sync
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
@@ -70,10 +68,6 @@ _replays: dict = {}
 _mutates: dict = {}        # op -> (positions of the tensor arguments it writes in place, their tolerance scale)
 # auto preference order per device type
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
-# ||fast - reference|| / ||reference|| allowed, per dtype of the output (DEVELOPERS.md; the
-# half types as tests/_util.REL_TOL has them)
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-TIME_REPS = 5              # timed calls per implementation, after one warm-up
 
 
 def is_nhwc(x) -> bool:
@@ -108,10 +102,9 @@ def preferred_memory_format(device) -> torch.memory_format:
     sample --memory-format auto). Here, beside CPU_AUTO_CPP, because the two must
     agree: channels_last on the CPU when fastddpm._C loaded and the forced
     backend is "auto" or "cpp" (its GroupNorm kernels read NHWC natively and
-    oneDNN's convolutions were measured 5-15% faster channels_last: tiny UNet
-    train step profiled, 1 and 2 threads, fp32, 2026-12-01); contiguous otherwise (torch's own
-    CPU GroupNorm is slow on channels_last, so "reference" stays NCHW). CUDA:
-    contiguous until channels_last is measured on a GPU."""
+    oneDNN's convolutions measured faster so: benchmarks/results/README.md);
+    contiguous otherwise (torch's own CPU GroupNorm is slow on channels_last, so
+    "reference" stays NCHW). CUDA: contiguous until channels_last is measured on a GPU."""
     device = torch.device(device)
     if device.type == "cpu" and _forced in ("auto", "cpp") and _unavailable("cpp", device) is None:
         return torch.channels_last
@@ -324,10 +317,6 @@ def _any_grad(s):
     return False
 
 
-_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-                torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.uint8: "u8"}
-
-
 def _dim_text(v):
     if v >= 0:
         return str(v)
@@ -342,7 +331,7 @@ def _dim_text(v):
 def _sig_text(s):
     if isinstance(s, tuple) and len(s) == 4 and isinstance(s[0], torch.dtype):
         dtype, layout, shape, grad = s
-        return (f"{_DTYPE_NAMES.get(dtype, str(dtype).replace('torch.', ''))} {layout} "
+        return (f"{_verify.DTYPE_NAMES.get(dtype, str(dtype).replace('torch.', ''))} {layout} "
                 f"({','.join(_dim_text(v) for v in shape)})" + (" grad" if grad else ""))
     if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], str) and not isinstance(s[1], str):
         return f"{s[0]}={_sig_text(s[1])}"
@@ -394,50 +383,42 @@ def _first_use(op, fast, key, device, args, kwargs):
     positions, scale_of = _mutates.get(op, ((), None))
     mutated = [args[i] for i in positions if i < len(args) and isinstance(args[i], torch.Tensor)]
     start = [t.clone() for t in mutated]   # both sides write from the same contents
-    rng0 = _rng_get(device)
+    rng0 = _verify.rng_get(device)
     try:
         out, failure = impls[fast](*args, **kwargs), None
     except Exception as e:  # noqa: BLE001  (any failure of a fast path: the reference answers)
-        out, failure = None, _error_text("error", e)
-    rng_fast = _rng_get(device)
-    _rng_set(device, rng0)
-    wrote_fast = _swap_in(mutated, start)
-    with _exact_fp32():
+        out, failure = None, _verify.error_text("error", e)
+    rng_fast = _verify.rng_get(device)
+    _verify.rng_set(device, rng0)
+    wrote_fast = _verify.swap_in(mutated, start)
+    with _verify.exact_fp32():
         expected = replay(*args, **kwargs)
         if expected is None:   # a replay with nothing of its own to draw here: the reference
             replay, expected = ref, ref(*args, **kwargs)
     wrote_ref = [t.clone() for t in mutated]
     err = None
     if failure is None:
-        err, failure = _compare(out, expected)
+        err, failure = _verify.compare(out, expected)
     if failure is None and mutated:
-        err_m, failure = _compare(wrote_fast, wrote_ref, scale_of(*args, **kwargs) if scale_of else 1.0)
+        err_m, failure = _verify.compare(wrote_fast, wrote_ref, scale_of(*args, **kwargs) if scale_of else 1.0)
         err = None if failure else max(err, err_m)
     if failure is None:
         reason = f"verified (rel err {err:.0e})"
         backend, reason = _measured(op, fast, key, device, impls[fast], ref, args, kwargs, reason, grad=False)
         if backend == fast:
             _decide(key, fast, reason)
-            _rng_set(device, rng_fast)
-            _swap_in(mutated, wrote_fast)   # as if the fast path alone had run
+            _verify.rng_set(device, rng_fast)
+            _verify.swap_in(mutated, wrote_fast)   # as if the fast path alone had run
             return out
         _decide(key, "reference", reason)
     else:
         _fail(key, failure)
     if replay is not ref:  # the reference's own stream, as if it alone had run
-        _rng_set(device, rng0)
-        _swap_in(mutated, start)
+        _verify.rng_set(device, rng0)
+        _verify.swap_in(mutated, start)
         return ref(*args, **kwargs)
-    _swap_in(mutated, wrote_ref)
+    _verify.swap_in(mutated, wrote_ref)
     return expected
-
-
-def _swap_in(mutated, contents):
-    """Copy `contents` into the in-place arguments; returns what they held."""
-    held = [t.clone() for t in mutated]
-    for t, c in zip(mutated, contents):
-        t.copy_(c)
-    return held
 
 
 def _fail(key, failure):
@@ -446,83 +427,7 @@ def _fail(key, failure):
           f"{failure}; the reference runs there from now on", file=sys.stderr)
 
 
-def _error_text(what, e):
-    msg = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{what}: {type(e).__name__}: {msg}"
-
-
-@contextlib.contextmanager
-def _exact_fp32():
-    """The reference as specified: fp32 matmuls and convolutions without TF32 (a
-    trainer's --tf32 would make it the less exact of the two)."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def _rng_get(device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _rng_set(device, state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _compare(out, ref, scale=1.0):
-    """(largest relative error, None) when `out` matches `ref` within TOL (times
-    `scale`), else (None, why)."""
-    if isinstance(ref, (tuple, list)):
-        if not isinstance(out, (tuple, list)) or len(out) != len(ref):
-            return None, "mismatch: it returns another structure than the reference"
-        worst = 0.0
-        for o, r in zip(out, ref):
-            err, why = _compare(o, r, scale)
-            if why is not None:
-                return None, why
-            worst = max(worst, err)
-        return worst, None
-    if ref is None or out is None:
-        return (0.0, None) if out is ref else (None, "mismatch: it returns None where the reference does not")
-    if not isinstance(out, torch.Tensor):
-        return None, f"mismatch: it returns {type(out).__name__}"
-    if out.shape != ref.shape or out.dtype != ref.dtype or out.device != ref.device:
-        return None, (f"mismatch: it returns {out.dtype} {tuple(out.shape)} on {out.device}, the reference "
-                      f"{ref.dtype} {tuple(ref.shape)} on {ref.device}")
-    o, r = out.detach().double(), ref.detach().double()
-    finite = torch.isfinite(r)
-    if not bool(finite.all()):
-        if not torch.equal(torch.isfinite(o), finite) or not torch.equal(o[~finite].nan_to_num(0.0),
-                                                                            r[~finite].nan_to_num(0.0)):
-            return None, "mismatch: its non-finite values differ from the reference's"
-        o, r = o.where(finite, 0.0), r.where(finite, 0.0)
-    diff, norm = float((o - r).norm()), float(r.norm())
-    err = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
-    tol = TOL.get(ref.dtype, 1e-5) * scale
-    if not err <= tol:
-        return None, f"mismatch: relative error {err:.1e} > {tol:.0e} ({_DTYPE_NAMES.get(ref.dtype, ref.dtype)})"
-    return err, None
-
-
 # ----------------------------------------------------------------------------- gradients
-
-def _aliases(args, kwargs):
-    """(args, kwargs) with every tensor that needs a gradient replaced by a fresh
-    leaf sharing its memory; also the originals and the leaves, in one order."""
-    leaves, spec = _pytree.tree_flatten((args, kwargs))
-    real, alias = [], []
-    for i, t in enumerate(leaves):
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            a = t.detach().requires_grad_()
-            real.append(t)
-            alias.append(a)
-            leaves[i] = a
-    a_args, a_kwargs = _pytree.tree_unflatten(leaves, spec)
-    return a_args, a_kwargs, real, alias
 
 
 class _GradCheck:
@@ -544,14 +449,14 @@ class _GradCheck:
             f_probe = torch.autograd.grad(f_out, f_in, probe, allow_unused=True, retain_graph=True)
             f_grads, failure = torch.autograd.grad(f_out, f_in, grad, allow_unused=True), None
         except Exception as e:  # noqa: BLE001
-            f_grads, failure = None, _error_text("backward error", e)
-        with _exact_fp32():
+            f_grads, failure = None, _verify.error_text("backward error", e)
+        with _verify.exact_fp32():
             r_probe = torch.autograd.grad(r_out, r_in, probe, allow_unused=True, retain_graph=True)
             r_grads = torch.autograd.grad(r_out, r_in, grad, allow_unused=True)
         if failure is None:
             filled = [(f if f is not None else torch.zeros_like(x), r if r is not None else torch.zeros_like(x))
                       for f, r, x in zip(f_probe, r_probe, r_in)]
-            err, failure = _compare([f for f, _ in filled], [r for _, r in filled])
+            err, failure = _verify.compare([f for f, _ in filled], [r for _, r in filled])
             if failure is not None:
                 failure = "backward " + failure
         if failure is None:  # this call's gradients matched: use them; the key's first such match decides
@@ -578,17 +483,17 @@ class _Checked(torch.autograd.Function):
 
 
 def _check_with_grad(op, fast, key, device, impl, ref, replay, args, kwargs):
-    rng0 = _rng_get(device)
-    f_args, f_kwargs, real, f_leaves = _aliases(args, kwargs)
+    rng0 = _verify.rng_get(device)
+    f_args, f_kwargs, real, f_leaves = _verify.aliases(args, kwargs)
     try:
         with torch.enable_grad():
             out, failure = impl(*f_args, **f_kwargs), None
     except Exception as e:  # noqa: BLE001
-        out, failure = None, _error_text("error", e)
-    rng_fast = _rng_get(device)
-    _rng_set(device, rng0)
-    r_args, r_kwargs, _, r_leaves = _aliases(args, kwargs)
-    with torch.enable_grad(), _exact_fp32():
+        out, failure = None, _verify.error_text("error", e)
+    rng_fast = _verify.rng_get(device)
+    _verify.rng_set(device, rng0)
+    r_args, r_kwargs, _, r_leaves = _verify.aliases(args, kwargs)
+    with torch.enable_grad(), _verify.exact_fp32():
         expected = replay(*r_args, **r_kwargs)
         if expected is None:
             expected = ref(*r_args, **r_kwargs)
@@ -596,7 +501,7 @@ def _check_with_grad(op, fast, key, device, impl, ref, replay, args, kwargs):
     if not isinstance(expected, torch.Tensor):
         failure = failure or "not checked: gradients through several outputs"
     if failure is None:
-        err, failure = _compare(out, expected)
+        err, failure = _verify.compare(out, expected)
     if failure is None and not out.requires_grad:
         failure = "mismatch: its output has no gradient"
     if failure is None:
@@ -612,46 +517,16 @@ def _check_with_grad(op, fast, key, device, impl, ref, replay, args, kwargs):
         if backend == fast:
             check = _GradCheck(key, out, f_leaves, expected, r_leaves, reason)
             _pending[key] = weakref.ref(check)
-            _rng_set(device, rng_fast)
+            _verify.rng_set(device, rng_fast)
             return _Checked.apply(check, *real)
         _decide(key, "reference", reason)
     else:
         _fail(key, failure)
-    _rng_set(device, rng0)
+    _verify.rng_set(device, rng0)
     return ref(*args, **kwargs)   # the reference, in the caller's graph, with its own stream
 
 
 # ----------------------------------------------------------------------------- measured choice
-
-def _measure(op, backend, run, device):
-    """Seconds per call of run(): the median of TIME_REPS calls after a warm-up
-    (CUDA events on CUDA, the host clock elsewhere). Tests replace it with a fake timer."""
-    times = []
-    for _ in range(TIME_REPS + 1):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
-
-
-def _timed(fn, args, kwargs, grad):
-    if not grad:
-        return lambda: fn(*args, **kwargs)
-
-    def fwd_bwd():
-        a, kw, _, leaves = _aliases(args, kwargs)
-        with torch.enable_grad():
-            out = fn(*a, **kw)
-            torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
-    return fwd_bwd
 
 
 def _measured(op, fast, key, device, impl, ref, args, kwargs, reason, grad):
@@ -659,80 +534,15 @@ def _measured(op, fast, key, device, impl, ref, args, kwargs, reason, grad):
     fast path and the reference, timed on these inputs; else the fast path."""
     if not (device.type == "cuda" or _mode == "measure"):
         return fast, reason
-    rng = _rng_get(device)
+    rng = _verify.rng_get(device)
     try:
-        t_fast = _measure(op, fast, _timed(impl, args, kwargs, grad), device)
-        t_ref = _measure(op, "reference", _timed(ref, args, kwargs, grad), device)
+        t_fast = _verify.measure(op, fast, _verify.timed(impl, args, kwargs, grad), device)
+        t_ref = _verify.measure(op, "reference", _verify.timed(ref, args, kwargs, grad), device)
     except Exception as e:  # noqa: BLE001
-        return "reference", _error_text("error while timed", e)
+        return "reference", _verify.error_text("error while timed", e)
     finally:
-        _rng_set(device, rng)
+        _verify.rng_set(device, rng)
     if t_fast < t_ref:
         return fast, f"{reason}, {t_ref / t_fast:.2f}x faster ({t_fast * 1e6:.0f} us vs {t_ref * 1e6:.0f} us)"
     return "reference", (f"{reason} but slower: {t_fast / t_ref:.2f}x the reference's time "
                          f"({t_fast * 1e6:.0f} us vs {t_ref * 1e6:.0f} us)")
-
-
-# ----------------------------------------------------------------------------- visibility
-
-def dispatch_report(device=None) -> str:
-    """Every decision of this process and of the cache file (for `device`, a
-    torch.device or its name, or all): one line each, 'device | backend | key | reason'."""
-    want = None if device is None else (_device_ids.get(torch.device(device)) or _device_id(torch.device(device)))
-    rows = {}
-    for d, keys in _decisions.recorded().items():
-        for k, (backend, reason) in keys.items():
-            rows[(d, k)] = (backend, reason)
-    for key, backend in _decided.items():
-        rows[(key[2], key_text(key))] = (backend, _reasons.get(key, ""))
-    lines = [f"{d} | {backend} | {k} | {reason}" for (d, k), (backend, reason) in sorted(rows.items())
-             if want is None or d == want]
-    head = (f"fastddpm dispatch: FASTDDPM_BACKEND={_forced}, FASTDDPM_DISPATCH={_mode}, "
-            f"cache {_decisions.path()}: {len(lines)} decision(s)")
-    return "\n".join([head] + lines)
-
-
-def dispatch_summary() -> str:
-    """One line: the mode and the decisions this process made or used, by backend and why."""
-    if _forced != "auto":
-        return f"dispatch: backend {_forced} forced (FASTDDPM_BACKEND or use_backend): no checks"
-    if _mode in ("trust", "reference"):
-        return f"dispatch: FASTDDPM_DISPATCH={_mode}: no checks"
-    counts = {}
-    for key, backend in _decided.items():
-        reason = _reasons.get(key, "")
-        why = ("verified" if reason.startswith("verified") and backend != "reference" else
-               "slower" if "slower" in reason else reason.split(":", 1)[0])
-        counts[(backend, why)] = counts.get((backend, why), 0) + 1
-    parts = ", ".join(f"{n} {b} ({why})" for (b, why), n in sorted(counts.items()))
-    pending = sum(1 for r in _pending.values() if r() is not None)
-    cached = sum(len(k) for k in _decisions.recorded().values())
-    return (f"dispatch: {_mode}, {len(_decided)} key(s) decided in this run"
-            + (f": {parts}" if parts else "") + (f"; {pending} awaiting their first backward" if pending else "")
-            + f"; cache {_decisions.path()} ({cached} decision(s)); fastddpm.ops.dispatch_report() lists them")
-
-
-def report_dispatch(model, log=print):
-    """Log dispatch_summary() now and again at the start of `model`'s second
-    forward (after the first training or sampling step: the first step's checks
-    are done). The train and sample CLIs call it once."""
-    log(dispatch_summary())
-
-    @torch.compiler.disable
-    def hook(module, args):
-        hook.calls += 1
-        if hook.calls == 2:
-            handle.remove()
-            log(dispatch_summary().replace("dispatch:", "dispatch after the first step:", 1))
-    hook.calls = 0
-    handle = model.register_forward_pre_hook(hook)
-    return handle
-
-
-def clear_dispatch_cache() -> list:
-    """Forget every decision (this process's and the cache files'); returns the files removed."""
-    _decided.clear()
-    _checked.clear()
-    _reasons.clear()
-    _pending.clear()
-    return _decisions.clear()
