@@ -18,6 +18,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SKIP_INFO = {"provider", "gpu_median_us", "gpu_p20_us", "gpu_p80_us", "gb_per_s", "bytes_moved", "device",
               "op", "shape", "dtype", "layout", "warmup_s", "peak_memory_mb", "tflop_per_s", "backend",
               "compile"}
+# Names in recorded results that the code has since renamed: the results stay as
+# recorded, the page uses today's name and says what was measured.
+RENAMED = {"noise_x0_prev": ("noise_history", "measured as `noise_x0_prev`, when the op took the previous "
+                             "x0_hat (`x0_prev`) where it now takes a history ring (`history`)")}
+
+
+def _today(text):
+    """`text` with renamed names replaced; and the notes of those it replaced."""
+    notes = []
+    for old, (new, note) in RENAMED.items():
+        if old in text:
+            text = text.replace(old, new)
+            notes.append(note)
+    return text, notes
 
 
 def _fmt(v, digits=1):
@@ -54,7 +68,8 @@ def _section(path):
         ref_gpu = ref and ref.get("extra_info", {}).get("gpu_median_us")
         ref_wall = ref and ref["stats"]["median"]
         has_gpu = any("gpu_median_us" in r.get("extra_info", {}) for r in rows)
-        lines += [f"### {group}", ""]
+        title, notes = _today(group)
+        lines += [f"### {title}", ""] + [f"_{n}_" for n in notes] + ([""] if notes else [])
         if has_gpu:
             lines += ["| provider | GPU median us | p20-p80 us | GB/s | wall median us | speed-up (GPU) |",
                       "|---|---:|---:|---:|---:|---:|"]
@@ -75,7 +90,7 @@ def _section(path):
                 # ratios and milliseconds keep two decimals; large figures (images/s) none
                 details = ", ".join(f"{k}={_fmt(v, 0 if abs(v) >= 100 else 2) if isinstance(v, float) else v}"
                                     for k, v in info.items() if k not in _SKIP_INFO)
-                lines.append(f"| {_provider(r)} | {_fmt(wall * 1e3, 2)} | {speed} | {details} |")
+                lines.append(_today(f"| {_provider(r)} | {_fmt(wall * 1e3, 2)} | {speed} | {details} |")[0])
         lines.append("")
     return lines
 
