@@ -39,3 +39,19 @@ def test_render_tables_speedups_and_compile_variants(tmp_path):
     assert "auto + compile(reduce-overhead)" in md and "2.00x" in md  # wall speed-up
     assert "images_per_s=3,000" in md
     assert "skipped" not in md
+
+
+def test_render_shows_a_renamed_mode_under_its_current_name(tmp_path):
+    """Recorded results keep the names of their day; the page says today's and what was measured."""
+    data = {"benchmarks": [
+        _bench("step[threads1-noise_x0_prev]", "sample_step noise_x0_prev (8,) fp32", 2e-3, mode="noise_x0_prev"),
+        _bench("step[threads1-rng]", "sample_step rng (8,) fp32", 1e-3, mode="rng")]}
+    (tmp_path / "cpu-2026-12-01.json").write_text(json.dumps(data))
+    out = tmp_path / "BENCHMARKS.md"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "render.py"), "--results", str(tmp_path),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = out.read_text()
+    assert "### sample_step noise_history (8,) fp32" in md and "mode=noise_history" in md
+    assert md.count("measured as `noise_x0_prev`") == 1 and "noise_x0_prev" not in md.replace("`noise_x0_prev`", "")
+    assert "### sample_step rng (8,) fp32" in md
