@@ -9,6 +9,7 @@ import torch
 
 from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, loader
 from fastddpm import evaluate as ev
+from fastddpm import metrics
 from fastddpm import inception as inc
 from fastddpm import data as data_mod
 
@@ -40,27 +41,27 @@ def test_fid_equals_scipy_is_symmetric_and_zero_on_itself():
     a, b = _feats(200, 12, 0), _feats(150, 12, 1, shift=0.3, scale=1.5)
     sa = (a.mean(0), np.cov(a, rowvar=False))
     sb = (b.mean(0), np.cov(b, rowvar=False))
-    fid = ev.frechet_distance(*sa, *sb)
+    fid = metrics.frechet_distance(*sa, *sb)
     ref = _fid_scipy(a, b)
     assert fid > 1.0 and abs(fid - ref) <= 1e-9 * ref
-    assert abs(ev.frechet_distance(*sb, *sa) - fid) <= 1e-10 * fid
-    assert abs(ev.frechet_distance(*sa, *sa)) < 1e-9
+    assert abs(metrics.frechet_distance(*sb, *sa) - fid) <= 1e-10 * fid
+    assert abs(metrics.frechet_distance(*sa, *sa)) < 1e-9
 
 
 def test_fid_of_singular_covariances_is_finite_and_nonnegative():
     a, b = _feats(5, 16, 2), _feats(6, 16, 3)  # fewer samples than dimensions
     s = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
-    fid = ev.frechet_distance(*s[0], *s[1])
+    fid = metrics.frechet_distance(*s[0], *s[1])
     assert np.isfinite(fid) and fid > 0
-    assert abs(ev.frechet_distance(*s[0], *s[0])) < 1e-9 * np.trace(s[0][1])
+    assert abs(metrics.frechet_distance(*s[0], *s[0])) < 1e-9 * np.trace(s[0][1])
     big = _feats(30, 2048, 9)  # 30 samples in 2048 dimensions: rank 29
     sb = (big.mean(0), np.cov(big, rowvar=False))
-    assert abs(ev.frechet_distance(*sb, *sb)) < 1e-9 * np.trace(sb[1])
+    assert abs(metrics.frechet_distance(*sb, *sb)) < 1e-9 * np.trace(sb[1])
 
 
 def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     a, b = _feats(40, 8, 4), _feats(30, 8, 5, shift=0.5)
-    mean, std = ev.kernel_inception_distance(a, b, subsets=3, subset_size=1000)  # m capped at 30
+    mean, std = metrics.kernel_inception_distance(a, b, subsets=3, subset_size=1000)  # m capped at 30
     # m = 30 = all of b: every subset of b is b itself; check one subset by hand
     rng = np.random.default_rng(0)
     x, y = a[rng.choice(40, 30, replace=False)], b[rng.choice(30, 30, replace=False)]
@@ -68,44 +69,44 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     m = 30
     first = ((k(x, x).sum() - np.trace(k(x, x))) + (k(y, y).sum() - np.trace(k(y, y)))) / (m * (m - 1)) \
         - 2 * k(x, y).sum() / m ** 2
-    one, _ = ev.kernel_inception_distance(a, b, subsets=1, subset_size=1000)
+    one, _ = metrics.kernel_inception_distance(a, b, subsets=1, subset_size=1000)
     assert abs(one - first) <= 1e-10 * abs(first)
     assert mean > 0.05 and std is None  # b enters whole: no spread reported
     both = _feats(600, 8, 6)
-    same, _ = ev.kernel_inception_distance(both[:300], both[300:], subsets=5, subset_size=100)
-    far, _ = ev.kernel_inception_distance(both[:300], both[300:] + 1.0, subsets=5, subset_size=100)
+    same, _ = metrics.kernel_inception_distance(both[:300], both[300:], subsets=5, subset_size=100)
+    far, _ = metrics.kernel_inception_distance(both[:300], both[300:] + 1.0, subsets=5, subset_size=100)
     assert far > 20 * abs(same)
 
 
 def test_kid_reports_no_spread_when_a_set_is_used_whole():
     a, b = _feats(50, 8, 7), _feats(50, 8, 8, shift=0.3)
     # n <= subset size on both sides: every subset is the pair (a, b): one estimate, no spread
-    mean, std = ev.kernel_inception_distance(a, b, subsets=10, subset_size=1000)
-    one, _ = ev.kernel_inception_distance(a, b, subsets=1, subset_size=50)
+    mean, std = metrics.kernel_inception_distance(a, b, subsets=10, subset_size=1000)
+    one, _ = metrics.kernel_inception_distance(a, b, subsets=1, subset_size=50)
     assert std is None and mean == one
     # subsets smaller than both sets: a real spread over different subsets
-    mean, std = ev.kernel_inception_distance(a, b, subsets=10, subset_size=20)
+    mean, std = metrics.kernel_inception_distance(a, b, subsets=10, subset_size=20)
     assert std is not None and std > 0
     # one side whole (the samples), the other subsampled: the spread would leave out the samples' noise
-    assert ev.kernel_inception_distance(a[:20], b, subsets=10, subset_size=1000)[1] is None
+    assert metrics.kernel_inception_distance(a[:20], b, subsets=10, subset_size=1000)[1] is None
 
 
 def test_inception_score_of_one_hot_outputs_is_the_number_of_classes():
     classes, per = 7, 3
     labels = np.tile(np.arange(classes), 10 * per)  # every split holds every class equally often
     p = np.eye(classes)[labels]
-    mean, std = ev.inception_score(p, splits=10)
+    mean, std = metrics.inception_score(p, splits=10)
     assert abs(mean - classes) < 1e-12 and std < 1e-12
-    assert abs(ev.inception_score(np.full((20, 5), 0.2), splits=10)[0] - 1.0) < 1e-12
-    probs = ev.softmax64(np.random.default_rng(0).normal(size=(50, 11)) * 3)
-    assert 1.0 < ev.inception_score(probs, splits=5)[0] < 11.0
-    with pytest.raises(ev.EvaluateError, match="at least 10 images"):
-        ev.inception_score(p[:5])
+    assert abs(metrics.inception_score(np.full((20, 5), 0.2), splits=10)[0] - 1.0) < 1e-12
+    probs = metrics.softmax64(np.random.default_rng(0).normal(size=(50, 11)) * 3)
+    assert 1.0 < metrics.inception_score(probs, splits=5)[0] < 11.0
+    with pytest.raises(metrics.EvaluateError, match="at least 10 images"):
+        metrics.inception_score(p[:5])
 
 
 def test_streaming_moments_equal_numpy_cov():
     x = _feats(37, 2048, 8, shift=3.0).astype(np.float32)
-    m = ev._Moments(2048, "cpu")
+    m = metrics.Moments(2048, "cpu")
     for s in (slice(0, 10), slice(10, 11), slice(11, 37)):
         m.add(torch.from_numpy(x[s]))
     mu, sigma = m.result()
@@ -119,33 +120,33 @@ def test_streaming_moments_equal_numpy_cov():
 
 def test_stats_round_trip_in_pytorch_fids_layout(tmp_path):
     a = _feats(30, 2048, 9)
-    s = ev.Stats(a.mean(0), np.cov(a, rowvar=False), 30, a[:5].astype(np.float32))
-    ev.save_stats(tmp_path / "s.npz", s)
+    s = metrics.Stats(a.mean(0), np.cov(a, rowvar=False), 30, a[:5].astype(np.float32))
+    metrics.save_stats(tmp_path / "s.npz", s)
     with np.load(tmp_path / "s.npz") as f:  # what pytorch-fid reads: f["mu"], f["sigma"]
         assert f["mu"].dtype == np.float64 and f["sigma"].shape == (2048, 2048)
         assert np.array_equal(f["mu"], s.mu) and np.array_equal(f["sigma"], s.sigma)
-    back = ev.load_stats(tmp_path / "s.npz")
+    back = metrics.load_stats(tmp_path / "s.npz")
     assert back.n == 30 and np.array_equal(back.features, s.features) and np.array_equal(back.sigma, s.sigma)
     np.savez(tmp_path / "pytorch_fid.npz", mu=s.mu, sigma=s.sigma)  # as pytorch-fid --save-stats writes it
-    pf = ev.load_stats(tmp_path / "pytorch_fid.npz")
+    pf = metrics.load_stats(tmp_path / "pytorch_fid.npz")
     assert pf.features is None and np.array_equal(pf.mu, s.mu) and np.array_equal(pf.sigma, s.sigma)
 
 
 def test_bad_stats_files(tmp_path):
     np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(ev.EvaluateError, match="64-d features.*2048"):
-        ev.check_compatible(ev.load_stats(tmp_path / "d64.npz"))
+    with pytest.raises(metrics.EvaluateError, match="64-d features.*2048"):
+        metrics.check_compatible(metrics.load_stats(tmp_path / "d64.npz"))
     np.savez(tmp_path / "shape.npz", mu=np.zeros(8), sigma=np.eye(7))
-    with pytest.raises(ev.EvaluateError, match=r"sigma \(D, D\)"):
-        ev.load_stats(tmp_path / "shape.npz")
+    with pytest.raises(metrics.EvaluateError, match=r"sigma \(D, D\)"):
+        metrics.load_stats(tmp_path / "shape.npz")
     np.savez(tmp_path / "nan.npz", mu=np.full(4, np.nan), sigma=np.eye(4))
-    with pytest.raises(ev.EvaluateError, match="NaN"):
-        ev.load_stats(tmp_path / "nan.npz")
+    with pytest.raises(metrics.EvaluateError, match="NaN"):
+        metrics.load_stats(tmp_path / "nan.npz")
     np.savez(tmp_path / "images.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
-    with pytest.raises(ev.EvaluateError, match="not a statistics file"):
-        ev.load_stats(tmp_path / "images.npz")
-    with pytest.raises(ev.EvaluateError, match="different feature sizes"):
-        ev.frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(3))
+    with pytest.raises(metrics.EvaluateError, match="not a statistics file"):
+        metrics.load_stats(tmp_path / "images.npz")
+    with pytest.raises(metrics.EvaluateError, match="different feature sizes"):
+        metrics.frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(3))
 
 
 # ---- the Inception pass and the CLI ---------------------------------------------------
@@ -162,7 +163,7 @@ def test_cli_stats_then_fid_and_kid(tmp_path, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=_images(3, 16, 1))
     common = ["--no-progress", "--device", "cpu", "--inception-weights", HELPER]
     assert ev.main(["stats", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "st.npz")] + common) == 0
-    st = ev.load_stats(tmp_path / "st.npz")
+    st = metrics.load_stats(tmp_path / "st.npz")
     assert st.n == 3 and st.features.shape == (3, 2048) and st.sigma.dtype == np.float64
     capsys.readouterr()
     assert ev.main(["fid", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "st.npz"),
@@ -205,7 +206,7 @@ def test_is_through_the_network_with_a_classifier(tmp_path):
     with torch.no_grad():
         pool = net(torch.from_numpy(imgs).permute(0, 3, 1, 2))
     assert np.allclose(logits, (pool @ net.fc.weight.t()).numpy(), atol=1e-4)  # no fc bias
-    mean, _ = ev.inception_score(ev.softmax64(logits), splits=2)
+    mean, _ = metrics.inception_score(metrics.softmax64(logits), splits=2)
     assert 1.0 <= mean < 2.0
 
 
@@ -293,7 +294,7 @@ def test_nll_is_the_sum_of_the_vlb_terms():
     assert np.allclose(r["total"], want, rtol=1e-12, atol=0)
     assert r["total_mean"] == pytest.approx(want.mean(), rel=1e-12)
     assert r["total_stderr"] == pytest.approx(want.std(ddof=1) / np.sqrt(5), rel=1e-9)
-    with pytest.raises(ev.EvaluateError, match=r"images \(16, 16, 3\) but the model takes \(8, 8, 3\)"):
+    with pytest.raises(metrics.EvaluateError, match=r"images \(16, 16, 3\) but the model takes \(8, 8, 3\)"):
         ev.nll(model, d, _images(2, 16, 0), progress=False)
 
 
@@ -355,7 +356,7 @@ def test_training_fid_mid_run_with_no_progress(tmp_path, monkeypatch, capsys):
     from fastddpm.train import main as train_main
 
     a = _feats(20, 2048, 12)
-    ev.save_stats(tmp_path / "ref.npz", ev.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
+    metrics.save_stats(tmp_path / "ref.npz", metrics.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
     monkeypatch.setattr(ev, "score_model", lambda *a, **k: {"fid": 12.5, "n": 2, "seconds": 0.0})
     out = tmp_path / "r"
     rc = train_main(["--preset", "tiny", "--image-size", "8", "--ch-mult", "1", "--attn-resolutions", "",
@@ -384,7 +385,7 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     TRAINING_FID_SAMPLER = TrainConfig().fid_sampler   # the default
 
     a = _feats(20, 2048, 11)
-    ev.save_stats(tmp_path / "ref.npz", ev.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))
+    metrics.save_stats(tmp_path / "ref.npz", metrics.Stats(np.abs(a).mean(0), np.cov(a, rowvar=False), 20))
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -404,8 +405,8 @@ def test_training_fid_under_two_ranks_gathers_every_share(tmp_path):
     net = inc.load_inception(HELPER)
     with torch.no_grad():
         f = net(torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)).double().numpy()
-    ref = ev.load_stats(tmp_path / "ref.npz")
-    want = ev.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
+    ref = metrics.load_stats(tmp_path / "ref.npz")
+    want = metrics.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
     assert fids[0]["fid"] == pytest.approx(want, rel=1e-6)
 
 
@@ -415,8 +416,8 @@ def test_kid_refuses_no_subsets_or_subsets_of_one(tmp_path, capsys, monkeypatch)
     a, b = _feats(10, 4, 0), _feats(10, 4, 1)
     for kw, what in (({"subsets": 0}, "subsets must be an int >= 1"),
                      ({"subset_size": 1}, "subset size must be an int >= 2")):
-        with pytest.raises(ev.EvaluateError, match=what):
-            ev.kernel_inception_distance(a, b, **kw)
+        with pytest.raises(metrics.EvaluateError, match=what):
+            metrics.kernel_inception_distance(a, b, **kw)
     np.savez(tmp_path / "ok.npz", arr_0=_images(4, 8, 4))
     monkeypatch.setattr(inc, "load_inception", lambda *a, **k: pytest.fail("the pass ran"))
     for extra in (["--kid-subsets", "0"], ["--kid-subset-size", "1"]):
@@ -448,9 +449,9 @@ def test_cli_is_with_more_splits_than_images_fails_before_the_pass(tmp_path, cap
 
 def test_score_model_refuses_fewer_than_two_samples():
     """n = 1 gave a 0/0 covariance (NaN) after sampling."""
-    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+    ref = metrics.Stats(np.zeros(2048), np.eye(2048), 10)
     for n in (0, 1):
-        with pytest.raises(ev.EvaluateError, match="n >= 2"):
+        with pytest.raises(metrics.EvaluateError, match="n >= 2"):
             ev.score_model(_tiny(), GaussianDiffusion.linear(T=4), n, ref, inception=object())
 
 
@@ -467,7 +468,7 @@ def test_score_model_check_stop_runs_before_every_network_call():
             self.calls += 1
             return self.fc(x.float().mean((2, 3)) / 255)
 
-    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+    ref = metrics.Stats(np.zeros(2048), np.eye(2048), 10)
     model, d = _tiny(), GaussianDiffusion.linear(T=4)
     model_calls = []
     model.register_forward_hook(lambda *a: model_calls.append(1))
@@ -506,7 +507,7 @@ def test_sigterm_during_an_in_training_fid_stops_promptly(tmp_path):
     import time
 
     a = _feats(20, 2048, 12)
-    ev.save_stats(tmp_path / "ref.npz", ev.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
+    metrics.save_stats(tmp_path / "ref.npz", metrics.Stats(a.mean(0), np.cov(a, rowvar=False), 20))
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "fastddpm.train", "--preset", "tiny", "--image-size", "8", "--ch-mult", "1",
            "--attn-resolutions", "", "--T", "20", "--steps", "2", "--batch-size", "2", "--log-every", "1",
@@ -547,7 +548,7 @@ def test_score_model_samples_do_not_depend_on_the_world_size(monkeypatch):
 
     monkeypatch.setattr(sampling, "sample", fake_sample)
     monkeypatch.setattr(dist, "all_gather", lambda parts, x: [p.copy_(x) for p in parts])
-    ref = ev.Stats(np.zeros(2048), np.eye(2048), 10)
+    ref = metrics.Stats(np.zeros(2048), np.eye(2048), 10)
 
     class Net(torch.nn.Module):   # a stand-in for Inception
         def forward(self, x):

@@ -379,17 +379,17 @@ def test_evaluate_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
 def test_real_covariances_pass_the_checks_in_float64_and_float32(tmp_path):
     """A singular sample covariance (n < D) and the same rounded to float32 are PSD
     within the rounding of their dtype; one eigenvalue of -1e-4 of the largest is not."""
-    from fastddpm import evaluate as ev
+    from fastddpm import metrics
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(150, 256)) @ rng.normal(size=(256, 256)) / 16  # 256-d keeps it quick
     mu, cov = feats.mean(0), np.cov(feats, rowvar=False)
     for dtype in (np.float64, np.float32):
-        s = ev.load_stats(_stats(tmp_path / f"{np.dtype(dtype).name}.npz", mu.astype(dtype), cov.astype(dtype)))
+        s = metrics.load_stats(_stats(tmp_path / f"{np.dtype(dtype).name}.npz", mu.astype(dtype), cov.astype(dtype)))
         assert np.array_equal(s.sigma, cov.astype(dtype).astype(np.float64))
     w, v = np.linalg.eigh(cov)
     w[0] = -1e-4 * w[-1]
-    with pytest.raises(ev.EvaluateError, match="not positive semi-definite"):
-        ev.load_stats(_stats(tmp_path / "neg.npz", mu, (v * w) @ v.T))
+    with pytest.raises(metrics.EvaluateError, match="not positive semi-definite"):
+        metrics.load_stats(_stats(tmp_path / "neg.npz", mu, (v * w) @ v.T))
     np.savez(tmp_path / "f16.npz", mu=mu.astype(np.float16), sigma=cov.astype(np.float16))
-    with pytest.raises(ev.EvaluateError, match="float32 or float64"):
-        ev.load_stats(tmp_path / "f16.npz")
+    with pytest.raises(metrics.EvaluateError, match="float32 or float64"):
+        metrics.load_stats(tmp_path / "f16.npz")
