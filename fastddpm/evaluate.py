@@ -218,19 +218,6 @@ def score_model(model, diffusion, n, ref_stats, inception=None, weights=None, ba
     return {"fid": fid, "n": n, "seconds": time.perf_counter() - t0, "sample_seconds": t1 - t0}
 
 
-def check_training_fid(cfg):
-    """Fail before training starts when --fid-every is set without usable --fid-ref / weights."""
-    from fastddpm.inception import resolve_weights
-
-    if not cfg.fid_ref:
-        raise EvaluateError("--fid-every needs --fid-ref ref.npz (make it with: python -m fastddpm.evaluate "
-                            "stats DATA --out ref.npz)")
-    if cfg.fid_n < 2:
-        raise EvaluateError(f"--fid-n must be >= 2, got {cfg.fid_n}")
-    check_compatible(load_stats(cfg.fid_ref))
-    resolve_weights(None)
-
-
 # ---- NLL ------------------------------------------------------------------------------
 
 @torch.no_grad()

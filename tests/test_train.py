@@ -611,7 +611,7 @@ def test_sigterm_during_the_final_sample_grid_stops_promptly(tmp_path):
 def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook):
     """A sample grid or in-training FID that fails after step 3 (no --ckpt-every
     checkpoint yet) leaves a checkpoint at step 3 and re-raises the error."""
-    import fastddpm.evaluate as E
+    import fastddpm.training.config as training_config
 
     def boom(*a, **k):
         raise RuntimeError("hook failed")
@@ -622,7 +622,7 @@ def test_an_error_after_a_step_saves_the_steps_done(tmp_path, monkeypatch, hook)
         monkeypatch.setattr(Trainer, "write_samples", boom)
         args += ["--sample-every", "3", "--sample-n", "2"]
     else:
-        monkeypatch.setattr(E, "check_training_fid", lambda cfg: None)
+        monkeypatch.setattr(training_config, "check_training_fid", lambda cfg: None)
         monkeypatch.setattr(Trainer, "record_fid", boom)
         args += ["--fid-every", "3", "--fid-ref", str(tmp_path / "ref.npz")]
     with pytest.raises(RuntimeError, match="hook failed") as e:

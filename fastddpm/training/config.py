@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from fastddpm import evaluate
+from fastddpm import metrics
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, parse_device
@@ -161,6 +161,19 @@ def fid_steps(cfg: TrainConfig):
     return min(cfg.fid_steps, cfg.T)
 
 
+def check_training_fid(cfg):
+    """Fail before training starts when --fid-every is set without usable --fid-ref / weights."""
+    from fastddpm.inception import resolve_weights
+
+    if not cfg.fid_ref:
+        raise metrics.EvaluateError("--fid-every needs --fid-ref ref.npz (make it with: python -m "
+                                    "fastddpm.evaluate stats DATA --out ref.npz)")
+    if cfg.fid_n < 2:
+        raise metrics.EvaluateError(f"--fid-n must be >= 2, got {cfg.fid_n}")
+    metrics.check_compatible(metrics.load_stats(cfg.fid_ref))
+    resolve_weights(None)
+
+
 def validate(cfg: TrainConfig):
     """Refuse settings that cannot run (a ValueError naming the flag); returns cfg."""
     if cfg.precision is not None and cfg.precision not in PRECISIONS:
@@ -192,5 +205,5 @@ def validate(cfg: TrainConfig):
     if cfg.tensorboard and tensorboard.available():
         raise ValueError(tensorboard.available())
     if cfg.fid_every:
-        evaluate.check_training_fid(cfg)  # ref stats and Inception weights usable: fail now, not hours in
+        check_training_fid(cfg)  # ref stats and Inception weights usable: fail now, not hours in
     return cfg
