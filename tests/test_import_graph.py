@@ -27,7 +27,7 @@ LAYERS = [
     ("CLIs", ["fastddpm", "fastddpm.train", "fastddpm.sample", "fastddpm.convert", "fastddpm.plot"]),
     ("distillation", ["fastddpm.distill"]),
     ("training", ["fastddpm.training"]),
-    ("evaluation", ["fastddpm.evaluate", "fastddpm.metrics", "fastddpm.inception"]),
+    ("evaluation", ["fastddpm.evaluate", "fastddpm.metrics", "fastddpm.inception", "fastddpm.inception_weights"]),
     ("loader", ["fastddpm.loader"]),
     ("interop", ["fastddpm.interop"]),
     ("checkpoint", ["fastddpm.checkpoint"]),

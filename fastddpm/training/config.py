@@ -163,7 +163,7 @@ def fid_steps(cfg: TrainConfig):
 
 def check_training_fid(cfg):
     """Fail before training starts when --fid-every is set without usable --fid-ref / weights."""
-    from fastddpm.inception import resolve_weights
+    from fastddpm.inception_weights import resolve_weights
 
     if not cfg.fid_ref:
         raise metrics.EvaluateError("--fid-every needs --fid-ref ref.npz (make it with: python -m "
