@@ -12,7 +12,7 @@ import time
 import torch
 from torch.utils import _pytree
 
-# ||fast - reference|| / ||reference|| allowed, per dtype of the output (DEVELOPERS.md; the
+# ||fast - reference|| / ||reference|| allowed, per dtype of the output (README.md, Dispatch; the
 # half types as tests/_util.REL_TOL has them)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 TIME_REPS = 5              # timed calls per implementation, after one warm-up
