@@ -139,9 +139,8 @@ def check_writable(folder, create=False):
     try:
         with tempfile.NamedTemporaryFile(dir=where, prefix=".write-test-"):
             pass
-    except OSError as e:
-        e.filename = e.filename or where
-        raise
+    except OSError as e:  # named by the folder, not the probe's temp name
+        raise OSError(e.errno, e.strerror, where) from None
 
 
 class LockError(OSError):

@@ -104,6 +104,16 @@ def test_check_writable_names_the_file_in_the_way_and_creates_nothing(tmp_path):
     assert os.listdir(tmp_path / "new" / "deeper") == []
 
 
+def test_check_writable_names_the_folder_it_could_not_write(tmp_path, monkeypatch):
+    def denied(*a, **k):  # as a read-only folder answers anyone but root
+        raise PermissionError(13, "Permission denied", os.path.join(k["dir"], ".write-test-x"))
+
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", denied)
+    with pytest.raises(PermissionError) as e:
+        files.check_writable(tmp_path / "run" / "sub")
+    assert e.value.filename == str(tmp_path) and e.value.errno == 13
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_check_writable_refuses_a_read_only_folder(tmp_path):
     ro = tmp_path / "ro"
