@@ -336,6 +336,12 @@ def test_a_v_model_trains_records_its_prediction_and_samples(tmp_path, capsys, _
     err = capsys.readouterr().err
     assert "--prediction must be one of" in err and "epsilon" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+    # diffusers export writes prediction_type "epsilon" only so far: a v model is refused
+    from fastddpm.convert import main as convert_main
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(out), str(tmp_path / "pipe")])
+    assert e.value.code == 2 and "'v'-prediction model cannot be exported" in capsys.readouterr().err
+    assert not (tmp_path / "pipe").exists()
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
