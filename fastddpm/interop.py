@@ -60,11 +60,11 @@ SCHEDULER_DEFAULTS = {
     "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
     "steps_offset": 0, "rescale_betas_zero_snr": False,
 }
-SCHEDULER_REQUIRED = {"prediction_type": "epsilon", "thresholding": False, "clip_sample_range": 1.0,
-                      "rescale_betas_zero_snr": False}
+SCHEDULER_REQUIRED = {"thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False}
 # ours <-> diffusers names
 SCHEDULES = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
+PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 def folder_kind(path):
@@ -237,6 +237,12 @@ def diffusion_config_from_scheduler(raw: dict, where="scheduler_config.json"):
                 if not isinstance(cfg[field], (int, float)) or isinstance(cfg[field], bool):
                     _refuse(where, field, cfg[field], "a number")
                 dcfg[field] = float(cfg[field])
+    theirs = cfg["prediction_type"]
+    prediction = {v: k for k, v in PREDICTIONS.items()}.get(theirs) if isinstance(theirs, str) else None
+    if prediction is None:
+        _refuse(where, "prediction_type", theirs, f"one of {sorted(PREDICTIONS.values())}")
+    if prediction != "eps":          # an eps config has no key (GaussianDiffusion.config)
+        dcfg["prediction"] = prediction
     if not isinstance(cfg["clip_sample"], bool):
         _refuse(where, "clip_sample", cfg["clip_sample"], "true or false")
     from fastddpm.diffusion import GaussianDiffusion
@@ -251,7 +257,7 @@ def scheduler_config_from_diffusion(dcfg: dict) -> dict:
     """The DDPMScheduler config of our diffusion config."""
     out = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
            "variance_type": VARIANCES[dcfg.get("variance", "fixedlarge")], "clip_sample": True,
-           "prediction_type": "epsilon"}
+           "prediction_type": PREDICTIONS[dcfg.get("prediction", "eps")]}
     if dcfg.get("schedule") == "custom":
         return {**out, "num_train_timesteps": len(dcfg["betas"]), "trained_betas": list(dcfg["betas"])}
     out.update(num_train_timesteps=dcfg["T"], beta_schedule=SCHEDULES[dcfg["schedule"]], trained_betas=None)

@@ -71,8 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="timesteps kept when --steps < T: uniform; trailing (uniform from T-1); quadratic (the "
                    "DDIM paper's CIFAR-10 choice); logsnr (uniform in log(alpha/sigma), DPM-Solver's); edm "
-                   "(Karras et al.'s rho = 7 sigma grid) (default: uniform for ddpm, quadratic for ddim, logsnr "
-                   "for dpmpp2m, dpmpp3m, unipc and ipndm)")
+                   "(Karras et al.'s rho = 7 sigma grid) (default: uniform for ddpm, logsnr for ipndm, "
+                   "quadratic for the others)")
     p.add_argument("--timesteps", default=None, metavar="LIST",
                    help="explicit timesteps instead of --spacing: comma-separated, strictly decreasing integers "
                    "in [0, T-1], e.g. 999,700,400,100,0 (sets --steps)")

@@ -318,7 +318,29 @@ def test_head_counts_that_differ_per_level_are_refused():
         interop.unet_config_from_diffusers(cfg)
 
 
-BAD_SCHEDULER = [("prediction_type", "v_prediction"), ("prediction_type", "sample"), ("thresholding", True),
+@pytest.mark.parametrize("theirs, ours", [("epsilon", "eps"), ("sample", "x0"), ("v_prediction", "v")])
+def test_prediction_type_maps_and_one_step_matches_ddpm_scheduler(theirs, ours):
+    """prediction_type is read into the diffusion's parameterisation and written back;
+    a reverse step on the same network output and noise equals DDPMScheduler's
+    (x0 clipped in both), in float64."""
+    sched = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", prediction_type=theirs)
+    dcfg, _ = interop.diffusion_config_from_scheduler(dict(sched.config))
+    assert dcfg.get("prediction", "eps") == ours
+    assert interop.scheduler_config_from_diffusion(dcfg)["prediction_type"] == theirs
+    sched = _float64_scheduler(sched)
+    d = GaussianDiffusion(sched.betas.numpy(), "fixedlarge", prediction=ours)
+    fresh_seed()
+    for t in (1, 2, 500, 999):
+        x, out = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+        seed = int(torch.randint(0, 2**31, ()))
+        step = sched.step(out, t, x, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        x0, _ = d.split_prediction(out, x, torch.full((2,), t))
+        assert rel_err(x0.clamp(-1, 1), step.pred_original_sample) < 1e-12, f"t={t}"
+        assert rel_err(d.p_sample_step(x, torch.full((2,), t), out, noise), step.prev_sample) < 1e-12, f"t={t}"
+
+
+BAD_SCHEDULER = [("prediction_type", "flow_prediction"), ("prediction_type", 7), ("thresholding", True),
                  ("variance_type", "learned_range"), ("beta_schedule", "sigmoid"), ("clip_sample_range", 2.0),
                  ("rescale_betas_zero_snr", True), ("_class_name", "DDIMScheduler"), ("num_train_timesteps", 0)]
 
