@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, reference
+from fastddpm import GaussianDiffusion, UNet, UNetConfig, checkpoint, loader, reference
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.sampling import make_plan, sample
 from fastddpm.sampling.tables import SAMPLERS, x0_columns
@@ -316,10 +316,10 @@ def _threads():
 def test_a_v_model_trains_records_its_prediction_and_samples(tmp_path, capsys, _threads):
     out = tmp_path / "v"
     assert train_main(TINY + ["--out", str(out), "--steps", "4", "--prediction", "v"]) == 0
-    ckpt = checkpoint.load(out)
+    ckpt = loader.load(out)
     assert ckpt["config"]["diffusion"]["prediction"] == "v" and ckpt["config"]["train"]["prediction"] == "v"
     assert json.load(open(out / "config.json"))["diffusion"]["prediction"] == "v"
-    model, diffusion, _ = checkpoint.load_for_sampling(out)
+    model, diffusion, _ = loader.load_for_sampling(out)
     assert diffusion.prediction == "v"
     x = sample(model, diffusion, 2, seed=3, progress=False, sampler="ddim", steps=4)
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
@@ -333,13 +333,13 @@ def test_a_v_model_trains_records_its_prediction_and_samples(tmp_path, capsys, _
     with pytest.raises(CheckpointError, match=r"prediction: checkpoint 'v', now 'eps'"):
         config_from_args(["--resume", str(out), "--prediction", "eps"])
     assert train_main(["--resume", str(out), "--steps", "5", "--no-progress"]) == 0
-    assert checkpoint.load(out)["config"]["diffusion"]["prediction"] == "v"
+    assert loader.load(out)["config"]["diffusion"]["prediction"] == "v"
     # the default run stays eps, its checkpoint config as before
     assert train_main(TINY + ["--out", str(tmp_path / "e"), "--steps", "2"]) == 0
-    assert "prediction" not in checkpoint.load(tmp_path / "e")["config"]["diffusion"]
+    assert "prediction" not in loader.load(tmp_path / "e")["config"]["diffusion"]
     # a run written before the parameterisations (no "prediction" anywhere) resumes as eps
-    path = checkpoint.resolve(tmp_path / "e")
-    old = checkpoint.load(path)
+    path = loader.resolve(tmp_path / "e")
+    old = loader.load(path)
     del old["config"]["train"]["prediction"]
     checkpoint.atomic_save(old, path)
     cfg, _, _ = config_from_args(["--resume", str(tmp_path / "e"), "--steps", "3"])
@@ -354,7 +354,7 @@ def test_a_v_model_trains_records_its_prediction_and_samples(tmp_path, capsys, _
     assert convert_main([str(out), str(tmp_path / "pipe")]) in (0, None)
     sched = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
-    back = checkpoint.load(tmp_path / "pipe")
+    back = loader.load(tmp_path / "pipe")
     assert back["config"]["diffusion"]["prediction"] == "v"
 
 
