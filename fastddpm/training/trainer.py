@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fastddpm import checkpoint as ckpt_io
 from fastddpm import data as data_mod
 from fastddpm import evaluate
+from fastddpm import files
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.images import make_grid, save_grid, to_uint8
@@ -364,7 +365,7 @@ class Trainer:
                        sampler=self.cfg.sample_sampler, steps=grid_steps(self.cfg), cuda_graphs=self.graph_runner)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         images = to_uint8(x)
-        save_grid(images, path)
+        files.write_atomic(path, lambda f: save_grid(images, f))  # a reader never sees half a PNG
         if self.tensorboard is not None:
             self.tensorboard.image("samples", make_grid(images), self.step)
         self.draw_curves()
