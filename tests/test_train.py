@@ -274,8 +274,8 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert main(TINY + ["--out", out, "--steps", "2"]) == 0
     with pytest.raises(CheckpointError, match=r"ch: checkpoint 16, now 32"):
         config_from_args(["--resume", out, "--ch", "32"])
-    with pytest.raises(CheckpointError, match=r"schedule: checkpoint 'linear', now 'cosine'"):
-        config_from_args(["--resume", out, "--schedule", "cosine"])
+    with pytest.raises(CheckpointError, match=r"schedule: checkpoint 'cosine', now 'linear'"):
+        config_from_args(["--resume", out, "--schedule", "linear"])  # the tiny preset's is cosine
     assert main(["--resume", out, "--steps", "4", "--batch-size", "4"]) == 2
     assert "batch_size: checkpoint 8, now 4" in capsys.readouterr().err
     np.savez(tmp_path / "other.npz", images=np.zeros((16, 8, 8, 3), np.uint8))
@@ -532,13 +532,13 @@ def test_variance_may_change_on_resume_as_the_help_says(tmp_path, capsys):
     assert "--variance, which only affects sampling, is allowed" in text
     assert "may change on --resume" in text
     out = tmp_path / "r"
-    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 0
-    assert main(["--resume", str(out), "--steps", "3", "--variance", "fixedsmall"]) == 0
-    assert "sampling variance fixedlarge -> fixedsmall" in capsys.readouterr().out
+    assert main(TINY + ["--out", str(out), "--steps", "2"]) == 0  # the tiny preset samples with fixedsmall
+    assert main(["--resume", str(out), "--steps", "3", "--variance", "fixedlarge"]) == 0
+    assert "sampling variance fixedsmall -> fixedlarge" in capsys.readouterr().out
     ckpt = L.load(out)
-    assert ckpt["config"]["diffusion"]["variance"] == ckpt["config"]["train"]["variance"] == "fixedsmall"
-    assert json.load(open(out / "config.json"))["diffusion"]["variance"] == "fixedsmall"
-    assert L.load(out / C.checkpoint_name(2))["config"]["diffusion"]["variance"] == "fixedlarge"
+    assert ckpt["config"]["diffusion"]["variance"] == ckpt["config"]["train"]["variance"] == "fixedlarge"
+    assert json.load(open(out / "config.json"))["diffusion"]["variance"] == "fixedlarge"
+    assert L.load(out / C.checkpoint_name(2))["config"]["diffusion"]["variance"] == "fixedsmall"
 
 
 # ---- SIGTERM to the whole process group (Slurm's scancel, systemd) --------------------
@@ -648,3 +648,34 @@ def test_a_folder_with_metrics_but_no_checkpoint_does_not_point_to_resume(tmp_pa
     assert "no checkpoint" in err and "--resume" not in err and "metrics.jsonl" in err
     assert main(["--resume", str(out), "--steps", "2"]) == 2  # indeed nothing to resume
     assert (out / "metrics.jsonl").read_text().count("\n") == 1  # and nothing was touched
+
+
+@pytest.mark.parametrize("probes, want", [({"_is_avx512_bf16_supported": True}, True),
+                                          ({"_is_amx_tile_supported": True}, True),
+                                          ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False},
+                                           False),
+                                          ({}, False)])  # a torch without the probes: fp32
+def test_native_bf16_probe(monkeypatch, probes, want):
+    from fastddpm import runtime
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if name in probes:
+            monkeypatch.setattr(torch.cpu, name, lambda v=probes[name]: v, raising=False)
+        else:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert runtime.cpu_has_native_bf16() is want
+
+
+def test_tiny_preset_spends_bf16_speed_on_steps_and_cifar10_stays_the_paper():
+    """bf16 autocast only where the CPU computes it natively (else fp32), and the step
+    count that keeps the run's time; cifar10 keeps every TrainConfig default."""
+    from fastddpm.runtime import cpu_has_native_bf16
+    from fastddpm.training.config import TrainConfig, preset_config
+
+    tiny = preset_config("tiny")
+    native = cpu_has_native_bf16()
+    assert (tiny.precision, tiny.steps) == (("bf16", 2000) if native else (None, 1500))
+    assert (tiny.schedule, tiny.T, tiny.variance) == ("cosine", 500, "fixedsmall")
+    assert preset_config("cifar10") == TrainConfig(preset="cifar10")
+    paper = TrainConfig()
+    assert (paper.schedule, paper.T, paper.beta_start, paper.beta_end, paper.variance, paper.lr, paper.batch_size,
+            paper.ema_decay, paper.precision) == ("linear", 1000, 1e-4, 0.02, "fixedlarge", 2e-4, 128, 0.9999, None)

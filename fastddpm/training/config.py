@@ -10,7 +10,7 @@ from typing import Optional
 from fastddpm import metrics
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
-from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, parse_device
+from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, cpu_has_native_bf16, parse_device
 from fastddpm.sampling import MAX_SEED, make_plan
 from fastddpm.training import tensorboard
 from fastddpm.unet import UNetConfig
@@ -113,17 +113,25 @@ def usable_cpus():
         return os.cpu_count() or 1
 
 
+_TINY_BF16 = cpu_has_native_bf16()
+
 PRESETS = {
     # Ho et al. 2020, CIFAR-10: the TrainConfig defaults.
     "cifar10": {},
-    # 2 CPU cores, embedded 16x16 shapes, samples with visible structure in under 10
+    # 2 CPU cores, embedded 16x16 shapes, samples with visible structure in about 4
     # minutes. Compute threads: one per core but one (the data worker's), at most 8: an
     # OpenMP thread per core of a 2-core machine ran up to 10x slower whenever anything
-    # else was busy, while a second thread on an idle one gained only ~17%.
+    # else was busy, while a second thread on an idle one gained only ~17%. Measured on
+    # 2026-12-07 (FID of 256 default samples against 256 data images, as in the README):
+    # the cosine schedule and fixedsmall sampling variance beat linear 2e-4..0.04 and
+    # fixedlarge; bf16 autocast, where the CPU computes bf16 natively, makes the step
+    # 1.35x faster, spent as 2,000 steps instead of 1,500 in the same time.
     "tiny": dict(image_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=0.0, num_groups=8, T=500, beta_start=2e-4, beta_end=0.04, steps=1500,
-                 batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=500, sample_every=0, sample_n=36,
-                 sample_batch=36, log_every=25, workers=1,
+                 dropout=0.0, num_groups=8, schedule="cosine", T=500, variance="fixedsmall",
+                 steps=2000 if _TINY_BF16 else 1500,
+                 batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995,
+                 precision="bf16" if _TINY_BF16 else None,
+                 ckpt_every=500, sample_every=0, sample_n=36, sample_batch=36, log_every=25, workers=1,
                  threads=max(1, min(8, usable_cpus() - 1))),
 }
 
