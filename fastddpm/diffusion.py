@@ -5,6 +5,15 @@ Conventions (DESIGN.md): timesteps are 0-indexed (index t is the paper's t+1);
 schedule buffers are float64 and registered, so `.to(device)` moves them;
 coefficients are applied in float32 (float64 for float64 input). Images live
 in [-1, 1].
+
+Parameterisation (`prediction`): what the network outputs at (x_t, t), with
+a = sqrt(abar_t), s = sqrt(1 - abar_t), x_t = a x0 + s eps:
+  "eps" (the paper's): eps;  "x0": x0;  "v" (Salimans & Ho 2022): v = a eps - s x0.
+split_prediction turns any of them into (x0_hat, eps_hat); prediction_target is
+what training regresses on. Each is trained on a weighted x0 error
+w(t) |x0 - x0_hat|^2 (loss_weight): eps's L_simple is w = SNR, x0 uses the
+truncated SNR max(SNR, 1), v's plain v MSE is w = SNR + 1 (Salimans & Ho,
+sec. 4), since |v - v_hat|^2 = |x0 - x0_hat|^2 / s^2 at fixed x_t.
 """
 import math
 
@@ -16,6 +25,7 @@ from fastddpm import ops
 from fastddpm.ops._checks import check_float, check_same, check_timesteps
 
 VARIANCES = ("fixedlarge", "fixedsmall")
+PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "quad", "cosine")
 
 
@@ -78,18 +88,24 @@ class GaussianDiffusion(nn.Module):
         variance: "fixedlarge" (sigma_t^2 = beta_t, the paper's CIFAR-10 choice;
             index 0 uses the posterior variance) or "fixedsmall" (the posterior
             variance, log clipped at index 0).
+        prediction: what the network outputs, "eps" (the paper's), "x0" or "v"
+            (see the module docstring).
     """
 
-    def __init__(self, betas, variance="fixedlarge", schedule_config=None):
+    def __init__(self, betas, variance="fixedlarge", schedule_config=None, prediction="eps"):
         super().__init__()
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}, expected one of {VARIANCES}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}, expected one of {PREDICTIONS}")
+        self.prediction = prediction
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 1 or not (np.all(betas > 0) and np.all(betas < 1)):
             raise ValueError("betas must be a non-empty 1-D array with values in (0, 1)")
         self.variance = variance
         self.num_timesteps = T = len(betas)
-        self._schedule_config = schedule_config or {"schedule": "custom"}
+        self._schedule_config = {k: v for k, v in (schedule_config or {"schedule": "custom"}).items()
+                                 if k != "prediction"}
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.append(1.0, abar[:-1])
@@ -114,6 +130,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             "model_log_variance": model_logvar,
+            "snr": abar / (1.0 - abar),
         }
         for name, arr in bufs.items():
             # persistent=False: schedules are rebuilt from the config, never loaded.
@@ -122,43 +139,53 @@ class GaussianDiffusion(nn.Module):
     # ---- construction ---------------------------------------------------------
     @classmethod
     def from_schedule(cls, schedule="linear", T=1000, beta_start=1e-4, beta_end=0.02,
-                      variance="fixedlarge"):
+                      variance="fixedlarge", prediction="eps"):
         betas = make_betas(schedule, T, beta_start, beta_end)
         cfg = {"schedule": schedule, "T": T, "beta_start": beta_start, "beta_end": beta_end,
                "variance": variance}
-        return cls(betas, variance, schedule_config=cfg)
+        return cls(betas, variance, schedule_config=cfg, prediction=prediction)
 
     @classmethod
-    def linear(cls, T=1000, beta_start=1e-4, beta_end=0.02, variance="fixedlarge"):
-        return cls.from_schedule("linear", T, beta_start, beta_end, variance)
+    def linear(cls, T=1000, beta_start=1e-4, beta_end=0.02, variance="fixedlarge", prediction="eps"):
+        return cls.from_schedule("linear", T, beta_start, beta_end, variance, prediction)
 
     @classmethod
-    def quad(cls, T=1000, beta_start=1e-4, beta_end=0.02, variance="fixedlarge"):
-        return cls.from_schedule("quad", T, beta_start, beta_end, variance)
+    def quad(cls, T=1000, beta_start=1e-4, beta_end=0.02, variance="fixedlarge", prediction="eps"):
+        return cls.from_schedule("quad", T, beta_start, beta_end, variance, prediction)
 
     @classmethod
-    def cosine(cls, T=1000, variance="fixedlarge"):
-        return cls.from_schedule("cosine", T, variance=variance)
+    def cosine(cls, T=1000, variance="fixedlarge", prediction="eps"):
+        return cls.from_schedule("cosine", T, variance=variance, prediction=prediction)
 
     @property
     def config(self) -> dict:
-        """What from_config needs to rebuild this object (saved in checkpoints)."""
+        """What from_config needs to rebuild this object (saved in checkpoints).
+        "prediction" is written only when it is not "eps": a config without it
+        means eps, so eps checkpoints stay what they were (and readable by
+        fastddpm versions before the parameterisations)."""
         if self._schedule_config.get("schedule") == "custom":
-            return {"schedule": "custom", "betas": self.betas.tolist(), "variance": self.variance}
-        return dict(self._schedule_config)
+            cfg = {"schedule": "custom", "betas": self.betas.tolist(), "variance": self.variance}
+        else:
+            cfg = dict(self._schedule_config)
+        if self.prediction != "eps":
+            cfg["prediction"] = self.prediction
+        return cfg
 
     @classmethod
     def from_config(cls, cfg: dict):
         cfg = dict(cfg)
+        prediction = cfg.pop("prediction", "eps")
         if cfg.get("schedule") == "custom":
-            return cls(cfg["betas"], cfg.get("variance", "fixedlarge"), schedule_config=cfg)
+            return cls(cfg["betas"], cfg.get("variance", "fixedlarge"), schedule_config=cfg,
+                       prediction=prediction)
         unknown = set(cfg) - {"schedule", "T", "beta_start", "beta_end", "variance"}
         if unknown:
             raise ValueError(f"unknown diffusion config keys {sorted(unknown)}")
-        return cls.from_schedule(**cfg)
+        return cls.from_schedule(**cfg, prediction=prediction)
 
     def extra_repr(self):
-        return f"T={self.num_timesteps}, variance={self.variance!r}, {self._schedule_config}"
+        return (f"T={self.num_timesteps}, variance={self.variance!r}, prediction={self.prediction!r}, "
+                f"{self._schedule_config}")
 
     # ---- checks -----------------------------------------------------------------
     def _check(self, x, t, name="x", check_range=True):
@@ -204,13 +231,59 @@ class GaussianDiffusion(nn.Module):
         """x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (no clipping)."""
         self._check(x_t, t, "x_t")
         check_same("eps", eps, "x_t", x_t)
+        return self._x0_from_eps(x_t, t, eps)
+
+    def _x0_from_eps(self, x_t, t, eps):
         x0 = self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         return x0.to(x_t.dtype)
 
-    def p_mean_variance(self, eps, x_t, t, clip=True):
-        """p(x_{t-1} | x_t) from eps_hat: (mean, variance, log_variance), the
-        variances (B, 1, ..., 1). clip: clip x0_hat to [-1, 1] first."""
-        x0 = self.predict_x0(x_t, t, eps)
+    def split_prediction(self, out, x_t, t):
+        """The network output `out` under this parameterisation as (x0_hat, eps_hat),
+        closed form, in x_t's dtype (coefficients in float32, float64 for float64):
+        eps: x0 = (x - s eps) / a;  x0: eps = (x - a x0) / s;  v: x0 = a x - s v,
+        eps = s x + a v (a = sqrt(abar_t), s = sqrt(1 - abar_t)). Not clipped."""
+        self._check(x_t, t, "x_t")
+        check_same("model output", out, "x_t", x_t)
+        return self._split(out, x_t, t)
+
+    def _split(self, out, x_t, t):
+        # split_prediction without checks, for callers that checked x_t and t
+        if self.prediction == "eps":
+            return self._x0_from_eps(x_t, t, out), out.to(x_t.dtype)
+        a, s = self._coef("sqrt_alphas_cumprod", t, x_t), self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        if self.prediction == "x0":
+            return out.to(x_t.dtype), ((x_t - a * out) / s).to(x_t.dtype)
+        return (a * x_t - s * out).to(x_t.dtype), (s * x_t + a * out).to(x_t.dtype)
+
+    def prediction_target(self, x0, eps, t):
+        """What the network is trained to output for x_t = a x0 + s eps: eps, x0,
+        or v = a eps - s x0; in x0's dtype."""
+        self._check(x0, t, "x0")
+        check_same("eps", eps, "x0", x0)
+        return self._target(x0, eps, t)
+
+    def _target(self, x0, eps, t):
+        if self.prediction == "eps":
+            return eps
+        if self.prediction == "x0":
+            return x0
+        a, s = self._coef("sqrt_alphas_cumprod", t, x0), self._coef("sqrt_one_minus_alphas_cumprod", t, x0)
+        return (a * eps - s * x0).to(x0.dtype)
+
+    def loss_weight(self, t):
+        """(B,) float64: the weight w(t) of the squared x0 error |x0 - x0_hat|^2
+        that training_loss minimises under this parameterisation: SNR for eps
+        (L_simple), max(SNR, 1) for x0 (truncated SNR), SNR + 1 for v."""
+        snr = self.snr.index_select(0, t)
+        if self.prediction == "eps":
+            return snr
+        return snr.clamp(min=1.0) if self.prediction == "x0" else snr + 1.0
+
+    def p_mean_variance(self, out, x_t, t, clip=True):
+        """p(x_{t-1} | x_t) from the network output `out` (eps_hat for an eps model,
+        see split_prediction): (mean, variance, log_variance), the variances
+        (B, 1, ..., 1). clip: clip x0_hat to [-1, 1] first."""
+        x0, _ = self.split_prediction(out, x_t, t)
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior(x0, x_t, t)
@@ -219,6 +292,8 @@ class GaussianDiffusion(nn.Module):
 
     def p_sample_step(self, x_t, t, eps, noise=None, clip=True, generator=None):
         """x_{t-1} = mean + sigma_t z (Algorithm 2, line 4); no noise where t == 0.
+        eps: the network output (eps_hat for an eps model; an x0 or v output is
+        converted to eps_hat first, a pass the sampler tables do without).
         noise: z of x_t's shape, or None to draw it (from `generator` if given)."""
         self._check(x_t, t, "x_t")
         check_same("eps", eps, "x_t", x_t)
@@ -229,6 +304,8 @@ class GaussianDiffusion(nn.Module):
     def _p_sample_step(self, x_t, t, eps, noise, clip=True):
         """p_sample_step without the host-side range check of t (no device sync):
         for callers that built t themselves, like the sampler loop."""
+        if self.prediction != "eps":  # the fused op reads eps_hat
+            eps = self._split(eps, x_t, t)[1]
         return ops.p_sample_step(x_t, t, eps, self.sqrt_recip_alphas_cumprod,
                                  self.sqrt_recipm1_alphas_cumprod, self.posterior_mean_coef1,
                                  self.posterior_mean_coef2, self.model_log_variance, noise, clip,
@@ -236,8 +313,10 @@ class GaussianDiffusion(nn.Module):
 
     # ---- training -------------------------------------------------------------
     def training_loss(self, model, x0, t=None, noise=None, generator=None, *, check_t=True):
-        """L_simple (the paper's eq. 14): mean over all elements of
-        (eps - model(x_t, t))^2 with t ~ U{0..T-1} and eps ~ N(0, I).
+        """With t ~ U{0..T-1} and eps ~ N(0, I), the mean over all elements of:
+        eps: L_simple (the paper's eq. 14), (eps - model(x_t, t))^2, exactly as
+        before the parameterisations; x0: max(SNR_t, 1) (x0 - model(x_t, t))^2;
+        v: (v - model(x_t, t))^2 (= (SNR_t + 1) |x0 - x0_hat|^2). See loss_weight.
         check_t=False skips the range check of a given t (a host sync on a GPU),
         for callers that drew t themselves; a t drawn here is never checked."""
         check_float("x0", x0)
@@ -250,11 +329,17 @@ class GaussianDiffusion(nn.Module):
         check_same("noise", noise, "x0", x0)
         x_t = ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod,
                            check_range=False)  # checked by _check above, or drawn here
-        eps_hat = model(x_t, t)
-        if eps_hat.shape != x0.shape:
-            raise ValueError(f"model output has shape {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")
-        # fp32 loss from a half-precision (autocast) output, never a half-precision noise
-        return ops.simple_loss(eps_hat.float(), noise.float())
+        out = model(x_t, t)
+        if out.shape != x0.shape:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x0.shape)}")
+        if self.prediction == "eps":
+            # fp32 loss from a half-precision (autocast) output, never a half-precision noise
+            return ops.simple_loss(out.float(), noise.float())
+        dt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        out, x0, noise = out.to(dt), x0.to(dt), noise.to(dt)
+        if self.prediction == "v":
+            return ops.simple_loss(out, self._target(x0, noise, t))
+        return (_bcast(self.loss_weight(t), x0) * (out - x0).square()).mean()
 
     # ---- likelihood -----------------------------------------------------------
     def prior_bpd(self, x0):
@@ -267,9 +352,9 @@ class GaussianDiffusion(nn.Module):
     def vb_term_bpd(self, model, x0, x_t, t, clip=True):
         """One VLB term per image in bits/dim: the decoder NLL -log p(x0 | x_1)
         where t == 0, else KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))."""
-        eps = model(x_t, t)
+        out = model(x_t, t)
         true_mean, _, true_logvar = self.q_posterior(x0, x_t, t)
-        mean, _, logvar = self.p_mean_variance(eps.to(x_t.dtype), x_t, t, clip=clip)
+        mean, _, logvar = self.p_mean_variance(out.to(x_t.dtype), x_t, t, clip=clip)
         kl = normal_kl(true_mean.float(), true_logvar, mean.float(), logvar).flatten(1).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0.float(), mean.float(), 0.5 * logvar)
         nll = nll.flatten(1).mean(1) / math.log(2.0)
