@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from fastddpm import ops
 from fastddpm.ops._checks import check_float, check_same, check_timesteps
+from fastddpm.reference import PREDICTIONS
 
 VARIANCES = ("fixedlarge", "fixedsmall")
-PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "quad", "cosine")
 
 

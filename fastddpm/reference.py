@@ -122,6 +122,10 @@ def p_sample_step_ref(x_t, t, eps, sqrt_recip_abar, sqrt_recipm1_abar, coef1, co
 # the same step, so running a step twice gives the same result.
 SAMPLER_COEFS = ("a_x", "a_e", "c_x", "c_0", "c_1", "c_2", "c_3", "c_4", "h_x", "h_0", "sigma")
 MAX_HISTORY = 4    # past predictions a row can read (c_1 .. c_4)
+# What a network outputs (GaussianDiffusion.prediction): "eps" is the paper's; for
+# "x0" and "v" only a_x, a_e change (sampling.tables.x0_columns), "eps" above
+# standing for the network output.
+PREDICTIONS = ("eps", "x0", "v")
 
 _M32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57

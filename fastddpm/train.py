@@ -112,6 +112,10 @@ _FLAGS = [
     ("--variance", "variance", str, "sampling variance: fixedlarge (beta_t) or fixedsmall (posterior); "
      "it only affects sampling, so it may change on --resume (recorded in config.json and the "
      "checkpoints written from then on)"),
+    ("--prediction", "prediction", str, "what the network learns to output: eps (the paper's noise, L_simple) | "
+     "x0 (the clean image, loss weighted by the truncated SNR max(SNR, 1)) | v (a eps - s x0, Salimans & Ho "
+     "2022, plain v MSE = (SNR + 1)-weighted x0 error); part of the run (refused on --resume) and recorded "
+     "in the checkpoints' diffusion config"),
     ("--steps", "steps", _positive(int), "total optimizer steps of the run (on resume: the new total)"),
     ("--batch-size", "batch_size", _positive(int), "global batch size, split evenly over the ranks"),
     ("--lr", "lr", _positive(float), "Adam learning rate after warm-up"),
@@ -175,7 +179,7 @@ def build_parser():
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR (its newest checkpoint; a file also works) with its "
                    "saved config; flags given now override it, except ones that would change the run: "
-                   "the network, the beta schedule and T, the data, the batch size and the seed are "
+                   "the network, the beta schedule and T, the prediction, the data, the batch size and the seed are "
                    "refused (--variance, which only affects sampling, is allowed). With --out NEW the "
                    "run continues in NEW, which must hold no other run; an older checkpoint of a folder "
                    "that holds newer ones can only be resumed that way")

@@ -1,7 +1,8 @@
 """One denoising step: the state a sampler keeps on the device and the step that
 advances it (network forward + the one fused update ops.sample_step).
 
-One step: t = timesteps[step]; eps = model(x, t); x = sample_step(x, eps,
+One step: t = timesteps[step]; out = model(x, t) (eps_hat, or x0_hat / v_hat
+for an x0 / v network: the table's a_x, a_e columns read it); x = sample_step(x, out,
 table[step], history, z(rng)) (which also writes this step's prediction into
 the history ring); step += 1; rng.offset += 1. All of it reads and writes device
 tensors only, so one captured step replays for every step with no host
@@ -23,7 +24,7 @@ class StepState:
     history: torch.Tensor      # (K + 1, B, C, H, W) ring of past predictions (plan.history = K > 0), else (0,)
     step: torch.Tensor         # (1,) int64: the table row of the next step
     rng: torch.Tensor          # (3,) int64: Philox key (seed), offset, first sample index
-    health: torch.Tensor       # (1,) float32: running sum of eps_hat (NaN/inf stick)
+    health: torch.Tensor       # (1,) float32: running sum of the network outputs (NaN/inf stick)
     table: torch.Tensor        # (N, 11) float64 coefficients
     timesteps: torch.Tensor    # (N,) int64 network timesteps
     stochastic: bool           # whether steps add noise (else no Philox work)

@@ -8,8 +8,14 @@ the one linear multistep form every sampler shares (reference.SAMPLER_COEFS):
     x_next = c_x x + c_0 x0_hat + sum_{j=1..K} c_j H_{i-j} + sigma z
     H_i    = h_x x + h_0 x0_hat                   (the history the next K rows read)
 With abar_i = alphas_cumprod[tau_i], abar_N = 1, alpha = sqrt(abar),
-s = sqrt(1 - abar), lambda = log(alpha / s) and h_i = lambda_{i+1} - lambda_i:
-a_x = sqrt(1/abar_i) and a_e = sqrt(1/abar_i - 1) for every sampler, and:
+s = sqrt(1 - abar), lambda = log(alpha / s) and h_i = lambda_{i+1} - lambda_i.
+"eps" in the first line is the network's output, whatever it predicts: only
+(a_x, a_e) depend on the parameterisation (the diffusion's `prediction`, the
+same for every sampler), so an x0 or v network needs no conversion pass:
+eps: a_x = sqrt(1/abar_i), a_e = sqrt(1/abar_i - 1); x0: a_x = 0, a_e = -1;
+v: a_x = alpha_i, a_e = s_i (x0 = alpha x - s v). Every sampler below reads
+the network only through x0_hat (ddim and ipndm recompute eps from the clipped
+x0_hat and x), and:
 
 * ddpm (Ho et al. 2020; respaced as Nichol & Dhariwal 2021): betas recomputed
   from the kept abar, beta_i = 1 - abar_i / abar_{i+1}; c_0, c_x are the
@@ -78,7 +84,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastddpm.reference import MAX_HISTORY, SAMPLER_COEFS
+from fastddpm.reference import MAX_HISTORY, PREDICTIONS, SAMPLER_COEFS
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc", "ipndm")
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "edm")
@@ -106,6 +112,7 @@ class SamplerPlan:
     variance: str
     order: int = 1
     variant: str = ""
+    prediction: str = "eps"
 
     @property
     def steps(self) -> int:
@@ -126,12 +133,14 @@ class SamplerPlan:
         """Identifies the plan (for caches): the sampler, its parameters and its
         coefficients (two schedules can share everything else)."""
         return (self.sampler, self.timesteps, self.history, self.eta, self.spacing, self.variance, self.order,
-                self.variant, self.table.numpy().tobytes())
+                self.variant, self.prediction, self.table.numpy().tobytes())
 
     def describe(self) -> str:
         extra = {"ddpm": f"variance {self.variance}", "ddim": f"eta {self.eta:g}",
                  "unipc": f"order {self.order}, {self.variant}", "ipndm": f"order {self.order}"}.get(self.sampler, "")
-        return ", ".join(s for s in (f"{self.sampler}", f"{self.steps} steps", f"{self.spacing} spacing", extra) if s)
+        pred = f"{self.prediction} prediction" if self.prediction != "eps" else ""
+        return ", ".join(s for s in (f"{self.sampler}", f"{self.steps} steps", f"{self.spacing} spacing", extra, pred)
+                         if s)
 
 
 def _int_in(name, v, lo, hi):
@@ -191,19 +200,33 @@ def check_timesteps(timesteps, T):
     return np.asarray(ts, dtype=np.int64)
 
 
-def _table(a, c_x, w, sigma=None, h=(0.0, 1.0)):
+def x0_columns(a, prediction="eps"):
+    """(a_x, a_e) (N,) each, float64, with x0_hat = a_x x - a_e out for a network
+    output `out` under `prediction` at abar = a (N,)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}, expected one of {PREDICTIONS}")
+    a = np.asarray(a, dtype=np.float64)
+    if prediction == "eps":
+        return np.sqrt(1.0 / a), np.sqrt(1.0 / a - 1.0)
+    if prediction == "x0":
+        return np.zeros_like(a), -np.ones_like(a)
+    return np.sqrt(a), np.sqrt(1.0 - a)
+
+
+def _table(a, c_x, w, sigma=None, h=(0.0, 1.0), prediction="eps"):
     """(N, 11) float64 table from per-row c_x (N,), D weights w (N, 1 + MAX_HISTORY):
     w[i, j] multiplies D_{i-j} (c_0 = w[:, 0], c_j = w[:, j]), the history's
-    (h_x, h_0) per row (N, 2) or one pair, and sigma (N,) or None (no noise)."""
+    (h_x, h_0) per row (N, 2) or one pair, sigma (N,) or None (no noise), and
+    the network's parameterisation (x0_columns)."""
     N = len(a)
     hist = np.broadcast_to(np.asarray(h, dtype=np.float64), (N, 2))
     sigma = np.zeros(N) if sigma is None else sigma
-    t = np.column_stack([np.sqrt(1.0 / a), np.sqrt(1.0 / a - 1.0), c_x, w, hist, sigma])
+    t = np.column_stack([*x0_columns(a, prediction), c_x, w, hist, sigma])
     assert t.shape == (N, len(SAMPLER_COEFS))
     return torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
 
 
-def ddpm_table(alphas_cumprod, timesteps, variance="fixedlarge"):
+def ddpm_table(alphas_cumprod, timesteps, variance="fixedlarge", prediction="eps"):
     """(N, 11) float64 table of respaced ancestral sampling over `timesteps` (decreasing)."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}, expected one of {VARIANCES}")
@@ -223,7 +246,7 @@ def ddpm_table(alphas_cumprod, timesteps, variance="fixedlarge"):
     w = np.zeros((len(a), 1 + MAX_HISTORY))
     w[:, 0] = betas * np.sqrt(a_prev) / (1.0 - a)                  # posterior coef of x0
     rev = slice(None, None, -1)                                    # back to decreasing t
-    return _table(a[rev], c_x[rev], w[rev], sigma[rev], h=(0.0, 0.0))
+    return _table(a[rev], c_x[rev], w[rev], sigma[rev], h=(0.0, 0.0), prediction=prediction)
 
 
 def _abar_pairs(alphas_cumprod, timesteps):
@@ -231,7 +254,7 @@ def _abar_pairs(alphas_cumprod, timesteps):
     return a, np.append(a[1:], 1.0)
 
 
-def ddim_table(alphas_cumprod, timesteps, eta=0.0):
+def ddim_table(alphas_cumprod, timesteps, eta=0.0, prediction="eps"):
     """(N, 11) float64 table of DDIM over `timesteps` (decreasing), eta in [0, 1]."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
@@ -240,7 +263,7 @@ def ddim_table(alphas_cumprod, timesteps, eta=0.0):
     d = np.sqrt(np.maximum(1.0 - a_next - sigma ** 2, 0.0))
     w = np.zeros((len(a), 1 + MAX_HISTORY))
     w[:, 0] = np.sqrt(a_next) - d * np.sqrt(a) / np.sqrt(1.0 - a)
-    return _table(a, d / np.sqrt(1.0 - a), w, sigma, h=(0.0, 0.0))
+    return _table(a, d / np.sqrt(1.0 - a), w, sigma, h=(0.0, 0.0), prediction=prediction)
 
 
 def _dpmpp_orders(N, order):
@@ -253,7 +276,7 @@ def _dpmpp_orders(N, order):
     return orders
 
 
-def dpmpp_table(alphas_cumprod, timesteps, order=2):
+def dpmpp_table(alphas_cumprod, timesteps, order=2, prediction="eps"):
     """(N, 11) float64 table of DPM-Solver++(2M) (order 2) or (3M) (order 3)."""
     a, a_next = _abar_pairs(alphas_cumprod, timesteps)
     N = len(a)
@@ -281,12 +304,12 @@ def dpmpp_table(alphas_cumprod, timesteps, order=2):
             d2 = (d1_0 - d1_1) / (r0 + r1)
             w[i, :3] = alpha_next * (phi * np.array([1.0, 0.0, 0.0]) + (1.0 - phi / h) * d1
                                      - ((h - phi) / h ** 2 - 0.5) * d2)
-    return _table(a, c_x, w)
+    return _table(a, c_x, w, prediction=prediction)
 
 
-def dpmpp2m_table(alphas_cumprod, timesteps):
+def dpmpp2m_table(alphas_cumprod, timesteps, prediction="eps"):
     """(N, 11) float64 table of DPM-Solver++(2M) over `timesteps` (decreasing)."""
-    return dpmpp_table(alphas_cumprod, timesteps, 2)
+    return dpmpp_table(alphas_cumprod, timesteps, 2, prediction)
 
 
 def _unipc_step(lam, alpha, s0, t, past, variant, corrector, N):
@@ -322,7 +345,7 @@ def _unipc_step(lam, alpha, s0, t, past, variant, corrector, N):
     return w
 
 
-def unipc_table(alphas_cumprod, timesteps, order=3, variant=DEFAULT_UNIPC_VARIANT):
+def unipc_table(alphas_cumprod, timesteps, order=3, variant=DEFAULT_UNIPC_VARIANT, prediction="eps"):
     """(N, 11) float64 table of UniPC-order (predictor and corrector) with data prediction."""
     if variant not in UNIPC_VARIANTS:
         raise ValueError(f"unknown UniPC variant {variant!r}, expected one of {UNIPC_VARIANTS}")
@@ -347,13 +370,13 @@ def unipc_table(alphas_cumprod, timesteps, order=3, variant=DEFAULT_UNIPC_VARIAN
         assert not wi[i + 1:].any() and not wi[:max(i - MAX_HISTORY, 0)].any()
         for j in range(min(i, MAX_HISTORY) + 1):
             w[i, j] = wi[i - j]
-    return _table(a, c_x, w)
+    return _table(a, c_x, w, prediction=prediction)
 
 
 IPNDM_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def ipndm_table(alphas_cumprod, timesteps, order=4):
+def ipndm_table(alphas_cumprod, timesteps, order=4, prediction="eps"):
     """(N, 11) float64 table of iPNDM of `order` (1..4) in the EDM form: history eps."""
     a, a_next = _abar_pairs(alphas_cumprod, timesteps)
     N = len(a)
@@ -367,7 +390,7 @@ def ipndm_table(alphas_cumprod, timesteps, order=4):
         c_x[i] = alpha_next[i] / alpha[i] + wts[0] / sig[i]
         w[i, 0] = -wts[0] * alpha[i] / sig[i]
         w[i, 1:len(wts)] = wts[1:]
-    return _table(a, c_x, w, h=np.column_stack([1.0 / sig, -alpha / sig]))
+    return _table(a, c_x, w, h=np.column_stack([1.0 / sig, -alpha / sig]), prediction=prediction)
 
 
 def _history(sampler, order):
@@ -385,7 +408,8 @@ def make_plan(diffusion, sampler="ddpm", steps=None, eta=None, spacing=None, var
     default 3) and ipndm (1..4, default 4) only (dpmpp2m / dpmpp3m are orders 2
     and 3); variant: unipc only, "bh1" (default) or "bh2"; timesteps: an
     explicit grid (strictly decreasing ints in [0, T-1]) instead of spacing.
-    A sampler of order p needs at least p steps.
+    A sampler of order p needs at least p steps. The table reads the network's
+    output as the diffusion's `prediction` says (x0_columns).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}, expected one of {SAMPLERS}")
@@ -427,16 +451,17 @@ def make_plan(diffusion, sampler="ddpm", steps=None, eta=None, spacing=None, var
     else:
         spacing = "explicit"
     variance = diffusion.variance if variance is None else variance
+    pred = diffusion.prediction
     if sampler == "ddpm":
-        table = ddpm_table(abar, ts, variance)
+        table = ddpm_table(abar, ts, variance, pred)
     elif sampler == "ddim":
-        table = ddim_table(abar, ts, eta)
+        table = ddim_table(abar, ts, eta, pred)
     elif sampler in ("dpmpp2m", "dpmpp3m"):
-        table = dpmpp_table(abar, ts, order)
+        table = dpmpp_table(abar, ts, order, pred)
     elif sampler == "unipc":
-        table = unipc_table(abar, ts, order, variant)
+        table = unipc_table(abar, ts, order, variant, pred)
     else:
-        table = ipndm_table(abar, ts, order)
+        table = ipndm_table(abar, ts, order, pred)
     assert table.shape == (steps, len(SAMPLER_COEFS))
     return SamplerPlan(sampler, tuple(int(t) for t in ts), table, _history(sampler, order), float(eta), spacing,
-                       variance if sampler == "ddpm" else "", order, variant)
+                       variance if sampler == "ddpm" else "", order, variant, pred)

@@ -9,7 +9,7 @@ from typing import Optional
 
 from fastddpm import evaluate
 from fastddpm.checkpoint import CheckpointError
-from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
+from fastddpm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, parse_device
 from fastddpm.sampling import MAX_SEED, make_plan
 from fastddpm.training import tensorboard
@@ -39,6 +39,7 @@ class TrainConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     variance: str = "fixedlarge"
+    prediction: str = "eps"  # what the network outputs: eps (the paper's) | x0 | v (GaussianDiffusion)
     # optimisation
     steps: int = 800_000
     batch_size: int = 128
@@ -101,7 +102,7 @@ class TrainConfig:
 
     def diffusion_config(self):
         return {"schedule": self.schedule, "T": self.T, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "variance": self.variance}
+                "beta_end": self.beta_end, "variance": self.variance, "prediction": self.prediction}
 
 
 def usable_cpus():
@@ -128,7 +129,7 @@ PRESETS = {
 
 # Changing these on resume would make a different run: refused.
 RUN_IDENTITY = ("image_size", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-                "num_groups", "schedule", "T", "beta_start", "beta_end", "batch_size", "seed")
+                "num_groups", "schedule", "T", "beta_start", "beta_end", "prediction", "batch_size", "seed")
 
 
 def preset_config(name):
@@ -173,6 +174,8 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if cfg.variance not in ("fixedlarge", "fixedsmall"):
         raise ValueError(f"--variance must be fixedlarge or fixedsmall, got {cfg.variance!r}")
+    if cfg.prediction not in PREDICTIONS:
+        raise ValueError(f"--prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0 < cfg.beta_start <= cfg.beta_end < 1:
