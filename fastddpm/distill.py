@@ -36,11 +36,11 @@ from fastddpm import limits
 from fastddpm.allocator import keep_freed_memory
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
-from fastddpm.train import _finite, _nonneg_int, _os_error_line, _positive, _seed
 from fastddpm.training import distributed
 from fastddpm.training.config import TrainConfig, validate
 from fastddpm.training.distill import DistillConfig, DistillTrainer, validate_distill
 from fastddpm.training.distributed import PeerFailed
+from fastddpm.training.flags import _finite, _int, _nonneg_int, _os_error_line, _positive, _seed
 from fastddpm.training.run_folder import check_out_folder
 from fastddpm.training.trainer import Stopped, TrainingDiverged
 
@@ -63,9 +63,9 @@ def build_parser():
                    help="the last student's steps: --start-steps halved a whole number of times (default 4)")
     p.add_argument("--start-steps", dest="start_steps", type=_positive(int),
                    help="the teacher's DDIM grid: a power of two <= T (default the largest, e.g. 256 for T = 500)")
-    p.add_argument("--round-iters", dest="round_iters", type=_int_any,
+    p.add_argument("--round-iters", dest="round_iters", type=_int,
                    help="optimizer steps per halving, >= 1 (default 1000)")
-    p.add_argument("--convert-iters", dest="convert_iters", type=_int_any,
+    p.add_argument("--convert-iters", dest="convert_iters", type=_int,
                    help="optimizer steps of the conversion round that first turns a teacher of another "
                    "parameterisation (eps) into a --prediction student on the start grid (default "
                    "--round-iters when they differ, else 0; 0: none)")
@@ -93,13 +93,6 @@ def build_parser():
                    "default as the tiny preset: one per core but one)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default on)")
     return p
-
-
-def _int_any(s):
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
 
 
 def _teacher_train_config(ckpt):
@@ -132,8 +125,8 @@ def new_run(given):
         schedule=t_cfg["schedule"], T=T, beta_start=t_cfg.get("beta_start", base.beta_start),
         beta_end=t_cfg.get("beta_end", base.beta_end), variance=t_diff.variance,
         lr=1e-4, warmup=0, grad_clip=1.0, ckpt_every=500, keep=2, sample_every=0, sample_n=0, fid_every=0,
-        log_every=25, workers=1, threads=TrainConfig(**{}).threads if saved is None else saved.threads,
-        seed=0, compile="none", tensorboard=False)
+        log_every=25, workers=1, threads=base.threads,
+        seed=0, compile="none", tensorboard=False, prediction=prediction)
     if saved is None and "data" not in given:
         raise ValueError(f"teacher {path} has no training config (a diffusers folder?): give --data, the "
                          "images it was trained on")
