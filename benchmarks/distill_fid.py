@@ -62,7 +62,7 @@ def append_log(path, rec):
 
 def distill_args(args):
     return ["--start-steps", str(args.start_steps), "--final-steps", "1", "--round-iters", str(args.round_iters),
-            "--lr", str(args.lr), "--no-progress"]
+            "--convert-iters", str(args.convert_iters), "--lr", str(args.lr), "--no-progress"]
 
 
 def stage_distill(args):
@@ -114,9 +114,12 @@ def _moments(images):
 def stage_fid(args):
     from fastddpm.training.distill import grid
     done = {r["label"] for r in read_log(args.log) if r.get("what") == "fid" and r.get("n") == args.n}
-    only = set(args.only.split(",")) if args.only else None
-    for label, path, kw, nfe in configs(args):
-        if label in done or (only and label not in only):
+    todo = configs(args)
+    if args.only:  # in the order given
+        by_label = {c[0]: c for c in todo}
+        todo = [by_label[k] for k in args.only.split(",")]
+    for label, path, kw, nfe in todo:
+        if label in done:
             continue
         if not os.path.exists(path):
             print(f"skip {label}: {path} missing", flush=True)
@@ -140,7 +143,7 @@ def stage_table(args):
     dist = [r for r in log if r.get("what") == "distill"]
     lines = [f"Progressive distillation on the 2-core CPU (benchmarks/distill_fid.py), {time.strftime('%Y-%m-%d')}",
              f"teacher: {args.teacher}; students: {args.run} (start grid {args.start_steps}, --round-iters "
-             f"{args.round_iters}, --lr {args.lr}); FID of n = {args.n} samples (seed 0) against {ref_path(args)}",
+             f"{args.round_iters}, --convert-iters {args.convert_iters}, --lr {args.lr}); FID of n = {args.n} samples (seed 0) against {ref_path(args)}",
              "", "| model | sampler | NFE | FID | seconds (sampling + Inception) |", "|---|---|---|---|---|"]
     for label, _, kw, nfe in configs(args):
         r = fids.get(label)
@@ -168,12 +171,13 @@ def main():
     p.add_argument("stage", choices=("distill", "ref", "fid", "table", "all"))
     p.add_argument("--teacher", required=True, help="the teacher checkpoint or run folder")
     p.add_argument("--run", required=True, help="the distillation's run folder")
-    p.add_argument("--start-steps", type=int, default=64)
-    p.add_argument("--round-iters", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--start-steps", type=int, default=32)
+    p.add_argument("--round-iters", type=int, default=300)  # the tiny run below: 2,500 updates in all
+    p.add_argument("--convert-iters", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n", type=int, default=1000, help="samples per FID")
     p.add_argument("--ref-n", type=int, default=1000, help="data images in the reference statistics")
-    p.add_argument("--only", default=None, help="comma-separated labels to score (default all, in order)")
+    p.add_argument("--only", default=None, help="comma-separated labels to score, in this order (default all, in priority order)")
     day = time.strftime("%Y-%m-%d")
     p.add_argument("--log", default=os.path.join(ROOT, "benchmarks", "results", f"distill-{day}.jsonl"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", f"distill-{day}.txt"))

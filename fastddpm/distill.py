@@ -167,15 +167,17 @@ def resumed_run(given):
     if not isinstance(d, dict) or "distill" not in (ckpt.get("train_state") or {}):
         raise CheckpointError(f"--resume {resume}: {path} is not a distillation checkpoint (no distillation "
                               "state; a training run resumes with python -m fastddpm.train --resume)")
-    try:
+    try:  # an untrusted file: every size bounded before anything is built from it
         limits.check_unet_config(f"{path}: distill train config", d.get("train"))
+        limits.check_int(f"{path}: distill train config", "T", d["train"].get("T"), limits.MAX_T, "schedule length")
+        limits.check_diffusion_config(f"{path}: distill teacher diffusion config", d.get("teacher_diffusion"))
         saved = TrainConfig.from_dict(d["train"])
         dcfg = DistillConfig.from_dict({k: v for k, v in d.items() if k not in ("train", "teacher_diffusion")})
         s_diff = GaussianDiffusion.from_config(config["diffusion"])
         t_diff = GaussianDiffusion.from_config(d["teacher_diffusion"])
-    except (limits.LimitError, KeyError, TypeError, ValueError) as e:
+        validate_distill(dcfg, s_diff.num_timesteps)
+    except (limits.LimitError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad distillation config: {e}") from None
-    validate_distill(dcfg, s_diff.num_timesteps)
     cfg = dataclasses.replace(saved)
     changed = []
     for k, v in given.items():
