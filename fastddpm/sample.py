@@ -12,6 +12,9 @@ sampler; respaced over fewer steps), ddim, dpmpp2m / dpmpp3m (DPM-Solver++(2M)
 / (3M)), unipc (UniPC, --order 1-3, --variant bh1/bh2), ipndm (improved PNDM,
 --order 1-4), all through one fused update; on CUDA each step is replayed from
 a CUDA graph. The timesteps: --spacing, or an explicit --timesteps 999,700,...
+A distilled student (fastddpm.distill) samples by default with the sampler and
+grid its checkpoint records (N steps, N network evaluations); asking for another
+sampler or grid warns that it was distilled for N steps.
 
 Reproducibility: image i is drawn from the noise stream (--seed, i) alone, so
 --n only sets how many images (a smaller --n gives the first images of a

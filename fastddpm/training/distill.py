@@ -41,7 +41,14 @@ a ~ 1, v ~ eps - s x ~ eps, so the output is already nearly right) and a
 conversion round first (--convert-iters, by default one round's iterations
 when the parameterisations differ) trains it on the teacher's own one-step
 DDIM map on the start grid, so that the first halving starts from a v model
-of the same sampler rather than one wrong at high noise.
+of the same sampler rather than one wrong at high noise. Measured on the tiny
+preset teacher (5,000 steps; 64 images per t, 2026-12-07): the eps weights
+read as v give x0_hat off the teacher's by an MSE of 0.49 at abar = 0.235 and
+0.013 at abar = 0.845 (the teacher's own error against the data: 0.053 and
+0.003); after a 200-update conversion (lr 5e-4) 0.13 and 0.004, after 1,000
+(lr 1e-3) 0.029 and 0.003. Its loss has a floor (~0.13 there): at the highest
+noise the teacher's clipped x0_hat is a near-chaotic function of z that no
+student fits, and it barely matters (its DDIM step multiplies it by ~a').
 
 Every round writes its student (EMA weights) to OUT/student-NNNN.pt (NNNN its
 steps); its config records the grid (config["sampling"]: sampler ddim,
