@@ -43,6 +43,10 @@ def convert(src, dst, use_ema=True):
             f"{dst}: a fastddpm checkpoint converts to a diffusers pipeline folder, not to a "
             f"'{os.path.splitext(dst)[1]}' file ({src_path} is already a fastddpm checkpoint); "
             "name the folder without a file extension")
+    prediction = (((ckpt.get("config") or {}).get("diffusion")) or {}).get("prediction", "eps")
+    if prediction != "eps":  # interop writes prediction_type "epsilon" only, for now: refuse, never mislabel
+        raise checkpoint.CheckpointError(f"{src_path}: a {prediction!r}-prediction model cannot be exported to "
+                                         "diffusers yet (only eps models)")
     interop.export_pipeline(ckpt, dst, use_ema=use_ema, where=src_path)
     weights = "EMA" if use_ema and ckpt.get("ema") is not None else "raw"
     return f"{src_path} (fastddpm, step {ckpt.get('step')}, {weights} weights) -> {dst} (diffusers DDPMPipeline)"

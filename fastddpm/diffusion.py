@@ -237,12 +237,13 @@ class GaussianDiffusion(nn.Module):
         x0 = self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         return x0.to(x_t.dtype)
 
-    def split_prediction(self, out, x_t, t):
+    def split_prediction(self, out, x_t, t, *, check_t=True):
         """The network output `out` under this parameterisation as (x0_hat, eps_hat),
         closed form, in x_t's dtype (coefficients in float32, float64 for float64):
         eps: x0 = (x - s eps) / a;  x0: eps = (x - a x0) / s;  v: x0 = a x - s v,
-        eps = s x + a v (a = sqrt(abar_t), s = sqrt(1 - abar_t)). Not clipped."""
-        self._check(x_t, t, "x_t")
+        eps = s x + a v (a = sqrt(abar_t), s = sqrt(1 - abar_t)). Not clipped.
+        check_t=False skips the range check of t (a host sync on a GPU)."""
+        self._check(x_t, t, "x_t", check_range=check_t)
         check_same("model output", out, "x_t", x_t)
         return self._split(out, x_t, t)
 
@@ -255,10 +256,10 @@ class GaussianDiffusion(nn.Module):
             return out.to(x_t.dtype), ((x_t - a * out) / s).to(x_t.dtype)
         return (a * x_t - s * out).to(x_t.dtype), (s * x_t + a * out).to(x_t.dtype)
 
-    def prediction_target(self, x0, eps, t):
+    def prediction_target(self, x0, eps, t, *, check_t=True):
         """What the network is trained to output for x_t = a x0 + s eps: eps, x0,
-        or v = a eps - s x0; in x0's dtype."""
-        self._check(x0, t, "x0")
+        or v = a eps - s x0; in x0's dtype. check_t as for split_prediction."""
+        self._check(x0, t, "x0", check_range=check_t)
         check_same("eps", eps, "x0", x0)
         return self._target(x0, eps, t)
 

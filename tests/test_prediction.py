@@ -323,6 +323,12 @@ def test_a_v_model_trains_records_its_prediction_and_samples(tmp_path, capsys, _
     assert diffusion.prediction == "v"
     x = sample(model, diffusion, 2, seed=3, progress=False, sampler="ddim", steps=4)
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+    from fastddpm.sample import main as sample_main   # the CLI reads it from the checkpoint
+    sample_main(["--checkpoint", str(out), "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu",
+                 "--sampler", "ddim", "--steps", "4", "--seed", "3", "--no-progress"])
+    cli = np.load(tmp_path / "s" / "samples.npz")["arr_0"].astype(int)
+    ours = torch.round((x + 1) * 127.5).clamp(0, 255).permute(0, 2, 3, 1).numpy().astype(int)
+    assert cli.shape == ours.shape and np.abs(cli - ours).max() <= 1, np.abs(cli - ours).max()
     # the run identity: resuming as another parameterisation is another run
     with pytest.raises(CheckpointError, match=r"prediction: checkpoint 'v', now 'eps'"):
         config_from_args(["--resume", str(out), "--prediction", "eps"])
@@ -331,11 +337,24 @@ def test_a_v_model_trains_records_its_prediction_and_samples(tmp_path, capsys, _
     # the default run stays eps, its checkpoint config as before
     assert train_main(TINY + ["--out", str(tmp_path / "e"), "--steps", "2"]) == 0
     assert "prediction" not in checkpoint.load(tmp_path / "e")["config"]["diffusion"]
+    # a run written before the parameterisations (no "prediction" anywhere) resumes as eps
+    path = checkpoint.resolve(tmp_path / "e")
+    old = checkpoint.load(path)
+    del old["config"]["train"]["prediction"]
+    checkpoint.atomic_save(old, path)
+    cfg, _, _ = config_from_args(["--resume", str(tmp_path / "e"), "--steps", "3"])
+    assert cfg.prediction == "eps"
     capsys.readouterr()
     assert train_main(TINY + ["--out", str(tmp_path / "bad"), "--steps", "2", "--prediction", "epsilon"]) == 2
     err = capsys.readouterr().err
     assert "--prediction must be one of" in err and "epsilon" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+    # diffusers export writes prediction_type "epsilon" only so far: a v model is refused
+    from fastddpm.convert import main as convert_main
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(out), str(tmp_path / "pipe")])
+    assert e.value.code == 2 and "'v'-prediction model cannot be exported" in capsys.readouterr().err
+    assert not (tmp_path / "pipe").exists()
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
