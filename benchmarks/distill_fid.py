@@ -119,7 +119,8 @@ def stage_fid(args):
         by_label = {c[0]: c for c in todo}
         todo = [by_label[k] for k in args.only.split(",")]
     for label, path, kw, nfe in todo:
-        if label in done:
+        if label in done or label in {r["label"] for r in read_log(args.log) if r.get("what") == "fid"
+                                      and r.get("n") == args.n}:  # another process may have scored it
             continue
         if not os.path.exists(path):
             print(f"skip {label}: {path} missing", flush=True)
