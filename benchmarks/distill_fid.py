@@ -83,7 +83,8 @@ def stage_distill(args):
 
 
 def ref_path(args):
-    return os.path.splitext(args.log)[0] + f"-ref{args.ref_n}.npz"
+    """Beside the run folder (32 MiB of float64: not for the repository)."""
+    return os.path.abspath(args.run).rstrip("/") + f"-ref{args.ref_n}.npz"
 
 
 def stage_ref(args):
