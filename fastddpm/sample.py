@@ -12,6 +12,9 @@ sampler; respaced over fewer steps), ddim, dpmpp2m / dpmpp3m (DPM-Solver++(2M)
 / (3M)), unipc (UniPC, --order 1-3, --variant bh1/bh2), ipndm (improved PNDM,
 --order 1-4), all through one fused update; on CUDA each step is replayed from
 a CUDA graph. The timesteps: --spacing, or an explicit --timesteps 999,700,...
+A distilled student (fastddpm.distill) samples by default with the sampler and
+grid its checkpoint records (N steps, N network evaluations); asking for another
+sampler or grid warns that it was distilled for N steps.
 
 Reproducibility: image i is drawn from the noise stream (--seed, i) alone, so
 --n only sets how many images (a smaller --n gives the first images of a
@@ -54,9 +57,10 @@ def parse_args(argv=None):
                    help="samples denoised at once (default 256); does not change which noise an image gets")
     p.add_argument("--seed", type=int, default=0,
                    help="noise stream, an int in [0, 2^63) (default 0): image i depends on (seed, i) only")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm: ancestral (respaced when --steps < T); ddim; dpmpp2m / dpmpp3m: DPM-Solver++(2M) / "
-                   "(3M); unipc: UniPC predictor-corrector; ipndm: improved PNDM (default ddpm)")
+                   "(3M); unipc: UniPC predictor-corrector; ipndm: improved PNDM (default ddpm; for a distilled "
+                   "student (fastddpm.distill) ddim on the grid it was distilled for, which its checkpoint records)")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample, 1..T, at that many distinct timesteps (default T)")
     p.add_argument("--order", type=int, default=None,
@@ -92,6 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--no-clip", action="store_true", help="do not clip x0_hat to [-1, 1] in each step")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
+    args.sampler_given, args.sampler = args.sampler is not None, args.sampler or "ddpm"
     # bad values: one line and exit 2, like argparse's own errors
     if not 1 <= args.n <= limits.MAX_SAMPLES:
         _fail(f"--n must lie in [1, {limits.MAX_SAMPLES:,}], got {args.n} (fastddpm's bound; shard a larger "
@@ -134,6 +139,27 @@ def _option_of(msg):
         if msg.startswith(start):
             return option + ": "
     return "--steps: " if "needs at least" in msg else ""
+
+
+def _distilled_grid(args, ckpt):
+    """A distilled student (its config["sampling"] records the grid: fastddpm.distill)
+    samples on that grid with ddim unless asked otherwise; asking for another
+    sampler or grid warns that it was distilled for N steps."""
+    rec = (ckpt.get("config") or {}).get("sampling") or {}
+    grid, n = rec.get("timesteps"), rec.get("distilled_steps")
+    if (not isinstance(grid, list) or not isinstance(n, int) or len(grid) != n
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)):
+        return
+    if not args.sampler_given:
+        args.sampler = rec.get("sampler", "ddim")
+    same = (args.sampler == rec.get("sampler", "ddim") and not args.eta and args.spacing is None
+            and (args.timesteps is None or args.timesteps == grid) and args.steps in (None, n))
+    if not same:
+        print(f"warning: this checkpoint was distilled for {n} steps of ddim on its grid "
+              f"({','.join(map(str, grid))}); other samplers and step counts are not what it was trained for "
+              "(drop --sampler/--steps/--spacing/--timesteps to use its grid)", file=sys.stderr)
+    elif args.timesteps is None:
+        args.timesteps = [int(v) for v in grid]
 
 
 OUTPUTS = ("samples.npz", "samples.png")
@@ -253,6 +279,7 @@ def main(argv=None):
     except checkpoint.CheckpointError as e:
         _fail(str(e), code=2)
     T = diffusion.num_timesteps
+    _distilled_grid(args, ckpt)
     if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
         _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:

@@ -22,7 +22,6 @@ collective that rank 0 has left; the ranks agree on a stop signal at log steps.
 """
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -35,59 +34,11 @@ from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS
 from fastddpm.training import distributed
-from fastddpm.training.config import PRESETS, SEED_MAX, TrainConfig, check_resumable, preset_config, validate
+from fastddpm.training.config import PRESETS, TrainConfig, check_resumable, preset_config, validate
 from fastddpm.training.distributed import PeerFailed
+from fastddpm.training.flags import _finite, _int, _ints, _nonneg_int, _os_error_line, _positive, _seed  # noqa: F401
 from fastddpm.training.run_folder import check_out_folder
 from fastddpm.training.trainer import Stopped, Trainer, TrainingDiverged
-
-
-def _int(s):
-    try:
-        return int(s)
-    except ValueError:  # else argparse names the parser function: "invalid parse value"
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-
-
-def _ints(s):
-    s = s.strip()
-    try:
-        return tuple(int(v) for v in s.replace(" ", "").split(",") if v) if s else ()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _finite(s):
-    """A float flag: a finite number (inf and nan would only surface later, as a nan loss)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
-    return v
-
-
-def _positive(kind):
-    def parse(s):
-        v = _finite(s) if kind is float else _int(s)
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    return parse
-
-
-def _nonneg_int(s):
-    v = _int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _seed(s):
-    v = _int(s)
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {s}")
-    return v
 
 
 # (flag, field, type, help). Defaults come from the preset (shown in --help).
@@ -238,13 +189,6 @@ def config_from_args(argv=None):
 
 
 # ---- main ----------------------------------------------------------------------------
-
-def _os_error_line(e):
-    """An OSError as one line naming its file: 'FILE: No space left on device'."""
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e)
-
 
 def main(argv=None):
     """The CLI. Returns the exit status: 0 done, 1 a write failed while training (disk

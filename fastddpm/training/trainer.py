@@ -183,7 +183,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are done
         self.opt.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.diffusion.training_loss(self.net, x0, t, noise, check_t=False)  # t drawn in range
+            loss = self.loss(x0, t, noise)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
@@ -210,6 +210,15 @@ class Trainer:
         lossf = torch.isfinite(loss)
         self._window += torch.stack([torch.where(lossf, loss, 0.0), torch.where(finite, gnorm.double(), 0.0),
                                      (lossf & finite).double()])
+
+    # -- what a subclass may replace (fastddpm.training.distill): the loss, the learning rate --
+    def loss(self, x0, t, noise):
+        """The training loss of a batch: L_simple at the timesteps `t` that draw() chose."""
+        return self.diffusion.training_loss(self.net, x0, t, noise, check_t=False)  # t drawn in range
+
+    def lr_at(self, step):
+        """The learning rate of the update after `step` updates (lr_at)."""
+        return lr_at(self.cfg, step)
 
     @torch.no_grad()
     def _ema_update(self, finite):
@@ -447,7 +456,7 @@ class Trainer:
                     raise
                 t, noise, flip = self.draw(self.step)
                 in_step = True  # an error from here to the increment leaves a half-done step
-                self.train_step(batch, t, noise, flip, lr_at(cfg, self.step))
+                self.train_step(batch, t, noise, flip, self.lr_at(self.step))
                 self.step += 1
                 in_step = False
                 clock.steps += 1
@@ -482,7 +491,7 @@ class Trainer:
         dt = clock.lap()
         ips = clock.steps * cfg.batch_size / dt if dt > 0 else float("nan")
         rec = {"step": self.step, "epoch": sampler.position(self.step - 1)[0],
-               "loss": stats["loss"], "lr": lr_at(cfg, self.step - 1),
+               "loss": stats["loss"], "lr": self.lr_at(self.step - 1),
                "grad_norm": stats["grad_norm"], "images_per_s": ips,
                "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
                "skipped_steps": stats["skipped"], "nonfinite_streak": stats["streak"],
