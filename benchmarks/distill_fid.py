@@ -26,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastddpm import checkpoint, evaluate  # noqa: E402
+from fastddpm import evaluate, loader  # noqa: E402
 from fastddpm.data import open_dataset  # noqa: E402
 
 TEACHER_SAMPLERS = ("ddim", "dpmpp2m", "dpmpp3m", "unipc", "ipndm")
@@ -37,7 +37,7 @@ def configs(args):
     run = args.run
     student = lambda n: (f"student-{n}", os.path.join(run, f"student-{n:04d}.pt"), {}, n)  # noqa: E731
     teacher = lambda s, n: (f"teacher-{s}-{n}", args.teacher, {"sampler": s, "steps": n}, n)  # noqa: E731
-    T = checkpoint.load_for_sampling(args.teacher)[1].num_timesteps
+    T = loader.load_for_sampling(args.teacher)[1].num_timesteps
     out = [student(4), (f"teacher-ddpm-{T}", args.teacher, {"sampler": "ddpm", "steps": T}, T)]
     out += [teacher(s, 4) for s in TEACHER_SAMPLERS]
     out += [student(8), student(2), student(1)]
@@ -91,7 +91,7 @@ def stage_ref(args):
     path = ref_path(args)
     if os.path.exists(path):
         return
-    ckpt = checkpoint.load(args.teacher)
+    ckpt = loader.load(args.teacher)
     train = (ckpt.get("config") or {}).get("train") or {}
     data = open_dataset(train.get("data"), ckpt["config"]["model"]["image_size"])
     idx = np.random.default_rng(0).permutation(len(data))[:args.ref_n]
@@ -126,7 +126,7 @@ def stage_fid(args):
         if not os.path.exists(path):
             print(f"skip {label}: {path} missing", flush=True)
             continue
-        model, diffusion, ckpt = checkpoint.load_for_sampling(path)
+        model, diffusion, ckpt = loader.load_for_sampling(path)
         kw = dict(kw)
         rec = (ckpt.get("config") or {}).get("sampling") or {}
         if "grid" in kw:

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 
-from fastddpm import checkpoint as ckpt_io
+from fastddpm import loader
 from fastddpm import data as data_mod
 from fastddpm import limits
 from fastddpm.allocator import keep_freed_memory
@@ -105,8 +105,8 @@ def _teacher_train_config(ckpt):
 
 def new_run(given):
     """(TrainConfig, DistillConfig, student diffusion, teacher diffusion, teacher UNet) of a new run."""
-    path = ckpt_io.resolve(given["teacher"])
-    teacher, t_diff, ckpt = ckpt_io.load_for_sampling(path)
+    path = loader.resolve(given["teacher"])
+    teacher, t_diff, ckpt = loader.load_for_sampling(path)
     t_cfg = t_diff.config
     if t_cfg.get("schedule") not in SCHEDULES:
         raise CheckpointError(f"teacher {path}: its beta schedule ({t_cfg.get('schedule')}) is not one a "
@@ -158,10 +158,10 @@ def new_run(given):
 def resumed_run(given):
     """(TrainConfig, DistillConfig, student diffusion, teacher diffusion, checkpoint, path) to resume."""
     resume = given["resume"]
-    path = ckpt_io.resolve(resume)
+    path = loader.resolve(resume)
     if os.path.isdir(path):  # a diffusers folder
         raise CheckpointError(f"--resume {resume}: not a distillation run (a diffusers folder)")
-    ckpt = ckpt_io.load(path)
+    ckpt = loader.load(path)
     config = ckpt.get("config") or {}
     d = config.get("distill")
     if not isinstance(d, dict) or "distill" not in (ckpt.get("train_state") or {}):
