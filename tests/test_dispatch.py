@@ -331,7 +331,9 @@ def test_training_with_broken_ops_ends_with_the_references_weights(fresh, monkey
     from test_train import TINY
 
     def run(out):
-        cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / out), "--steps", "3"])
+        # fp32: the tiny preset trains in bf16 where the CPU has it, and there the weights
+        # after a rejected fast path equal the reference mode's only to bf16 rounding
+        cfg, _, _ = config_from_args(TINY + ["--out", str(tmp_path / out), "--steps", "3", "--precision", "fp32"])
         tr = Trainer(cfg, log=lambda *a: None)
         batch = torch.from_numpy(tr.dataset.images[:8])
         for s in range(3):
