@@ -26,23 +26,17 @@ Exit codes as fastddpm.train: 0 done, 1 a write failed, 2 bad input, 3 diverged,
 import argparse
 import dataclasses
 import os
-import signal
 import sys
-import threading
 
 from fastddpm import loader
-from fastddpm import data as data_mod
 from fastddpm import limits
-from fastddpm.allocator import keep_freed_memory
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES, GaussianDiffusion
-from fastddpm.training import distributed
+from fastddpm.training import cli
 from fastddpm.training.config import TrainConfig, validate
 from fastddpm.training.distill import DistillConfig, DistillTrainer, validate_distill
-from fastddpm.training.distributed import PeerFailed
-from fastddpm.training.flags import _finite, _int, _nonneg_int, _os_error_line, _positive, _seed
+from fastddpm.training.flags import _finite, _int, _nonneg_int, _positive, _seed
 from fastddpm.training.run_folder import check_out_folder
-from fastddpm.training.trainer import Stopped, TrainingDiverged
 
 # flags a resumed run may change (they do not change what it computes on the CPU, or only its speed)
 RESUME_FREE = ("out", "device", "precision", "progress", "threads", "workers", "ckpt_every", "keep", "log_every")
@@ -202,87 +196,43 @@ def resumed_run(given):
 
 def main(argv=None):
     """The CLI; returns the exit status (module docstring)."""
-    rank, world = distributed.init()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    run = {}
 
-    def error(msg, code):
-        print(f"fastddpm.distill: error: {msg}", file=sys.stderr)
-        return code
+    def build(rank, world, say):
+        given = vars(build_parser().parse_args(argv))
+        if ("teacher" in given) == ("resume" in given):
+            raise ValueError("give --teacher CKPT (a new run) or --resume DIR, not both or neither")
+        if "resume" in given:
+            cfg, dcfg, s_diff, t_diff, resume, path = resumed_run(given)
+            run.update(path=path, resumed=True)
+            return DistillTrainer(cfg, dcfg, s_diff, t_diff, resume=resume, rank=rank, world=world, log=say,
+                                  resume_path=path)
+        cfg, dcfg, s_diff, t_diff, teacher = new_run(given)
+        run.update(path=None, resumed=False)
+        return DistillTrainer(cfg, dcfg, s_diff, t_diff, teacher=teacher, rank=rank, world=world, log=say)
 
-    handlers, trainer = {}, None
-    try:
-        try:
-            given = vars(build_parser().parse_args(argv))
-            if ("teacher" in given) == ("resume" in given):
-                return error("give --teacher CKPT (a new run) or --resume DIR, not both or neither", 2)
-            if "resume" in given:
-                cfg, dcfg, s_diff, t_diff, resume, path = resumed_run(given)
-                trainer = DistillTrainer(cfg, dcfg, s_diff, t_diff, resume=resume, rank=rank, world=world,
-                                         log=say, resume_path=path)
-            else:
-                cfg, dcfg, s_diff, t_diff, teacher = new_run(given)
-                resume = path = None
-                trainer = DistillTrainer(cfg, dcfg, s_diff, t_diff, teacher=teacher, rank=rank, world=world,
-                                         log=say)
-        except (CheckpointError, data_mod.DataError, ValueError) as e:
-            return error(e, 2)
-        if trainer.device.type == "cpu":
-            keep_freed_memory()
+    def idle(trainer):
+        return f"fastddpm.distill: {run['path']} is at step {trainer.step}, the run's end: nothing to do"
 
-        def on_signal(signum, frame):
-            if trainer.signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            trainer.signal = signum
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                handlers[s] = signal.signal(s, on_signal)
-        if trainer.step >= cfg.steps:
-            say(f"fastddpm.distill: {path} is at step {trainer.step}, the run's end: nothing to do")
-            return 0
-        try:
-            trainer.on_rank0(trainer.prepare_out)
-        except PeerFailed:
-            return 2
-        except ValueError as e:
-            return error(e, 2)
-        except OSError as e:
-            return error(_os_error_line(e), 2)
+    def start(trainer, say):
+        cfg, dcfg = trainer.cfg, trainer.dcfg
         plan = " -> ".join(f"{n}" + (" (conversion)" if k == "convert" else "") for k, n, _, _ in dcfg.rounds())
         say(f"fastddpm.distill: {dcfg.teacher_prediction} teacher at {dcfg.start_steps} DDIM steps -> "
             f"{dcfg.prediction} student: {plan} steps, {cfg.steps} iterations of batch {cfg.batch_size} on "
-            f"{world} x {trainer.device}, {trainer.precision}; "
-            + (f"resuming {path} at step {trainer.step}; " if resume is not None else "") + f"writing {cfg.out}")
-        try:
-            summary = trainer.train()
-            trainer.on_rank0(trainer.write_student)
-        except TrainingDiverged as e:
-            print(f"fastddpm.distill: {e}", file=sys.stderr)
-            return 3
-        except Stopped as e:
-            name = signal.Signals(e.signum).name if e.signum else "signal"
-            say(f"fastddpm.distill: {name} at step {e.step}: checkpoint {e.path} written; continue with: "
-                f"python -m fastddpm.distill --resume {cfg.out}")
-            return 128 + int(e.signum)
-        except data_mod.DataError as e:
-            return error(e, 2)
-        except PeerFailed as e:
-            return error(f"rank {rank}: stopping at step {trainer.step}: {e}", 1)
-        except CheckpointError as e:
-            return error(e, 1)
-        except OSError as e:
-            notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
-            return error(_os_error_line(e) + f" (stopped at step {trainer.step}){notes}", 1)
-        say(f"done: {summary['steps']} steps in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} img/s), "
-            f"loss {summary['loss']:.4f}; students "
-            + ", ".join(f"student-{n:04d}.pt" for _, n, _, _ in dcfg.rounds()) + f" in {cfg.out}")
-        return 0
-    finally:
-        if trainer is not None:
-            trainer.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        distributed.close(world)
+            f"{trainer.world} x {trainer.device}, {trainer.precision}; "
+            + (f"resuming {run['path']} at step {trainer.step}; " if run["resumed"] else "") + f"writing {cfg.out}")
+
+    def train(trainer):
+        summary = trainer.train()
+        trainer.on_rank0(trainer.write_student)
+        return summary
+
+    def done(trainer, summary):
+        return (f"done: {summary['steps']} steps in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} "
+                f"img/s), loss {summary['loss']:.4f}; students "
+                + ", ".join(f"student-{n:04d}.pt" for _, n, _, _ in trainer.dcfg.rounds()) + f" in {trainer.cfg.out}")
+
+    return cli.run("fastddpm.distill", build, idle=idle, start=start, train=train, done=done)
 
 
 if __name__ == "__main__":

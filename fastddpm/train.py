@@ -23,22 +23,17 @@ collective that rank 0 has left; the ranks agree on a stop signal at log steps.
 import argparse
 import dataclasses
 import os
-import signal
 import sys
-import threading
 
-from fastddpm import data as data_mod
 from fastddpm import loader
-from fastddpm.allocator import keep_freed_memory
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS
-from fastddpm.training import distributed
+from fastddpm.training import cli
 from fastddpm.training.config import PRESETS, TrainConfig, check_resumable, preset_config, validate
-from fastddpm.training.distributed import PeerFailed
 from fastddpm.training.flags import _finite, _int, _ints, _nonneg_int, _os_error_line, _positive, _seed  # noqa: F401
 from fastddpm.training.run_folder import check_out_folder
-from fastddpm.training.trainer import Stopped, Trainer, TrainingDiverged
+from fastddpm.training.trainer import Trainer
 
 
 # (flag, field, type, help). Defaults come from the preset (shown in --help).
@@ -194,84 +189,38 @@ def main(argv=None):
     """The CLI. Returns the exit status: 0 done, 1 a write failed while training (disk
     full: the message names the file), 2 bad input or data, 3 diverged, 128+signal when
     stopped (a checkpoint written)."""
-    rank, world = distributed.init()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    resume_seen = {}
 
-    def error(msg, code):
-        print(f"fastddpm.train: error: {msg}", file=sys.stderr)
-        return code
+    def build(rank, world, say):
+        cfg, resume, resume_path = config_from_args(argv)
+        resume_seen.update(ckpt=resume, path=resume_path)
+        return Trainer(cfg, resume=resume, rank=rank, world=world, log=say, resume_path=resume_path)
 
-    handlers, trainer = {}, None
-    try:
-        try:
-            cfg, resume, resume_path = config_from_args(argv)
-            trainer = Trainer(cfg, resume=resume, rank=rank, world=world, log=say, resume_path=resume_path)
-        except (CheckpointError, data_mod.DataError, ValueError) as e:
-            return error(e, 2)
-        if trainer.device.type == "cpu":
-            keep_freed_memory()  # fewer page faults per step (fastddpm.allocator)
-
-        def on_signal(signum, frame):
-            if trainer.signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: give up at once
-            trainer.signal = signum
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                handlers[s] = signal.signal(s, on_signal)
-        if trainer.step >= cfg.steps:
-            say(f"fastddpm.train: {resume_path} is at step {trainer.step} >= --steps {cfg.steps}; "
+    def idle(trainer):
+        return (f"fastddpm.train: {resume_seen['path']} is at step {trainer.step} >= --steps {trainer.cfg.steps}; "
                 "nothing to do (pass a larger --steps to train on)")
-            return 0
-        try:
-            trainer.on_rank0(trainer.prepare_out)  # rank 0 claims the folder; the others learn its verdict
-        except PeerFailed:
-            return 2  # rank 0 says why
-        except ValueError as e:
-            return error(e, 2)
-        except OSError as e:
-            return error(_os_error_line(e), 2)
+
+    def start(trainer, say):
+        cfg, resume = trainer.cfg, resume_seen["ckpt"]
         n_params = sum(p.numel() for p in trainer.model.parameters())
         changed = ""
         if resume is not None and resume["config"]["train"].get("variance") != cfg.variance:
             changed = (f"sampling variance {resume['config']['train'].get('variance')} -> {cfg.variance}; ")
         say(f"fastddpm.train: {cfg.preset} preset, {n_params:,} parameters, {len(trainer.dataset):,} "
             f"images ({trainer.dataset.source}) at {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}"
-            f" on {world} x {trainer.device}, {trainer.precision}; "
-            + (f"resuming {resume_path} at step {trainer.step}; {changed}" if resume is not None else "")
+            f" on {trainer.world} x {trainer.device}, {trainer.precision}; "
+            + (f"resuming {resume_seen['path']} at step {trainer.step}; {changed}" if resume is not None else "")
             + f"writing {cfg.out}")
         from fastddpm.ops import report_dispatch
         report_dispatch(trainer.model, say)  # now, and after the first step (its first-use checks)
-        try:
-            summary = trainer.train()
-        except TrainingDiverged as e:
-            print(f"fastddpm.train: {e}", file=sys.stderr)
-            return 3
-        except Stopped as e:
-            name = signal.Signals(e.signum).name if e.signum else "signal"
-            say(f"fastddpm.train: {name} at step {e.step}: checkpoint {e.path} written; continue "
-                f"with: python -m fastddpm.train --resume {cfg.out}")
-            return 128 + int(e.signum)
-        except data_mod.DataError as e:
-            return error(e, 2)
-        except PeerFailed as e:  # rank 0 printed its error; this rank says why it stops
-            return error(f"rank {rank}: stopping at step {trainer.step}: {e}", 1)
-        except CheckpointError as e:  # e.g. "cannot write checkpoint FILE: No space left on device"
-            return error(e, 1)
-        except OSError as e:  # metrics.jsonl, a sample grid
-            notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))  # the checkpoint saved, if any
-            return error(_os_error_line(e) + f" (training stopped at step {trainer.step}){notes}", 1)
-        say(f"done: step {summary['step']}/{cfg.steps}, {summary['steps']} steps in {summary['seconds']:.1f} s "
-            f"({summary['images_per_s']:.1f} img/s training), loss {summary['loss']:.4f}, "
-            f"{summary['skipped']} skipped; checkpoint {summary['checkpoint']}"
-            + (f"; samples {summary['samples']}" if summary["samples"] else ""))
-        return 0
-    finally:
-        if trainer is not None:
-            trainer.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        distributed.close(world)
+
+    def done(trainer, summary):
+        return (f"done: step {summary['step']}/{trainer.cfg.steps}, {summary['steps']} steps in "
+                f"{summary['seconds']:.1f} s ({summary['images_per_s']:.1f} img/s training), loss "
+                f"{summary['loss']:.4f}, {summary['skipped']} skipped; checkpoint {summary['checkpoint']}"
+                + (f"; samples {summary['samples']}" if summary["samples"] else ""))
+
+    return cli.run("fastddpm.train", build, idle=idle, start=start, train=lambda t: t.train(), done=done)
 
 
 if __name__ == "__main__":
