@@ -1,6 +1,7 @@
 """Test helpers: tolerances in one place, the relative-error check, seeds,
-well-posed GroupNorm inputs, the check that a fast path ran, and the
-AttentionBlock helpers the attention and conv1x1 tests share."""
+well-posed GroupNorm inputs, the check that a fast path ran, the
+AttentionBlock helpers the attention and conv1x1 tests share, and the exit
+status and one-line error checks of the command lines."""
 import collections
 import contextlib
 import math
@@ -157,3 +158,20 @@ def block_fwd_bwd(block, x, backend, dout):
     nodes = backward_node_names(out)
     out.backward(dout)
     return out.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}, nodes
+
+
+def exit_code(main, args):
+    """A CLI main's exit status, also for argparse's own errors (SystemExit)."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code
+
+
+def one_error_line(err, *words):
+    """stderr holds exactly one error line, no traceback, and every one of `words`."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len([ln for ln in lines if "error" in ln]) == 1, err
+    for w in words:
+        assert w in err, (w, err)

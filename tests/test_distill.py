@@ -16,6 +16,7 @@ from fastddpm.sampling.tables import ddim_table
 from fastddpm.train import main as train_main
 from fastddpm.training.distill import DistillTrainer, RoundGrid, grid, round_target
 from fastddpm.unet import UNet, UNetConfig
+from _util import exit_code, one_error_line as _one_error_line
 
 SMALL = ["--preset", "tiny", "--image-size", "8", "--ch", "8", "--ch-mult", "1", "--attn-resolutions", "",
          "--num-groups", "4", "--T", "32", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1",
@@ -43,18 +44,7 @@ def teacher(tmp_path_factory):
 
 
 def _code(args):
-    try:
-        return main(args)
-    except SystemExit as e:
-        return e.code
-
-
-def _one_error_line(err, *words):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err, err
-    assert len([ln for ln in lines if "error" in ln]) == 1, err
-    for w in words:
-        assert w in err, (w, err)
+    return exit_code(main, args)
 
 
 @pytest.mark.parametrize("T", [32, 500, 1000, 4000])

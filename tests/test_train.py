@@ -14,6 +14,7 @@ from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.train import config_from_args, main
 from fastddpm.training.trainer import Trainer
+from _util import exit_code, one_error_line as _one_error_line
 
 TINY = ["--preset", "tiny", "--image-size", "8", "--ch", "16", "--ch-mult", "1", "--attn-resolutions", "8",
         "--num-groups", "4", "--T", "20", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
@@ -337,19 +338,7 @@ def test_schedule_flag_builds_that_diffusion(tmp_path, capsys):
 # ---- issue 10: what a careful user and an operator do -------------------------------
 
 def _code(args):
-    """main's exit status, also for argparse's own errors (SystemExit)."""
-    try:
-        return main(args)
-    except SystemExit as e:
-        return e.code
-
-
-def _one_error_line(err, *words):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err, err
-    assert len([ln for ln in lines if "error" in ln]) == 1, err
-    for w in words:
-        assert w in err, (w, err)
+    return exit_code(main, args)
 
 
 def _image_folder(folder, n=8, bad=None):
