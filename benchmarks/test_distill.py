@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fastddpm import GaussianDiffusion, UNet, UNetConfig
-from fastddpm.sampling import make_plan, sample_batch
-from fastddpm.sampling.graphs import CudaGraphRunner
+from fastddpm.sampling import make_plan
+from test_sampling import _runner
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 STEPS = 10                       # timed updates per round
@@ -79,14 +79,7 @@ def test_4_step_student_images_per_s_cifar10_bf16(benchmark, batch):
     model = UNet(UNetConfig.cifar10()).cuda().eval()
     d = GaussianDiffusion.linear(prediction="v").cuda()
     plan = make_plan(d, "ddim", timesteps=grid(d.num_timesteps, 4))
-    runner = CudaGraphRunner(max_graphs=1)
-
-    @torch.no_grad()
-    def run():
-        x = sample_batch(model, d, batch, 0, plan=plan, device="cuda", precision="bf16", progress=False,
-                         runner=runner)
-        torch.cuda.synchronize()
-        return x
+    run = _runner("graphed", model, d, plan, batch)   # benchmarks/test_sampling.py's graphed sampler
 
     t0 = time.perf_counter()
     assert torch.isfinite(run()).all()             # capture
