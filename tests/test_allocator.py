@@ -31,8 +31,9 @@ def test_applies_on_glibc_and_leaves_a_users_malloc_settings_alone():
 def test_train_and_sample_clis_apply_it_on_the_cpu(tmp_path, monkeypatch):
     import fastddpm.sample as sample_mod
     import fastddpm.train as train_mod
+    import fastddpm.training.cli as run_mod  # train's (and distill's) run applies it
     calls = []
-    for mod in (train_mod, sample_mod):
+    for mod in (run_mod, sample_mod):
         monkeypatch.setattr(mod, "keep_freed_memory", lambda mod=mod: calls.append(mod.__name__) or True)
     imgs = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images=imgs)
@@ -43,4 +44,4 @@ def test_train_and_sample_clis_apply_it_on_the_cpu(tmp_path, monkeypatch):
     assert train_mod.main(tiny + ["--data", str(tmp_path / "d.npz"), "--steps", "1", "--out", str(run)]) == 0
     sample_mod.main(["--checkpoint", str(run), "--n", "2", "--out", str(tmp_path / "out"), "--device", "cpu",
                      "--no-progress"])
-    assert calls == ["fastddpm.train", "fastddpm.sample"]
+    assert calls == ["fastddpm.training.cli", "fastddpm.sample"]
