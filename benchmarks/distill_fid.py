@@ -42,6 +42,7 @@ def configs(args):
     out += [teacher(s, 4) for s in TEACHER_SAMPLERS]
     out += [student(8), student(2), student(1)]
     out += [teacher(s, 8) for s in TEACHER_SAMPLERS]
+    out.append(student(args.start_steps))  # the conversion round's student (a v/x0 copy of an eps teacher)
     out.append((f"teacher-ddim-{args.start_steps}-grid", args.teacher, {"sampler": "ddim", "grid": args.start_steps},
                 args.start_steps))
     return out
@@ -61,12 +62,13 @@ def append_log(path, rec):
 
 
 def distill_args(args):
-    return ["--start-steps", str(args.start_steps), "--final-steps", "1", "--round-iters", str(args.round_iters),
+    return ["--start-steps", str(args.start_steps), "--final-steps", str(args.final_steps),
+            "--round-iters", str(args.round_iters),
             "--convert-iters", str(args.convert_iters), "--lr", str(args.lr), "--no-progress"]
 
 
 def stage_distill(args):
-    final = os.path.join(args.run, "student-0001.pt")
+    final = os.path.join(args.run, f"student-{args.final_steps:04d}.pt")
     if os.path.exists(final):
         return
     resume = os.path.isdir(args.run) and any(n.startswith("ckpt-") for n in os.listdir(args.run))
@@ -174,6 +176,7 @@ def main():
     p.add_argument("--teacher", required=True, help="the teacher checkpoint or run folder")
     p.add_argument("--run", required=True, help="the distillation's run folder")
     p.add_argument("--start-steps", type=int, default=32)
+    p.add_argument("--final-steps", type=int, default=1)
     p.add_argument("--round-iters", type=int, default=300)  # the tiny run below: 2,500 updates in all
     p.add_argument("--convert-iters", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -31,7 +31,7 @@ from fastddpm.diffusion import SCHEDULES
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS
 from fastddpm.training import cli
 from fastddpm.training.config import PRESETS, TrainConfig, check_resumable, preset_config, validate
-from fastddpm.training.flags import _finite, _int, _ints, _nonneg_int, _os_error_line, _positive, _seed  # noqa: F401
+from fastddpm.training.flags import _finite, _fraction, _int, _ints, _nonneg_int, _os_error_line, _positive, _seed  # noqa: F401
 from fastddpm.training.run_folder import check_out_folder
 from fastddpm.training.trainer import Trainer
 
@@ -66,6 +66,8 @@ _FLAGS = [
     ("--batch-size", "batch_size", _positive(int), "global batch size, split evenly over the ranks"),
     ("--lr", "lr", _positive(float), "Adam learning rate after warm-up"),
     ("--warmup", "warmup", _nonneg_int, "linear learning-rate warm-up steps (lr * min(step/warmup, 1))"),
+    ("--lr-anneal", "lr_anneal", _fraction, "cosine-anneal the learning rate to 0 over this last fraction "
+     "of --steps (0: the paper's constant rate; on --resume with a new --steps it follows the new total)"),
     ("--grad-clip", "grad_clip", _positive(float), "clip the global gradient norm to this value"),
     ("--ema-decay", "ema_decay", _finite, "EMA decay of the weights used for sampling"),
     ("--precision", "precision", str, "fp32 | bf16 | fp16 (autocast; fp16 with dynamic loss scaling); "

@@ -16,8 +16,9 @@ from fastddpm.train import config_from_args, main
 from fastddpm.training.trainer import Trainer
 from _util import exit_code, one_error_line as _one_error_line
 
+# --lr-anneal 0: these runs are extended on resume (--steps), which re-plans an anneal
 TINY = ["--preset", "tiny", "--image-size", "8", "--ch", "16", "--ch-mult", "1", "--attn-resolutions", "8",
-        "--num-groups", "4", "--T", "20", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+        "--num-groups", "4", "--T", "20", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--lr-anneal", "0",
         "--ema-decay", "0.9", "--workers", "0", "--no-progress", "--sample-n", "0", "--log-every", "2",
         "--threads", "1"]
 
@@ -468,6 +469,7 @@ def test_read_only_out_folder_is_one_line(tmp_path, capsys):
     (["--dropout", "nan"], ["--dropout", "finite number"]),
     (["--steps", "abc"], ["--steps", "expected an integer", "abc"]),  # not "invalid parse value"
     (["--warmup", "1.5"], ["--warmup", "expected an integer", "1.5"]),
+    (["--lr-anneal", "1.5"], ["--lr-anneal", "[0, 1]", "1.5"]),
     (["--ch-mult", "1,x"], ["--ch-mult", "comma-separated integers", "1,x"]),
 ])
 def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, words):
@@ -664,7 +666,9 @@ def test_tiny_preset_spends_bf16_speed_on_steps_and_cifar10_stays_the_paper():
     native = cpu_has_native_bf16()
     assert (tiny.precision, tiny.steps) == (("bf16", 2000) if native else (None, 1500))
     assert (tiny.schedule, tiny.T, tiny.variance) == ("cosine", 500, "fixedsmall")
+    assert (tiny.lr, tiny.lr_anneal) == (4e-3, 0.5)
     assert preset_config("cifar10") == TrainConfig(preset="cifar10")
     paper = TrainConfig()
     assert (paper.schedule, paper.T, paper.beta_start, paper.beta_end, paper.variance, paper.lr, paper.batch_size,
-            paper.ema_decay, paper.precision) == ("linear", 1000, 1e-4, 0.02, "fixedlarge", 2e-4, 128, 0.9999, None)
+            paper.ema_decay, paper.precision, paper.lr_anneal) == ("linear", 1000, 1e-4, 0.02, "fixedlarge", 2e-4, 128,
+                                                                  0.9999, None, 0.0)

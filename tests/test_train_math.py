@@ -90,10 +90,37 @@ def test_warmup_learning_rate_of_each_step(tmp_path, monkeypatch):
         seen.append((lr, [g["lr"] for g in self.opt.param_groups], torch.equal(before, _flat(self.params))))
 
     monkeypatch.setattr(Trainer, "train_step", spy)
-    tr = _trainer(tmp_path, "--lr", repr(L), "--warmup", str(W), "--steps", str(steps), "--log-every", "3")
+    tr = _trainer(tmp_path, "--lr", repr(L), "--warmup", str(W), "--steps", str(steps), "--log-every", "3",
+                  "--lr-anneal", "0")
     tr.train()
     assert len(seen) == steps
     for s, (lr, group_lrs, unchanged) in enumerate(seen):
         want = L * s / W if s < W else L
         assert abs(lr - want) <= 1e-12 * L and all(abs(x - want) <= 1e-12 * L for x in group_lrs), (s, lr, want)
         assert unchanged == (s == 0), s
+
+
+@pytest.mark.parametrize("steps, frac", [(10, 0.5), (8, 0.25), (6, 1.0)])
+def test_lr_anneal_is_a_half_cosine_to_zero_over_the_last_fraction(tmp_path, monkeypatch, steps, frac):
+    """--lr-anneal F: after the warm-up, step s runs at L * (1 + cos(pi (s - S0) / (steps - S0))) / 2
+    for s > S0 = (1 - F) steps (else L), written out here, in the optimizer itself."""
+    import math
+    L, W = 3e-3, 2
+    seen = []
+    original = Trainer.train_step
+
+    def spy(self, batch, t, noise, flip, lr):
+        original(self, batch, t, noise, flip, lr)
+        seen.append((lr, [g["lr"] for g in self.opt.param_groups]))
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    tr = _trainer(tmp_path, "--lr", repr(L), "--warmup", str(W), "--steps", str(steps), "--lr-anneal", repr(frac))
+    tr.train()
+    S0 = (1 - frac) * steps
+    assert len(seen) == steps
+    for s, (lr, group_lrs) in enumerate(seen):
+        want = L * min(s / W, 1.0)
+        if s > S0:
+            want *= (1 + math.cos(math.pi * (s - S0) / (steps - S0))) / 2
+        assert abs(lr - want) <= 1e-12 * L and all(abs(x - want) <= 1e-12 * L for x in group_lrs), (s, lr, want)
+    assert 0 < seen[-1][0] <= L / 2  # annealed, not yet zero at the last step

@@ -41,6 +41,13 @@ def _positive(kind):
     return parse
 
 
+def _fraction(s):
+    v = _finite(s)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
+    return v
+
+
 def _nonneg_int(s):
     v = _int(s)
     if v < 0:

@@ -20,6 +20,7 @@ in-training FID in progress is abandoned at its next network call.
 """
 import copy
 import hashlib
+import math
 import os
 import sys
 import time
@@ -45,8 +46,13 @@ from fastddpm.unet import UNet
 
 
 def lr_at(cfg, step):
-    """The paper's warm-up: lr * min(step / warmup, 1), step = updates done so far."""
-    return cfg.lr * (min(step / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0)
+    """The paper's warm-up, lr * min(step / warmup, 1) (step = updates done so far), then
+    with lr_anneal = f > 0 a half cosine from lr to 0 over the last f * steps updates."""
+    lr = cfg.lr * (min(step / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0)
+    start = cfg.steps * (1.0 - cfg.lr_anneal)
+    if cfg.lr_anneal > 0 and step > start:
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min((step - start) / (cfg.steps - start), 1.0)))
+    return lr
 
 
 def _contiguous(state):
