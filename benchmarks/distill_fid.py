@@ -42,7 +42,8 @@ def configs(args):
     out += [teacher(s, 4) for s in TEACHER_SAMPLERS]
     out += [student(8), student(2), student(1)]
     out += [teacher(s, 8) for s in TEACHER_SAMPLERS]
-    out.append(student(args.start_steps))  # the conversion round's student (a v/x0 copy of an eps teacher)
+    if args.convert_iters:
+        out.append(student(args.start_steps))  # the conversion round's: the teacher's start grid, re-parameterised
     out.append((f"teacher-ddim-{args.start_steps}-grid", args.teacher, {"sampler": "ddim", "grid": args.start_steps},
                 args.start_steps))
     return out
