@@ -31,7 +31,8 @@ from fastddpm.diffusion import SCHEDULES
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS
 from fastddpm.training import cli
 from fastddpm.training.config import PRESETS, TrainConfig, check_resumable, preset_config, validate
-from fastddpm.training.flags import _finite, _fraction, _int, _ints, _nonneg_int, _os_error_line, _positive, _seed  # noqa: F401
+from fastddpm.training.flags import (_finite, _fraction, _int, _ints, _nonneg_int, _os_error_line,  # noqa: F401
+                                     _positive, _seed)
 from fastddpm.training.run_folder import check_out_folder
 from fastddpm.training.trainer import Trainer
 
