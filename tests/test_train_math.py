@@ -1,6 +1,8 @@
 """The trainer's arithmetic against formulas written out here: the EMA after k steps,
 gradient clipping at the configured norm (and only above it), the warm-up learning
-rate of each step. A tiny network on the embedded data, a few steps each."""
+rate of each step and its anneal. A tiny network on the embedded data, a few steps each."""
+import math
+
 import pytest
 import torch
 
@@ -104,7 +106,6 @@ def test_warmup_learning_rate_of_each_step(tmp_path, monkeypatch):
 def test_lr_anneal_is_a_half_cosine_to_zero_over_the_last_fraction(tmp_path, monkeypatch, steps, frac):
     """--lr-anneal F: after the warm-up, step s runs at L * (1 + cos(pi (s - S0) / (steps - S0))) / 2
     for s > S0 = (1 - F) steps (else L), written out here, in the optimizer itself."""
-    import math
     L, W = 3e-3, 2
     seen = []
     original = Trainer.train_step
