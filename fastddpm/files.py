@@ -30,9 +30,9 @@ def is_temp(name, ends=("",)):
     return name.startswith(TMP) and name.endswith(tuple(ends))
 
 
-def fsync_folder(folder):
-    """Make the renames in `folder` survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path):
+    """fsync a file by name, or a folder (so that the renames in it survive a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -72,7 +72,7 @@ def write_all(items):
         for tmp, path in zip(tmps, paths):
             os.replace(tmp, path)
         for folder in dict.fromkeys(os.path.dirname(p) for p in paths):
-            fsync_folder(folder)
+            fsync_path(folder)
     except BaseException:  # a write error, or a signal
         for tmp in tmps:
             if os.path.exists(tmp):
@@ -96,17 +96,13 @@ def atomic_folder(dst):
             for name in names:
                 p = os.path.join(top, name)
                 os.chmod(p, file_mode())  # mkstemp-style writers (safetensors) make files 0600
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(p)
             os.chmod(top, file_mode(0o777))  # mkdtemp made it private; the folder is meant to be shared
-            fsync_folder(top)
+            fsync_path(top)
         if os.path.isdir(dst):
             os.rmdir(dst)
         os.replace(tmp, dst)
-        fsync_folder(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -182,9 +182,9 @@ class _OutFolder:
             self.created = not os.path.exists(out)
             files.check_writable(out, create=True)
             fd = files.try_lock(lock)
-        except files.LockError:
+        except files.LockError as e:  # it opened, but this file system cannot lock it (e.g. ENOLCK)
             self.release()
-            raise
+            _fail(f"--out {out}: cannot lock {lock} ({e.strerror or e})", code=2)
         except OSError as e:
             self.release()
             _fail(f"--out {out}: cannot write there ({e.strerror or e})", code=2)

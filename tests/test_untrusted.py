@@ -305,6 +305,27 @@ def test_a_failed_or_stopped_sampling_leaves_no_out_folder(tmp_path, capsys, mon
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_lock_the_file_system_refuses_is_one_line_and_leaves_no_out_folder(tmp_path, capsys, monkeypatch):
+    """A lock file that opens but cannot be locked (ENOLCK: some network file systems)."""
+    import errno
+
+    from fastddpm import files
+    import fastddpm.sample as S
+    torch.save(_ckpt(), tmp_path / "m.pt")
+    out = tmp_path / "out"
+
+    def no_locks(path):
+        raise files.LockError(errno.ENOLCK, os.strerror(errno.ENOLCK), path)
+
+    monkeypatch.setattr(files, "try_lock", no_locks)
+    with pytest.raises(SystemExit) as e:
+        S.main(["--checkpoint", str(tmp_path / "m.pt"), "--n", "2", "--steps", "2", "--device", "cpu",
+                "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot lock" in err and S.LOCK in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_two_concurrent_samplings_on_one_folder_one_wins(tmp_path):
     """Two real `python -m fastddpm.sample` on one --out: one writes its samples, the
     other is refused in one line (in use, or already holding the winner's samples)."""
