@@ -3,7 +3,8 @@
 The one atomic writer (write_atomic, write_all: a temp file in the same folder,
 flushed and fsync'd, renamed over the old file, the folder fsync'd; atomic_folder
 for a whole folder), the permissions a new file gets (file_mode), the one "can I
-write here" check (check_writable) and the one folder lock (try_lock). Callers
+write here" check (check_writable), the one folder lock (try_lock) and a stdout
+that a closed reader cannot make fail (tolerate_closed_stdout). Callers
 turn the OSErrors raised here into their own one-line messages. Imports nothing
 of fastddpm, so any module may import it."""
 import contextlib
@@ -12,6 +13,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 
 TMP = ".tmp-"  # every temp name starts so and ends with its final file's name
@@ -37,6 +39,45 @@ def fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _ClosedReaderTolerant:
+    """sys.stdout whose reader may go away (`... | head`): the first EPIPE points the
+    file descriptor at /dev/null, and that write and every later one are dropped."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, op, *args):
+        try:
+            return op(*args)
+        except BrokenPipeError:
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self._stream.fileno())  # the interpreter's last flush goes there too
+                os.close(null)
+            except (OSError, ValueError):
+                pass
+            return None
+
+    def write(self, text):
+        self._guard(self._stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def tolerate_closed_stdout():
+    """Make sys.stdout drop what it cannot write once its reader is gone, instead of
+    raising BrokenPipeError: a command's progress lines are information, and a
+    closed pipe must not cost the samples or checkpoint it is writing. For
+    `python -m` entry points (installs once)."""
+    if not isinstance(sys.stdout, _ClosedReaderTolerant) and sys.stdout is not None:
+        sys.stdout = _ClosedReaderTolerant(sys.stdout)
 
 
 def write_atomic(path, content):

@@ -341,4 +341,6 @@ def _sample_and_write(args, model, diffusion, ckpt, plan, precision):
 
 
 if __name__ == "__main__":
+    from fastddpm.files import tolerate_closed_stdout
+    tolerate_closed_stdout()  # `... | head` must not cost the files being written
     main()

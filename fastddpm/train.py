@@ -227,4 +227,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from fastddpm.files import tolerate_closed_stdout
+    tolerate_closed_stdout()  # `... | head` must not cost the files being written
     sys.exit(main())

@@ -361,6 +361,26 @@ def test_two_concurrent_samplings_on_one_folder_one_wins(tmp_path):
     assert np.array_equal(got, ((want + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
 
 
+def test_sampling_into_a_closed_pipe_still_writes_the_samples(tmp_path):
+    """`python -m fastddpm.sample ... | head` whose reader has gone: the progress lines
+    are dropped, the samples written, exit 0, no traceback."""
+    model = UNet(CFG)
+    ckpt = _ckpt()
+    ckpt["model"] = model.state_dict()
+    ckpt["config"]["diffusion"] = GaussianDiffusion.linear(T=4).config
+    torch.save(ckpt, tmp_path / "m.pt")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write is EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastddpm.sample", "--checkpoint", str(tmp_path / "m.pt"),
+                               "--out", str(tmp_path / "out"), "--n", "2", "--device", "cpu", "--no-progress"],
+                              env=_env(), stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert np.load(tmp_path / "out" / "samples.npz")["arr_0"].shape == (2, CFG.image_size, CFG.image_size, 3)
+
+
 def test_bounds_are_generous_for_real_models():
     """The paper's networks (CIFAR-10 at 32, LSUN/CelebA-HQ at 256) and schedule sit inside every bound."""
     UNetConfig.cifar10().validate()
