@@ -664,8 +664,8 @@ def test_tiny_preset_spends_bf16_speed_on_steps_and_cifar10_stays_the_paper():
 
     tiny = preset_config("tiny")
     native = cpu_has_native_bf16()
-    assert (tiny.precision, tiny.steps) == (("bf16", 2000) if native else (None, 1500))
-    assert (tiny.schedule, tiny.T, tiny.variance) == ("cosine", 500, "fixedsmall")
+    assert (tiny.precision, tiny.steps) == (("bf16", 2500) if native else (None, 1850))
+    assert (tiny.schedule, tiny.T, tiny.variance) == ("cosine", 100, "fixedsmall")
     assert (tiny.lr, tiny.lr_anneal) == (4e-3, 0.5)
     assert preset_config("cifar10") == TrainConfig(preset="cifar10")
     paper = TrainConfig()
