@@ -92,7 +92,10 @@ def build_parser():
 
 
 def _teacher_train_config(ckpt):
-    train = (ckpt.get("config") or {}).get("train")
+    config = ckpt.get("config") or {}
+    train = config.get("train")
+    if not isinstance(train, dict):  # a student of an earlier distillation: that run's config
+        train = (config.get("distill") or {}).get("train")
     try:
         return TrainConfig.from_dict(train) if isinstance(train, dict) else None
     except (TypeError, ValueError):

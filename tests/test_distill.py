@@ -240,6 +240,20 @@ def test_sampling_a_student_uses_its_grid_with_n_network_evaluations(teacher, tm
     assert "distilled for 2 steps" in capsys.readouterr().err
 
 
+def test_a_student_distils_further_on_its_run_s_data_without_data_flag(teacher, tmp_path):
+    """A student checkpoint (no training config of its own) as the teacher of a new
+    distillation, to fewer steps: its run's data and batch carry over, no --data needed."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["--teacher", str(teacher), "--out", str(first)] + RUN) == 0
+    more = ["--start-steps", "4", "--final-steps", "1", "--round-iters", "2", "--convert-iters", "0",
+            "--precision", "fp32", "--workers", "0", "--no-progress", "--threads", "1"]
+    assert main(["--teacher", str(first / "student-0004.pt"), "--out", str(second)] + more) == 0
+    got = L.load(second / "student-0001.pt")["config"]
+    assert got["sampling"]["timesteps"] == grid(32, 1)
+    was = L.load(first / "student-0004.pt")["config"]["distill"]["train"]
+    assert (got["distill"]["train"]["data"], got["distill"]["train"]["batch_size"]) == (was["data"], was["batch_size"])
+
+
 def test_two_ranks_under_torchrun_match_one_process(teacher, tmp_path):
     """torchrun, 2 CPU processes (gloo): each rank takes half the global batch; the students
     match the single-process run's to float rounding and the ranks hold the same weights."""
