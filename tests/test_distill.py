@@ -240,7 +240,7 @@ def test_sampling_a_student_uses_its_grid_with_n_network_evaluations(teacher, tm
     assert "distilled for 2 steps" in capsys.readouterr().err
 
 
-def test_a_student_distils_further_on_its_run_s_data_without_data_flag(teacher, tmp_path):
+def test_a_student_distils_further_without_a_data_flag(teacher, tmp_path):
     """A student checkpoint (no training config of its own) as the teacher of a new
     distillation, to fewer steps: its run's data and batch carry over, no --data needed."""
     first, second = tmp_path / "first", tmp_path / "second"

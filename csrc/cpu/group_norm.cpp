@@ -12,7 +12,7 @@
 // backward regenerates the same mask from the same seed.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>  // not torch/torch.h: the C++ frontend doubles the build time
+#include <ATen/ATen.h>  // not torch/torch.h: its C++ frontend adds ~7 s to this file's build
 
 #include <ATen/Dispatch.h>
 
