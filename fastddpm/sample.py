@@ -12,6 +12,11 @@ sampler; respaced over fewer steps), ddim, dpmpp2m / dpmpp3m (DPM-Solver++(2M)
 / (3M)), unipc (UniPC, --order 1-3, --variant bh1/bh2), ipndm (improved PNDM,
 --order 1-4), all through one fused update; on CUDA each step is replayed from
 a CUDA graph. The timesteps: --spacing, or an explicit --timesteps 999,700,...
+--restart (Restart sampling, ddpm) and --threshold (dynamic thresholding of
+x0_hat) are off unless asked for, or recorded by the training run that wrote the
+checkpoint (its --sample-restart / --sample-threshold, as the tiny preset does):
+then they are the defaults, said on stderr, and `--restart none --threshold 0`
+gives the plain sampler.
 A distilled student (fastddpm.distill) samples by default with the sampler and
 grid its checkpoint records (N steps, N network evaluations); asking for another
 sampler or grid warns that it was distilled for N steps.
@@ -80,6 +85,15 @@ def parse_args(argv=None):
     p.add_argument("--timesteps", default=None, metavar="LIST",
                    help="explicit timesteps instead of --spacing: comma-separated, strictly decreasing integers "
                    "in [0, T-1], e.g. 999,700,400,100,0 (sets --steps)")
+    p.add_argument("--restart", default=None, metavar="LO,HI,K",
+                   help="ddpm only: Restart sampling (Xu et al. 2023): once the chain reaches timestep LO, "
+                   "K times re-noise it to timestep HI and denoise back (K x (HI - LO) more network "
+                   "evaluations on the full grid), e.g. 0,9,16; 'none': off (default: off, or what the "
+                   "checkpoint's training run recorded)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="dynamic thresholding (Saharia et al. 2022): clip x0_hat to the P-quantile of its "
+                   "|values| (at least 1) and rescale to [-1, 1], per sample, P in (0, 1]; 0: plain clipping "
+                   "(default: 0, or what the checkpoint's training run recorded)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default: bf16 on a GPU that supports it, else fp32)")
@@ -125,6 +139,11 @@ def parse_args(argv=None):
             args.timesteps = [int(v) for v in args.timesteps.split(",")]
         except ValueError:
             _fail(f"--timesteps must be comma-separated integers, got {args.timesteps!r}", code=2)
+    args.restart_given, args.restart = args.restart is not None, parse_restart(args.restart, "--restart")
+    if args.threshold is not None and not (args.threshold == 0 or 0 < args.threshold <= 1):
+        _fail(f"--threshold must lie in (0, 1] (or 0: plain clipping), got {args.threshold}", code=2)
+    if args.threshold and args.no_clip:
+        _fail("--threshold rescales the clipped x0_hat: it cannot go with --no-clip", code=2)
     try:
         args.device = parse_device(args.device)
     except ValueError as e:
@@ -132,9 +151,47 @@ def parse_args(argv=None):
     return args
 
 
+def parse_restart(text, flag):
+    """'LO,HI,K' -> (LO, HI, K); None or 'none' -> None; else a one-line exit 2."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi, k = (int(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"{flag} must be LO,HI,K (three integers, e.g. 0,9,16) or none, got {text!r}", code=2)
+    if not 0 <= lo < hi or k < 1:
+        _fail(f"{flag} needs 0 <= LO < HI and K >= 1, got {text!r}", code=2)
+    return lo, hi, k
+
+
+def _recorded_sampling(args, ckpt, distilled):
+    """A training run's recorded grid settings (--sample-restart / --sample-threshold,
+    config["train"]) as the defaults of what the command line left open: the
+    threshold unless --threshold or --no-clip; the restart unless --restart, or the
+    sampler or its grid was chosen, or the checkpoint is a distilled student."""
+    train = (ckpt.get("config") or {}).get("train") or {}
+    restart, threshold = train.get("sample_restart"), train.get("sample_threshold")
+    taken = []
+    if args.threshold is None:
+        args.threshold = 0.0
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold <= 1 \
+                and not args.no_clip:
+            args.threshold = float(threshold)
+            taken.append(f"--threshold {threshold:g}")
+    plain_grid = (args.sampler == "ddpm" and not args.sampler_given and args.steps is None
+                  and args.spacing is None and args.timesteps is None and not distilled)
+    if not args.restart_given and plain_grid and isinstance(restart, (list, tuple)) and len(restart) == 3 \
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in restart):
+        args.restart = tuple(restart)
+        taken.append("--restart {},{},{}".format(*restart))
+    if taken:
+        print(f"note: sampling with this run's recorded {' and '.join(taken)} (its sample grids'; "
+              "--restart none --threshold 0 for the plain sampler)", file=sys.stderr)
+
+
 def _option_of(msg):
     """The CLI option a make_plan error is about, as a prefix ("--order: ")."""
-    for start, option in (("order", "--order"), ("timesteps", "--timesteps"), ("steps (", "--timesteps"),
+    for start, option in (("restart", "--restart"), ("order", "--order"), ("timesteps", "--timesteps"), ("steps (", "--timesteps"),
                           ("steps", "--steps"), ("variant", "--variant"), ("unknown spacing", "--spacing")):
         if msg.startswith(start):
             return option + ": "
@@ -144,12 +201,12 @@ def _option_of(msg):
 def _distilled_grid(args, ckpt):
     """A distilled student (its config["sampling"] records the grid: fastddpm.distill)
     samples on that grid with ddim unless asked otherwise; asking for another
-    sampler or grid warns that it was distilled for N steps."""
+    sampler or grid warns that it was distilled for N steps. Whether it is one."""
     rec = (ckpt.get("config") or {}).get("sampling") or {}
     grid, n = rec.get("timesteps"), rec.get("distilled_steps")
     if (not isinstance(grid, list) or not isinstance(n, int) or len(grid) != n
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)):
-        return
+        return False
     if not args.sampler_given:
         args.sampler = rec.get("sampler", "ddim")
     same = (args.sampler == rec.get("sampler", "ddim") and not args.eta and args.spacing is None
@@ -160,6 +217,7 @@ def _distilled_grid(args, ckpt):
               "(drop --sampler/--steps/--spacing/--timesteps to use its grid)", file=sys.stderr)
     elif args.timesteps is None:
         args.timesteps = [int(v) for v in grid]
+    return True
 
 
 OUTPUTS = ("samples.npz", "samples.png")
@@ -279,12 +337,13 @@ def main(argv=None):
     except checkpoint.CheckpointError as e:
         _fail(str(e), code=2)
     T = diffusion.num_timesteps
-    _distilled_grid(args, ckpt)
+    _recorded_sampling(args, ckpt, distilled=_distilled_grid(args, ckpt))
     if args.steps is not None and args.steps > T:  # the one bound parse_args cannot know
         _fail(f"--steps must lie in [1, T] with T = {T} for this checkpoint, got {args.steps}", code=2)
     try:
         plan = make_plan(diffusion, args.sampler, args.steps, args.eta, args.spacing, args.variance,
-                         order=args.order, variant=args.variant, timesteps=args.timesteps)
+                         order=args.order, variant=args.variant, timesteps=args.timesteps, restart=args.restart,
+                         threshold=args.threshold)
     except ValueError as e:
         _fail(f"{_option_of(str(e))}{e}", code=2)
     _check_fits(args.n, model)
@@ -305,6 +364,9 @@ def _sample_and_write(args, model, diffusion, ckpt, plan, precision):
     # a diffusers scheduler with clip_sample=false was trained/sampled without clipping x0_hat
     clip = not args.no_clip and (ckpt.get("config") or {}).get("sampling", {}).get("clip", True)
     if not clip and not args.no_clip:
+        if args.threshold:
+            _fail("--threshold rescales the clipped x0_hat, but this checkpoint's scheduler has "
+                  "clip_sample=false", code=2)
         print("note: the checkpoint's scheduler has clip_sample=false: x0_hat is not clipped",
               file=sys.stderr)
     model.to(device)
@@ -318,9 +380,10 @@ def _sample_and_write(args, model, diffusion, ckpt, plan, precision):
     try:
         x = sample(compile_model(model, args.compile), diffusion, args.n, batch_size=args.batch_size,
                    seed=args.seed, device=device, precision=precision, clip=clip,
-                   progress=not args.no_progress, sampler=args.sampler, steps=plan.steps, eta=args.eta,
+                   progress=not args.no_progress, sampler=args.sampler, steps=args.steps, eta=args.eta,
                    spacing=None if args.timesteps else plan.spacing, variance=args.variance, order=args.order,
-                   variant=args.variant, timesteps=args.timesteps, cuda_graphs=cuda_graphs)
+                   variant=args.variant, timesteps=args.timesteps, restart=args.restart, threshold=args.threshold,
+                   cuda_graphs=cuda_graphs)
         images = to_uint8(x)
     except NonFiniteSamplesError as e:
         _fail(f"{e} (no images written)")

@@ -32,7 +32,7 @@ from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS
 from fastddpm.training import cli
 from fastddpm.training.config import PRESETS, TrainConfig, check_resumable, preset_config, validate
 from fastddpm.training.flags import (_finite, _fraction, _int, _ints, _nonneg_int, _os_error_line,  # noqa: F401
-                                     _positive, _seed)
+                                     _positive, _quantile, _restart, _seed)
 from fastddpm.training.run_folder import check_out_folder
 from fastddpm.training.trainer import Trainer
 
@@ -95,6 +95,10 @@ _FLAGS = [
      "unipc or ipndm, each on its default time grid (as fastddpm.sample)"),
     ("--sample-steps", "sample_steps", _nonneg_int, "network evaluations per grid sample (0: all T for ddpm, "
      "50 for the others)"),
+    ("--sample-restart", "sample_restart", _restart, "ddpm grids: Restart sampling LO,HI,K (as fastddpm.sample "
+     "--restart; other samplers ignore it) or none; recorded in the checkpoints, where fastddpm.sample takes it as its default"),
+    ("--sample-threshold", "sample_threshold", _quantile, "the grids' dynamic thresholding quantile (as "
+     "fastddpm.sample --threshold; 0: plain clipping); recorded as --sample-restart is"),
     ("--fid-every", "fid_every", _nonneg_int, "FID of --fid-n EMA samples against --fid-ref every N steps "
      "(0: never), into metrics.jsonl and the progress output (Inception weights as for fastddpm.evaluate: "
      "$FASTDDPM_INCEPTION or found by itself), sampling with --fid-sampler at --fid-steps. Cost: "

@@ -80,7 +80,8 @@ def sample_batch(model, diffusion, n, seed=0, *, first_sample=0, plan=None, devi
 @torch.no_grad()
 def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="fp32", clip=True,
            progress=True, *, sampler="ddpm", steps=None, eta=None, spacing=None, variance=None,
-           order=None, variant=None, timesteps=None, cuda_graphs=None, first_sample=0):
+           order=None, variant=None, timesteps=None, restart=None, threshold=None, cuda_graphs=None,
+           first_sample=0):
     """n samples from `model`, in batches of batch_size.
 
     sampler: "ddpm" (ancestral; respaced when steps < T), "ddim" (eta in [0, 1],
@@ -89,7 +90,9 @@ def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="
     evaluations per sample, 1..T (default T); spacing: SPACINGS (default per
     sampler: tables.DEFAULT_SPACING) or timesteps, an explicit decreasing list;
     variance: ddpm's "fixedlarge"/"fixedsmall" (default: the diffusion's): see
-    tables.make_plan. cuda_graphs: replay one captured step per batch shape
+    tables.make_plan; restart: ddpm's (lo, hi, K) Restart sampling and threshold:
+    dynamic thresholding's quantile p (needs clip), both off by default (see
+    fastddpm.sampling.tables). cuda_graphs: replay one captured step per batch shape
     (default: on for CUDA devices; falls back to eager with a message if
     capture fails), or a graphs.CudaGraphRunner to keep its captured graphs
     across calls (e.g. every in-training FID of one run). first_sample: the
@@ -113,7 +116,9 @@ def sample(model, diffusion, n, batch_size=256, seed=0, device=None, precision="
             or not 0 <= first_sample <= MAX_SAMPLES - n:
         raise ValueError(f"first_sample must be an int in [0, 2^32 - n], got {first_sample!r}")
     plan = make_plan(diffusion, sampler, steps, eta, spacing, variance, order=order, variant=variant,
-                     timesteps=timesteps)
+                     timesteps=timesteps, restart=restart, threshold=threshold)
+    if plan.threshold and not clip:
+        raise ValueError("dynamic thresholding (threshold) needs clip=True")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"

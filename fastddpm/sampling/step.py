@@ -6,7 +6,9 @@ for an x0 / v network: the table's a_x, a_e columns read it); x = sample_step(x,
 table[step], history, z(rng)) (which also writes this step's prediction into
 the history ring); step += 1; rng.offset += 1. All of it reads and writes device
 tensors only, so one captured step replays for every step with no host
-synchronisation (fastddpm.sampling.graphs).
+synchronisation (fastddpm.sampling.graphs). A plan with dynamic thresholding
+rescales the network output before the update (dynamic_threshold), so the
+fused update itself is the same for every plan.
 """
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ class StepState:
     table: torch.Tensor        # (N, 11) float64 coefficients
     timesteps: torch.Tensor    # (N,) int64 network timesteps
     stochastic: bool           # whether steps add noise (else no Philox work)
+    threshold: float = 0.0     # dynamic-thresholding quantile (plan.threshold), 0: plain clipping
 
     @classmethod
     def allocate(cls, plan, shape, device):
@@ -39,7 +42,7 @@ class StepState:
                    health=torch.zeros(1, dtype=torch.float32, device=device),
                    table=plan.table.to(device),
                    timesteps=torch.tensor(plan.timesteps, dtype=torch.int64, device=device),
-                   stochastic=plan.stochastic)
+                   stochastic=plan.stochastic, threshold=plan.threshold)
 
     def reset(self, seed, first_sample):
         """Start a batch: x = x_T from (seed, first_sample) at offset 0, step 0, an
@@ -62,10 +65,37 @@ def denoise_step(model, state, precision, clip):
     if eps.shape != x.shape:
         raise ValueError(f"model output has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
     state.health.add_(eps.detach().sum(dtype=torch.float32))
-    x_next, _ = ops.sample_step(x, eps.detach(), state.table, state.step,
+    eps = eps.detach()
+    if state.threshold:
+        if not clip:
+            raise ValueError("dynamic thresholding needs clipping on (clip=True)")
+        eps = dynamic_threshold(x, eps, state.table, state.step, state.threshold)
+    x_next, _ = ops.sample_step(x, eps, state.table, state.step,
                                 state.history if state.history.numel() else None,
                                 rng=state.rng if state.stochastic else None, clip=clip,
                                 check_range=False)   # step built here
     x.copy_(x_next)
     state.step.add_(1)
     state.rng[1:2].add_(1)
+
+
+def dynamic_threshold(x, out, table, step, p):
+    """The network output out' for which the fused update's clipped x0_hat is
+    Imagen's dynamic threshold of x0_hat = a_x x - a_e out (Saharia et al. 2022):
+    per sample s = max(1, the p-quantile of |x0_hat|, interpolated linearly as
+    torch.quantile), x0_hat -> clamp(x0_hat, -s, s) / s. The update computes
+    a_x x - a_e out' = x0_hat / s and clamps it to [-1, 1], which is that. A sort
+    instead of torch.quantile: no size limit, no host synchronisation. float32
+    (float64 for float64 x)."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    row = table.index_select(0, step).to(cd)[0]
+    a_x, a_e = row[0], row[1]
+    xc = x.to(cd)
+    x0 = a_x * xc - a_e * out.to(cd)
+    flat = x0.abs().flatten(1).sort(dim=1).values
+    pos = p * (flat.shape[1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, flat.shape[1] - 1)
+    q = flat[:, lo] + (pos - lo) * (flat[:, hi] - flat[:, lo])
+    s = q.clamp(min=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return (a_x * xc - x0 / s) / a_e

@@ -48,6 +48,24 @@ def _fraction(s):
     return v
 
 
+def _restart(s):
+    """LO,HI,K of Restart sampling, or none/'' (off): (LO, HI, K) or None."""
+    if s.strip().lower() in ("", "none"):
+        return None
+    v = _ints(s)
+    if len(v) != 3 or not 0 <= v[0] < v[1] or v[2] < 1:
+        raise argparse.ArgumentTypeError(f"expected LO,HI,K with 0 <= LO < HI and K >= 1 (e.g. 0,9,16) or "
+                                         f"none, got {s!r}")
+    return v
+
+
+def _quantile(s):
+    v = _finite(s)
+    if not (v == 0 or 0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], or 0 (off), got {s}")
+    return v
+
+
 def _nonneg_int(s):
     v = _int(s)
     if v < 0:

@@ -40,7 +40,7 @@ from fastddpm.sampling import before_each_call, sample
 from fastddpm.sampling.graphs import CudaGraphRunner
 from fastddpm.training import curves, distributed
 from fastddpm.training.tensorboard import TensorBoardLog
-from fastddpm.training.config import TrainConfig, fid_steps, grid_steps, usable_cpus
+from fastddpm.training.config import TrainConfig, fid_steps, grid_restart, grid_steps, usable_cpus
 from fastddpm.training.run_folder import RunFolder
 from fastddpm.unet import UNet
 
@@ -377,7 +377,8 @@ class Trainer:
         with before_each_call(self.stop_check(), self.ema):
             x = sample(self.ema, self.diffusion, self.cfg.sample_n, batch_size=self.cfg.sample_batch,
                        seed=self.cfg.seed, device=self.device, precision=self.precision, progress=False,
-                       sampler=self.cfg.sample_sampler, steps=grid_steps(self.cfg), cuda_graphs=self.graph_runner)
+                       sampler=self.cfg.sample_sampler, steps=grid_steps(self.cfg), restart=grid_restart(self.cfg),
+                       threshold=self.cfg.sample_threshold, cuda_graphs=self.graph_runner)
         path = os.path.join(self.cfg.out, f"samples-{self.step:08d}.png")
         images = to_uint8(x)
         files.write_atomic(path, lambda f: save_grid(images, f))  # a reader never sees half a PNG
