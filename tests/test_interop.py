@@ -18,6 +18,8 @@ from fastddpm import loader as L
 from fastddpm import ops
 from fastddpm.checkpoint import CheckpointError
 from fastddpm.nn import timestep_embedding
+from fastddpm.sampling import make_plan
+from fastddpm.sampling.step import dynamic_threshold
 from tests._util import fresh_seed, rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -338,6 +340,44 @@ def test_prediction_type_maps_and_one_step_matches_ddpm_scheduler(theirs, ours):
         x0, _ = d.split_prediction(out, x, torch.full((2,), t))
         assert rel_err(x0.clamp(-1, 1), step.pred_original_sample) < 1e-12, f"t={t}"
         assert rel_err(d.p_sample_step(x, torch.full((2,), t), out, noise), step.prev_sample) < 1e-12, f"t={t}"
+
+
+@pytest.mark.parametrize("theirs, ours", [("epsilon", "eps"), ("sample", "x0"), ("v_prediction", "v")])
+def test_dynamic_threshold_step_matches_ddpm_scheduler_thresholding(theirs, ours):
+    """fastddpm's dynamic thresholding (a rescaled network output fed to the one fused
+    update: sampling.step.dynamic_threshold) equals DDPMScheduler's thresholding=True
+    (Imagen's, with no upper bound on s: sample_max_value huge) on one ancestral step,
+    for each parameterisation, in float64. Inputs are scaled so that about half the
+    samples have s > 1 (the rescaling does something) and half s = 1 (plain clipping)."""
+    p = 0.9
+    sched = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_small", prediction_type=theirs,
+                          thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=1e9)
+    sched = _float64_scheduler(sched)
+    d = GaussianDiffusion(sched.betas.numpy(), "fixedsmall", prediction=ours)
+    plan = make_plan(d, "ddpm", threshold=p)
+    table = plan.table
+    fresh_seed()
+    for t in (1, 2, 500, 999):
+        x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+        out = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+        x0, _ = d.split_prediction(out, x, torch.full((6,), t))
+        # scale out so that x0_hat's 0.9-quantile of |.| spreads around 1 over the batch
+        q = torch.quantile(x0.abs().flatten(1), p, dim=1).view(-1, 1, 1, 1)
+        target = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).view(-1, 1, 1, 1)
+        x0 = x0 * target / q
+        out = d.prediction_target(x0, (x - d.sqrt_alphas_cumprod[t] * x0) / d.sqrt_one_minus_alphas_cumprod[t],
+                                  torch.full((6,), t))
+        seed = int(torch.randint(0, 2**31, ()))
+        theirs_step = sched.step(out, t, x, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        row = torch.tensor([plan.timesteps.index(t)])
+        out2 = dynamic_threshold(x, out, table, row, p)
+        x_next, x0_ours = ops.sample_step(x, out2, table, row, noise=noise if t > 0 else None, clip=True,
+                                          return_x0=True)
+        assert rel_err(x0_ours, theirs_step.pred_original_sample) < 1e-10, f"t={t}"
+        assert rel_err(x_next, theirs_step.prev_sample) < 1e-10, f"t={t}"
+        assert x0_ours.abs().max() <= 1.0
+        assert rel_err(x0_ours, x0.clamp(-1, 1)) > 1e-2, f"t={t}: no different from plain clipping"
 
 
 BAD_SCHEDULER = [("prediction_type", "flow_prediction"), ("prediction_type", 7), ("thresholding", True),

@@ -432,6 +432,122 @@ def test_ddim_encode_then_decode_returns_x0(one_thread):
     assert err < 0.025, f"decoded x0 off by {err:.2%}"
 
 
+# ----------------------------------------------------------------------------- restart, threshold
+
+
+def test_restart_plan_repeats_the_stretch_and_folds_the_renoising():
+    """Restart (lo, hi, K) on the ddpm grid: timesteps T-1..lo+1, K times hi..lo+1,
+    then lo..0; every row is the plain grid's row for its timestep except the K
+    rows that land on x_lo and are followed by a jump to level hi: their mean
+    coefficients times sqrt(r), sigma^2 -> r sigma^2 + 1 - r, r = abar_hi / abar_lo,
+    computed here in Python floats from the betas."""
+    d = GaussianDiffusion.cosine(T=20, variance="fixedsmall")
+    lo, hi, K = 2, 12, 3
+    base = make_plan(d, "ddpm")
+    plan = make_plan(d, "ddpm", restart=(lo, hi, K))
+    seg = list(range(hi, lo, -1))
+    assert list(plan.timesteps) == list(range(19, lo, -1)) + seg * K + list(range(lo, -1, -1))
+    assert plan.steps == 20 + K * (hi - lo) and plan.restart == (lo, hi, K)
+    abar, prod = [], 1.0
+    for b in d.betas.tolist():
+        prod *= 1.0 - b
+        abar.append(prod)
+    r = abar[hi] / abar[lo]
+    cols = {c: i for i, c in enumerate(reference.SAMPLER_COEFS)}
+    jumps = 0
+    for k, t in enumerate(plan.timesteps):
+        row, plain = plan.table[k], base.table[19 - t]
+        followed_by_jump = t == lo + 1 and jumps < K and k + 1 < plan.steps and plan.timesteps[k + 1] == hi
+        if not followed_by_jump:
+            assert torch.equal(row, plain), f"row {k} (t={t})"
+            continue
+        jumps += 1
+        for c in ("c_x", "c_0"):
+            assert abs(row[cols[c]].item() - math.sqrt(r) * plain[cols[c]].item()) < 1e-15
+        assert abs(row[cols["sigma"]].item() ** 2 - (r * plain[cols["sigma"]].item() ** 2 + 1 - r)) < 1e-14
+        for c in ("a_x", "a_e"):
+            assert row[cols[c]].item() == plain[cols[c]].item()
+    assert jumps == K
+    assert "restart 2..12 x3" in plan.describe()
+
+
+def test_restart_keeps_every_step_on_the_forward_marginals(one_thread):
+    """With the exact network of a point mass x* (eps = (x - sqrt(abar) x*) / sqrt(1 - abar),
+    so x0_hat = x*), each fixedsmall ancestral row maps q(x_t | x*) to q(x_{t-1} | x*)
+    and each folded re-noising row to q(x_hi | x*): after every step of a restart plan
+    the samples must have mean sqrt(abar_L) x* and std sqrt(1 - abar_L) at the level L
+    the plan has reached (a jump row that did not re-noise would leave them at lo's
+    std, 0.09 instead of 0.83 here)."""
+    d = GaussianDiffusion.cosine(T=20, variance="fixedsmall")
+    model = GaussianEps(d, MU, 0.0)
+    plan = make_plan(d, "ddpm", restart=(2, 12, 3))
+    abar = d.alphas_cumprod.double()
+    n = N_EXACT
+    state = sampling.StepState.allocate(plan, (n, *MU.shape), torch.device("cpu"))
+    state.reset(3, 0)
+    a0 = abar[plan.timesteps[0]]
+    state.x.copy_((a0.sqrt() * MU + (1 - a0).sqrt() * torch.randn(n, *MU.shape, dtype=torch.float64)).float())
+    with torch.no_grad():
+        for k in range(plan.steps):
+            sampling.denoise_step(model, state, "fp32", clip=True)
+            x = state.x.double()
+            if k + 1 == plan.steps:
+                assert (x - MU).abs().max() < 1e-5
+                break
+            a = abar[plan.timesteps[k + 1]]
+            sd = (1 - a).sqrt().item()
+            err_mu = (x.mean(0) - a.sqrt() * MU).abs().max().item()
+            err_s = abs(x.std(0).pow(2).mean().sqrt().item() / sd - 1)
+            assert err_mu < 5 * sd / math.sqrt(n), f"step {k}: mean off by {err_mu:.4f} (std {sd:.3f})"
+            assert err_s < 0.04, f"step {k} (to level {plan.timesteps[k + 1]}): std off by {err_s:.2%}"
+
+
+@pytest.mark.parametrize("restart,match", [((2, 2, 1), "with lo < hi"), ((5, 2, 1), "with lo < hi"), ((0, 25, 1), "of the grid"),
+                                           ((0, 9, 0), "restart count K"), ((0, 9), "three ints"),
+                                           ((0.5, 9, 1), "three ints")])
+def test_bad_restarts_are_refused(restart, match):
+    d = GaussianDiffusion.cosine(T=20)
+    with pytest.raises(ValueError, match=match):
+        make_plan(d, "ddpm", restart=restart)
+    with pytest.raises(ValueError, match="ddpm sampler only"):
+        make_plan(d, "ddim", restart=(0, 9, 1))
+    with pytest.raises(ValueError, match="must be timesteps of the grid"):
+        make_plan(d, "ddpm", steps=5, restart=(1, 9, 1))     # respaced: 1 and 9 are not on the grid
+    for bad in (-0.1, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="threshold must be a quantile"):
+            make_plan(d, "ddpm", threshold=bad)
+    with pytest.raises(ValueError, match="needs clip=True"):
+        sample(_model(), GaussianDiffusion.linear(T=10), 2, progress=False, threshold=0.9, clip=False)
+
+
+def test_threshold_in_the_sampler_is_the_rescaled_clip(one_thread):
+    """A sampling with threshold p equals one whose network output is rescaled by
+    hand (x0_hat -> clamp(x0_hat, -s, s) / s, s = max(1, quantile_p |x0_hat|), with
+    torch.quantile) before a plainly clipped step; and differs from plain clipping."""
+    model, d = _model(), GaussianDiffusion.linear(T=10)
+    plan = make_plan(d, "ddpm")
+    p = 0.7
+
+    class HandThresholded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.k = model, model.config, 0
+
+        def forward(self, x, t):
+            out = self.inner(x, t).double()
+            row = plan.table[self.k].double()
+            self.k += 1
+            x0 = row[0] * x.double() - row[1] * out
+            s = torch.quantile(x0.abs().flatten(1), p, dim=1).clamp(min=1).view(-1, 1, 1, 1)
+            return ((row[0] * x.double() - x0.clamp(-s, s) / s) / row[1]).float()
+
+    ours = sample(model, d, 4, seed=2, progress=False, threshold=p)
+    hand = sample(HandThresholded(), d, 4, seed=2, progress=False)
+    plain = sample(model, d, 4, seed=2, progress=False)
+    assert (ours - hand).abs().max() < 1e-4
+    assert (ours - plain).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -488,9 +604,56 @@ def _cli_error(tmp_path, capsys, *args, code=2):
                                         (["--steps", "11"], "--steps"), (["--sampler", "ddim", "--eta", "2"], "--eta"),
                                         (["--eta", "0.5"], "ddim only"), (["--seed", "-1"], "--seed"),
                                         (["--seed", str(2**64)], "--seed"), (["--device", "foo"], "not a device"),
-                                        (["--device", "mps"], "cpu or cuda"), (["--device", "meta"], "cpu or cuda")])
+                                        (["--device", "mps"], "cpu or cuda"), (["--device", "meta"], "cpu or cuda"),
+                                        (["--restart", "3,2,1"], "--restart needs 0 <= LO < HI"),
+                                        (["--restart", "0,9"], "--restart must be LO,HI,K"),
+                                        (["--threshold", "1.5"], "--threshold must lie in (0, 1]"),
+                                        (["--threshold", "0.9", "--no-clip"], "cannot go with --no-clip"),
+                                        (["--sampler", "ddim", "--restart", "0,3,1"],
+                                         "--restart: restart applies to the ddpm sampler only"),
+                                        (["--restart", "0,30,1"], "--restart: restart's lo and hi must be")])
 def test_sample_cli_bad_flags_are_one_line_errors(tmp_path, capsys, args, match):
     assert match in _cli_error(tmp_path, capsys, *args)
+
+
+def test_sample_cli_restart_and_threshold(tmp_path, capsys):
+    model, d, out = _cli(tmp_path, "--restart", "0,3,2", "--threshold", "0.9")
+    arr = np.load(out / "samples.npz")["arr_0"]
+    expect = sample(model, d, 5, batch_size=2, seed=1, progress=False, restart=(0, 3, 2), threshold=0.9)
+    assert np.array_equal(arr, ((expect + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    err = capsys.readouterr().err
+    assert "16 steps" in err and "restart 0..3 x2" in err and "dynamic threshold 0.9" in err
+    assert "recorded" not in err
+
+
+def test_sample_cli_takes_a_runs_recorded_restart_and_threshold(tmp_path, capsys):
+    """A checkpoint whose training run recorded --sample-restart / --sample-threshold
+    (config["train"]) samples with them by default, saying so; flags override them;
+    another sampler or grid drops the restart (ddpm's full grid only), not the threshold."""
+    model, d = _model(), GaussianDiffusion.linear(T=10)
+    run = tmp_path / "run"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": 7,
+                            "config": {"model": CFG.to_dict(), "diffusion": d.config,
+                                       "train": {"sample_restart": [0, 3, 2], "sample_threshold": 0.9}},
+                            "model": model.state_dict(), "ema": model.state_dict()},
+                           run / checkpoint.checkpoint_name(7))
+
+    def check(args, note, **kw):
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        sample_main(["--checkpoint", str(run), "--n", "5", "--out", str(out), "--batch-size", "2", "--seed", "1",
+                     "--device", "cpu", "--no-progress", *args])
+        arr = np.load(out / "samples.npz")["arr_0"]
+        expect = sample(model, d, 5, batch_size=2, seed=1, progress=False, **kw)
+        assert np.array_equal(arr, ((expect + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+        err = capsys.readouterr().err
+        assert (note in err) if note else ("recorded" not in err), err
+
+    check([], "recorded --threshold 0.9 and --restart 0,3,2", restart=(0, 3, 2), threshold=0.9)
+    check(["--restart", "none", "--threshold", "0"], None)
+    check(["--restart", "1,5,1"], "recorded --threshold 0.9 (", restart=(1, 5, 1), threshold=0.9)
+    check(["--sampler", "ddim", "--steps", "4"], "recorded --threshold 0.9 (", sampler="ddim", steps=4,
+          threshold=0.9)
+    check(["--no-clip"], "recorded --restart 0,3,2 (", restart=(0, 3, 2), clip=False)
 
 
 MULTISTEP_CLI = [(["--sampler", "unipc", "--steps", "4", "--order", "2", "--variant", "bh1", "--spacing", "edm"],
@@ -674,13 +837,16 @@ def _gpu_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 6), ("dpmpp2m", 6), ("dpmpp3m", 6), ("unipc", 6),
-                                           ("ipndm", 6)])
+@pytest.mark.parametrize("sampler,steps,extra", [("ddpm", 12, {}), ("ddim", 6, {}), ("dpmpp2m", 6, {}),
+                                                 ("dpmpp3m", 6, {}), ("unipc", 6, {}), ("ipndm", 6, {}),
+                                                 ("ddpm", 12, {"restart": (0, 5, 2), "threshold": 0.9}),
+                                                 ("dpmpp2m", 6, {"threshold": 0.9})])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_graphed_equals_eager(sampler, steps, precision):
-    """Bit-identical: a replay runs the kernels of one eager step on the same buffers."""
+def test_gpu_graphed_equals_eager(sampler, steps, extra, precision):
+    """Bit-identical: a replay runs the kernels of one eager step on the same buffers
+    (the dynamic threshold's sort included)."""
     model, d = _gpu_model(), GaussianDiffusion.linear(T=12)
-    kw = dict(progress=False, sampler=sampler, steps=steps, precision=precision, batch_size=3)
+    kw = dict(progress=False, sampler=sampler, steps=steps, precision=precision, batch_size=3, **extra)
     graphed = sample(model, d, 5, seed=2, cuda_graphs=True, **kw)     # batches of 3 and 2: two graphs
     eager = sample(model, d, 5, seed=2, cuda_graphs=False, **kw)
     assert torch.equal(graphed, eager)

@@ -183,6 +183,36 @@ def test_grids_and_fid_take_any_sampler(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_grids_sample_with_the_runs_restart_and_threshold_and_record_them(tmp_path, monkeypatch, capsys):
+    """The tiny preset's grids use Restart 0,9,16 and dynamic thresholding 0.995
+    (flags change or drop them), the checkpoints record them for fastddpm.sample,
+    and bad values are one line before anything is written."""
+    from fastddpm.training import trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.sample
+    monkeypatch.setattr(trainer_mod, "sample",
+                        lambda *a, **k: calls.append((k["restart"], k["threshold"])) or real(*a, **k))
+    cases = [([], ((0, 9, 16), 0.995), ([0, 9, 16], 0.995)),
+             (["--sample-restart", "none", "--sample-threshold", "0"], (None, 0.0), (None, 0.0)),
+             (["--sample-restart", "2,5,1"], ((2, 5, 1), 0.995), ([2, 5, 1], 0.995)),
+             (["--sample-sampler", "ddim"], (None, 0.995), ([0, 9, 16], 0.995))]   # restart: ddpm only
+    for i, (flags, used, recorded) in enumerate(cases):
+        calls.clear()
+        out = tmp_path / f"run{i}"
+        assert main(TINY + ["--out", str(out), "--steps", "2", "--sample-n", "2"] + flags) == 0
+        assert calls == [used], flags
+        train = L.load(out)["config"]["train"]
+        assert (train["sample_restart"], train["sample_threshold"]) == recorded, flags
+    capsys.readouterr()
+    for flags, words in ((["--sample-restart", "9,2,1"], "--sample-restart"), (["--sample-restart", "0,9"], "LO,HI,K"),
+                         (["--sample-threshold", "2"], "--sample-threshold"),
+                         (["--sample-restart", "0,30,1"], "--sample-restart/--sample-threshold: restart's lo and hi")):
+        assert _code(TINY + ["--out", str(tmp_path / "bad"), "--steps", "2"] + flags) == 2
+        _one_error_line(capsys.readouterr().err, words)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_failed_curves_drawing_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
     from fastddpm.training import curves
 
@@ -667,8 +697,9 @@ def test_tiny_preset_spends_bf16_speed_on_steps_and_cifar10_stays_the_paper():
     assert (tiny.precision, tiny.steps) == (("bf16", 2500) if native else (None, 1850))
     assert (tiny.schedule, tiny.T, tiny.variance) == ("cosine", 100, "fixedsmall")
     assert (tiny.lr, tiny.lr_anneal) == (4e-3, 0.5)
+    assert (tiny.sample_restart, tiny.sample_threshold) == ((0, 9, 16), 0.995)
     assert preset_config("cifar10") == TrainConfig(preset="cifar10")
     paper = TrainConfig()
     assert (paper.schedule, paper.T, paper.beta_start, paper.beta_end, paper.variance, paper.lr, paper.batch_size,
-            paper.ema_decay, paper.precision, paper.lr_anneal) == ("linear", 1000, 1e-4, 0.02, "fixedlarge", 2e-4, 128,
-                                                                  0.9999, None, 0.0)
+            paper.ema_decay, paper.precision, paper.lr_anneal, paper.sample_restart, paper.sample_threshold) == (
+        "linear", 1000, 1e-4, 0.02, "fixedlarge", 2e-4, 128, 0.9999, None, 0.0, None, 0.0)

@@ -283,7 +283,7 @@ def restart_rows(alphas_cumprod, timesteps, table, restart):
     lo, hi, K = restart
     ts = list(timesteps)
     if not (lo in ts and hi in ts and lo < hi):
-        raise ValueError(f"restart: lo < hi must both be timesteps of the grid, got lo={lo}, hi={hi}")
+        raise ValueError(f"restart's lo and hi must be timesteps of the grid with lo < hi, got lo={lo}, hi={hi}")
     _int_in("restart count K", K, 1, MAX_RESTARTS)
     i_hi, i_lo = ts.index(hi), ts.index(lo)
     abar = np.asarray(alphas_cumprod, dtype=np.float64)

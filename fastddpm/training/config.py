@@ -241,7 +241,8 @@ def validate(cfg: TrainConfig):
         make_plan(diffusion, cfg.sample_sampler, grid_steps(cfg), restart=grid_restart(cfg),
                   threshold=cfg.sample_threshold)
     except ValueError as e:
-        raise ValueError(f"--sample-restart/--sample-threshold: {e}") from None
+        raise ValueError(f"--sample-restart/--sample-threshold: {e} (--sample-restart none "
+                         "--sample-threshold 0: off)") from None
     if cfg.tensorboard and tensorboard.available():
         raise ValueError(tensorboard.available())
     if cfg.fid_every:
