@@ -139,8 +139,8 @@ PRESETS = {
     # fastddpm.sample's default of all T steps), the time saved spent on steps; EMA 0.99
     # beat 0.995 by 3 with each of three training seeds (which alone move the FID by ~20).
     # Sampled (the grids, and fastddpm.sample's default for its checkpoints) with Restart
-    # 0,9,16 and dynamic thresholding 0.995: FID 120 -> 78 (seed 0), 143 -> 106 (seed 1),
-    # 136 -> 96 (seed 2) for 2.4x the network evaluations (fastddpm.sampling.tables).
+    # 0,9,16 and dynamic thresholding 0.995: FID 116.8 -> 77.2 (seed 0), 137.3 -> 101.3
+    # (seed 1), 119.9 -> 94.2 (seed 2) for 2.4x the network evaluations (README).
     "tiny": dict(image_size=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(4,),
                  dropout=0.0, num_groups=8, schedule="cosine", T=100, variance="fixedsmall",
                  steps=2500 if _TINY_BF16 else 1850,
