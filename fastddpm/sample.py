@@ -191,8 +191,9 @@ def _recorded_sampling(args, ckpt, distilled):
 
 def _option_of(msg):
     """The CLI option a make_plan error is about, as a prefix ("--order: ")."""
-    for start, option in (("restart", "--restart"), ("order", "--order"), ("timesteps", "--timesteps"), ("steps (", "--timesteps"),
-                          ("steps", "--steps"), ("variant", "--variant"), ("unknown spacing", "--spacing")):
+    for start, option in (("restart", "--restart"), ("order", "--order"), ("timesteps", "--timesteps"),
+                          ("steps (", "--timesteps"), ("steps", "--steps"), ("variant", "--variant"),
+                          ("unknown spacing", "--spacing")):
         if msg.startswith(start):
             return option + ": "
     return "--steps: " if "needs at least" in msg else ""

@@ -96,7 +96,8 @@ _FLAGS = [
     ("--sample-steps", "sample_steps", _nonneg_int, "network evaluations per grid sample (0: all T for ddpm, "
      "50 for the others)"),
     ("--sample-restart", "sample_restart", _restart, "ddpm grids: Restart sampling LO,HI,K (as fastddpm.sample "
-     "--restart; other samplers ignore it) or none; recorded in the checkpoints, where fastddpm.sample takes it as its default"),
+     "--restart; other samplers ignore it) or none; recorded in the checkpoints, where fastddpm.sample "
+     "takes it as its default"),
     ("--sample-threshold", "sample_threshold", _quantile, "the grids' dynamic thresholding quantile (as "
      "fastddpm.sample --threshold; 0: plain clipping); recorded as --sample-restart is"),
     ("--fid-every", "fid_every", _nonneg_int, "FID of --fid-n EMA samples against --fid-ref every N steps "

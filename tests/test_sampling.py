@@ -502,15 +502,17 @@ def test_restart_keeps_every_step_on_the_forward_marginals(one_thread):
             assert err_s < 0.04, f"step {k} (to level {plan.timesteps[k + 1]}): std off by {err_s:.2%}"
 
 
-@pytest.mark.parametrize("restart,match", [((2, 2, 1), "with lo < hi"), ((5, 2, 1), "with lo < hi"), ((0, 25, 1), "of the grid"),
-                                           ((0, 9, 0), "restart count K"), ((0, 9), "three ints"),
-                                           ((0.5, 9, 1), "three ints")])
+@pytest.mark.parametrize("restart,match", [((2, 2, 1), "with lo < hi"), ((5, 2, 1), "with lo < hi"),
+                                           ((0, 25, 1), "of the grid"), ((0, 9, 0), "restart count K"),
+                                           ((0, 9), "three ints"), ((0.5, 9, 1), "three ints")])
 def test_bad_restarts_are_refused(restart, match):
     d = GaussianDiffusion.cosine(T=20)
     with pytest.raises(ValueError, match=match):
         make_plan(d, "ddpm", restart=restart)
     with pytest.raises(ValueError, match="ddpm sampler only"):
         make_plan(d, "ddim", restart=(0, 9, 1))
+    with pytest.raises(ValueError, match="199,800 network evaluations, more than 100,000"):
+        make_plan(GaussianDiffusion.cosine(T=1000), "ddpm", restart=(0, 999, 200))
     with pytest.raises(ValueError, match="must be timesteps of the grid"):
         make_plan(d, "ddpm", steps=5, restart=(1, 9, 1))     # respaced: 1 and 9 are not on the grid
     for bad in (-0.1, 1.5, True, "0.9"):
