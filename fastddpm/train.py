@@ -30,7 +30,8 @@ from fastddpm.checkpoint import CheckpointError
 from fastddpm.diffusion import SCHEDULES
 from fastddpm.runtime import COMPILE_MODES, MEMORY_FORMATS
 from fastddpm.training import cli
-from fastddpm.training.config import PRESETS, TrainConfig, check_resumable, preset_config, validate
+from fastddpm.training.config import (PRESETS, TrainConfig, check_resumable, fitting_restart, preset_config,
+                                      validate)
 from fastddpm.training.flags import (_finite, _fraction, _int, _ints, _nonneg_int, _os_error_line,  # noqa: F401
                                      _positive, _quantile, _restart, _seed)
 from fastddpm.training.run_folder import check_out_folder
@@ -97,7 +98,7 @@ _FLAGS = [
      "50 for the others)"),
     ("--sample-restart", "sample_restart", _restart, "ddpm grids: Restart sampling LO,HI,K (as fastddpm.sample "
      "--restart; other samplers ignore it) or none; recorded in the checkpoints, where fastddpm.sample "
-     "takes it as its default"),
+     "takes it as its default; a preset's value is dropped where the run's grid has no room for it, e.g. T < 10"),
     ("--sample-threshold", "sample_threshold", _quantile, "the grids' dynamic thresholding quantile (as "
      "fastddpm.sample --threshold; 0: plain clipping); recorded as --sample-restart is"),
     ("--fid-every", "fid_every", _nonneg_int, "FID of --fid-n EMA samples against --fid-ref every N steps "
@@ -163,6 +164,8 @@ def config_from_args(argv=None):
     preset = given.pop("preset", None)
     if resume is None:
         cfg = dataclasses.replace(preset_config(preset or "cifar10"), **given)
+        if "sample_restart" not in given:
+            cfg.sample_restart = fitting_restart(cfg)   # the preset's, where the run's grid has room
         if cfg.out is None:
             cfg.out = os.path.join("runs", cfg.preset)
         if cfg.data:

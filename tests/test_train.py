@@ -204,6 +204,10 @@ def test_grids_sample_with_the_runs_restart_and_threshold_and_record_them(tmp_pa
         assert calls == [used], flags
         train = L.load(out)["config"]["train"]
         assert (train["sample_restart"], train["sample_threshold"]) == recorded, flags
+    # a preset's restart that the run's grid has no room for is dropped, a given one refused
+    calls.clear()
+    assert main(TINY + ["--out", str(tmp_path / "short"), "--steps", "2", "--sample-n", "2", "--T", "8"]) == 0
+    assert calls == [(None, 0.995)] and L.load(tmp_path / "short")["config"]["train"]["sample_restart"] is None
     capsys.readouterr()
     for flags, words in ((["--sample-restart", "9,2,1"], "--sample-restart"), (["--sample-restart", "0,9"], "LO,HI,K"),
                          (["--sample-threshold", "2"], "--sample-threshold"),

@@ -187,6 +187,20 @@ def grid_restart(cfg: TrainConfig):
     return cfg.sample_restart if cfg.sample_sampler == "ddpm" else None
 
 
+def fitting_restart(cfg: TrainConfig):
+    """cfg.sample_restart, or None where it does not fit the run's ddpm grid (the tiny
+    preset's 0,9,16 needs T >= 10): for a preset's value, which must not refuse a run
+    that changed T or the grid. An invalid rest of cfg is validate()'s to report."""
+    if cfg.sample_restart is None or cfg.sample_sampler != "ddpm":
+        return cfg.sample_restart
+    try:
+        make_plan(GaussianDiffusion.from_config(cfg.diffusion_config()), "ddpm", grid_steps(cfg),
+                  restart=cfg.sample_restart)
+    except ValueError:
+        return None
+    return cfg.sample_restart
+
+
 def fid_steps(cfg: TrainConfig):
     """Network evaluations per sample of the in-training FID (--fid-steps, at most T)."""
     return min(cfg.fid_steps, cfg.T)
