@@ -58,7 +58,8 @@ def build_parser():
     p.add_argument("--final-steps", dest="final_steps", type=_positive(int),
                    help="the last student's steps: --start-steps halved a whole number of times (default 4)")
     p.add_argument("--start-steps", dest="start_steps", type=_positive(int),
-                   help="the teacher's DDIM grid: a power of two <= T (default the largest: 64 for the tiny preset's T = 100, 512 for T = 1000)")
+                   help="the teacher's DDIM grid: a power of two <= T (default the largest: 64 for the tiny "
+                   "preset's T = 100, 512 for T = 1000)")
     p.add_argument("--round-iters", dest="round_iters", type=_int,
                    help="optimizer steps per halving, >= 1 (default 1000)")
     p.add_argument("--convert-iters", dest="convert_iters", type=_int,

@@ -43,7 +43,7 @@ from fastddpm.images import save_grid, to_uint8
 from fastddpm.runtime import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, apply_memory_format, compile_model,
                               default_precision, parse_device)
 from fastddpm.sampling import (MAX_SEED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, NonFiniteSamplesError, make_plan,
-                               sample)
+                               parse_restart, sample)
 
 
 def parse_args(argv=None):
@@ -139,7 +139,11 @@ def parse_args(argv=None):
             args.timesteps = [int(v) for v in args.timesteps.split(",")]
         except ValueError:
             _fail(f"--timesteps must be comma-separated integers, got {args.timesteps!r}", code=2)
-    args.restart_given, args.restart = args.restart is not None, parse_restart(args.restart, "--restart")
+    args.restart_given = args.restart is not None
+    try:
+        args.restart = parse_restart(args.restart) if args.restart_given else None
+    except ValueError as e:
+        _fail(f"--restart {e}", code=2)
     if args.threshold is not None and not (args.threshold == 0 or 0 < args.threshold <= 1):
         _fail(f"--threshold must lie in (0, 1] (or 0: plain clipping), got {args.threshold}", code=2)
     if args.threshold and args.no_clip:
@@ -149,19 +153,6 @@ def parse_args(argv=None):
     except ValueError as e:
         _fail(str(e), code=2)
     return args
-
-
-def parse_restart(text, flag):
-    """'LO,HI,K' -> (LO, HI, K); None or 'none' -> None; else a one-line exit 2."""
-    if text is None or text.strip().lower() == "none":
-        return None
-    try:
-        lo, hi, k = (int(v) for v in text.split(","))
-    except ValueError:
-        _fail(f"{flag} must be LO,HI,K (three integers, e.g. 0,9,16) or none, got {text!r}", code=2)
-    if not 0 <= lo < hi or k < 1:
-        _fail(f"{flag} needs 0 <= LO < HI and K >= 1, got {text!r}", code=2)
-    return lo, hi, k
 
 
 def _recorded_sampling(args, ckpt, distilled):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fastddpm import ops
 from fastddpm.sampling.step import StepState, denoise_step  # noqa: F401
 from fastddpm.sampling.tables import (DEFAULT_SPACING, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS,  # noqa: F401
-                                      SamplerPlan, check_timesteps, make_plan, spaced_timesteps)
+                                      SamplerPlan, check_timesteps, make_plan, parse_restart, spaced_timesteps)
 
 MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 2**32          # sample indices are one 32-bit Philox counter word

@@ -120,7 +120,8 @@ EDM_RHO = 7.0
 
 @dataclass(frozen=True)
 class SamplerPlan:
-    """What a sampler runs: `timesteps` (N,) the network's t per step (decreasing),
+    """What a sampler runs: `timesteps` (N,) the network's t per step (decreasing; a
+    restart repeats a stretch),
     `table` (N, 11) float64 coefficients (SAMPLER_COEFS), `history` K, how many
     past predictions a step reads (0: none, no ring)."""
     sampler: str
@@ -277,6 +278,20 @@ MAX_RESTARTS = 1000
 MAX_RESTART_STEPS = 100_000   # network evaluations a restart may add (bounds the table)
 
 
+def parse_restart(text):
+    """A command line's 'LO,HI,K' -> (LO, HI, K), 'none' -> None; ValueError (to be
+    prefixed with the flag) for anything else. The grid check is make_plan's."""
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        lo, hi, k = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"must be LO,HI,K (three integers, e.g. 0,9,16) or none, got {text!r}") from None
+    if not 0 <= lo < hi or k < 1:
+        raise ValueError(f"needs 0 <= LO < HI and K >= 1, got {text!r}")
+    return lo, hi, k
+
+
 def restart_rows(alphas_cumprod, timesteps, table, restart):
     """(timesteps, table) of a ddpm grid with restart = (lo, hi, K) folded in (see the
     module docstring): the rows from hi down to the one landing on lo repeated K more
@@ -294,8 +309,9 @@ def restart_rows(alphas_cumprod, timesteps, table, restart):
     r = abar[hi] / abar[lo]
     jump = table[i_lo - 1].clone()            # the row landing on x_lo, then re-noised to hi
     cols = [SAMPLER_COEFS.index(c) for c in ("c_x", "c_0")]
+    sigma = SAMPLER_COEFS.index("sigma")
     jump[cols] *= math.sqrt(r)
-    jump[-1] = math.sqrt(r * float(jump[-1]) ** 2 + 1.0 - r)
+    jump[sigma] = math.sqrt(r * float(jump[sigma]) ** 2 + 1.0 - r)
     seg = torch.cat([table[i_hi:i_lo - 1], jump[None]])
     rows = [table[:i_lo - 1], jump[None]] + [seg] * (K - 1) + [table[i_hi:]]
     return tuple(ts[:i_lo] + ts[i_hi:i_lo] * K + ts[i_lo:]), torch.cat(rows)

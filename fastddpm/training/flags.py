@@ -3,6 +3,7 @@ argparse errors that name the problem, and an OSError as one line."""
 import argparse
 import math
 
+from fastddpm.sampling import parse_restart
 from fastddpm.training.config import SEED_MAX
 
 
@@ -50,13 +51,10 @@ def _fraction(s):
 
 def _restart(s):
     """LO,HI,K of Restart sampling, or none/'' (off): (LO, HI, K) or None."""
-    if s.strip().lower() in ("", "none"):
-        return None
-    v = _ints(s)
-    if len(v) != 3 or not 0 <= v[0] < v[1] or v[2] < 1:
-        raise argparse.ArgumentTypeError(f"expected LO,HI,K with 0 <= LO < HI and K >= 1 (e.g. 0,9,16) or "
-                                         f"none, got {s!r}")
-    return v
+    try:
+        return parse_restart(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _quantile(s):
